@@ -1,0 +1,48 @@
+# customer-sync: the commands a developer and CI use. Everything installs what it needs itself.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+INFRA := deploy/local/infra.sh
+WITH_ENV := . .run/env &&
+ROWS ?= 20000
+
+.PHONY: all infra down build release test lint fmt demo bench soak clean
+
+all: build
+
+## Private NATS and PostgreSQL under .run/ (or NATS_URL / DATABASE_URL when set).
+infra:
+	@$(INFRA) up
+
+down:
+	@$(INFRA) down
+
+build:
+	cargo build --workspace --all-targets
+
+release:
+	cargo build --workspace --release
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## The binaries are built first: the end-to-end tests run them as separate processes.
+test: infra lint
+	cargo build --workspace --bins
+	$(WITH_ENV) cargo test --workspace --no-fail-fast
+
+demo: infra release
+	$(WITH_ENV) ROWS=$(ROWS) deploy/local/demo.sh
+
+bench: infra release
+	$(WITH_ENV) deploy/local/bench.sh
+
+soak: infra release
+	$(WITH_ENV) ROWS=1000000 deploy/local/soak.sh
+
+clean: down
+	cargo clean
+	rm -rf .run

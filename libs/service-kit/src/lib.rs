@@ -1,0 +1,163 @@
+//! What every binary sets up the same way: logging (`RUST_LOG`, `LOG_FORMAT=json`), the shutdown
+//! token driven by SIGINT/SIGTERM, the shared NATS flags, and the metrics and health endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use axum::{Router, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Flags every NATS-connected binary shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file (JWT + NKey), for secured servers.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// Prefix of every subject, stream, consumer and bucket name.
+    #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
+    pub namespace: String,
+}
+
+impl NatsArgs {
+    /// Settings for tests and in-process callers that have no command line.
+    pub fn new(nats_url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        NatsArgs {
+            nats_url: nats_url.into(),
+            nats_creds: None,
+            namespace: namespace.into(),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber. `LOG_FORMAT=json` gives one JSON object per line.
+/// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries).
+pub fn init_telemetry() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = if json {
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init()
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()
+    };
+    // Already installed (a test started two services in one process): keep the first.
+    let _ = result;
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM. A second signal exits at once, for an
+/// operator who does not want to wait for in-flight work.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing in-flight work (signal again to force)");
+        cancel.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The process-wide Prometheus recorder. Installed once; later calls return the same handle, so
+/// several services started in one test process share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be global (a test harness); ours then just renders empty.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Health as the service itself judges it: ready once connected and consuming.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ready to work) until
+/// `shutdown`. Returns the bound address, useful when `addr` asked for port 0.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let handle = metrics_handle();
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .route(
+            "/readyz",
+            get(move || {
+                let status = if health.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                };
+                std::future::ready(status)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "metrics server stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,207 @@
+//! PostgreSQL: the connection pool, the embedded versioned schema migrations, and the queries the
+//! persister and `syncctl` share over the `customers`, `rejected_rows` and `dead_letters` tables.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Newest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// Arbitrary, fixed: serialises migrations when several processes start at once.
+const MIGRATION_LOCK_ID: i64 = 0x5359_4e43_4d49_4752;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid DATABASE_URL {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot build the PostgreSQL pool for {url}: {message}")]
+    Pool { url: String, message: String },
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {message} (is it running? `make infra` starts one)"
+    )]
+    Connect { url: String, message: String },
+    #[error("migrating the schema failed: {0}")]
+    Migration(String),
+    #[error("{action} failed: {source}")]
+    Query {
+        action: &'static str,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl StoreError {
+    pub fn query(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+        move |source| StoreError::Query { action, source }
+    }
+}
+
+/// A pool of `max_size` connections. Connecting is lazy: an unreachable database shows on first use.
+pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, StoreError> {
+    let mut pg_config: tokio_postgres::Config =
+        database_url
+            .parse()
+            .map_err(|source| StoreError::InvalidUrl {
+                url: redact(database_url),
+                source,
+            })?;
+    pg_config.connect_timeout(Duration::from_secs(5));
+    if pg_config.get_application_name().is_none() {
+        pg_config.application_name("customer-sync");
+    }
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|err| StoreError::Pool {
+            url: redact(database_url),
+            message: err.to_string(),
+        })
+}
+
+/// Takes a connection, turning pool errors into a message that names the database.
+pub async fn connection(
+    pool: &Pool,
+    database_url: &str,
+) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(|err| StoreError::Connect {
+        url: redact(database_url),
+        message: match err {
+            deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+            other => other.to_string(),
+        },
+    })
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied: Vec<String>,
+    pub version: i32,
+}
+
+/// Applies every embedded migration the database lacks, up to `target` (None: all). Safe to call
+/// from several processes at once: they queue on an advisory lock.
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    target: Option<i32>,
+) -> Result<MigrationReport, StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_ID])
+        .await
+        .map_err(StoreError::query("taking the migration lock"))?;
+    let runner = embedded::migrations::runner().set_target(match target {
+        Some(version) => refinery::Target::Version(version),
+        None => refinery::Target::Latest,
+    });
+    let outcome = runner.run_async(client).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_ID])
+        .await;
+    let report = outcome.map_err(|err| StoreError::Migration(err.to_string()))?;
+    unlock.map_err(StoreError::query("releasing the migration lock"))?;
+    let applied = report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    let version = schema_version(client).await?;
+    Ok(MigrationReport { applied, version })
+}
+
+/// The newest applied migration, 0 on an empty database.
+pub async fn schema_version(client: &tokio_postgres::Client) -> Result<i32, StoreError> {
+    let exists = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(StoreError::query("checking for the migration history"))?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM refinery_schema_history",
+            &[],
+        )
+        .await
+        .map_err(StoreError::query("reading the schema version"))?;
+    Ok(row.get(0))
+}
+
+/// Row counts of the three tables, for status and reconciliation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableCounts {
+    pub customers: i64,
+    pub rejected_rows: i64,
+    pub dead_letters: i64,
+}
+
+pub async fn table_counts(client: &tokio_postgres::Client) -> Result<TableCounts, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM rejected_rows), \
+             (SELECT count(*) FROM dead_letters)",
+            &[],
+        )
+        .await
+        .map_err(StoreError::query("counting rows"))?;
+    Ok(TableCounts {
+        customers: row.get(0),
+        rejected_rows: row.get(1),
+        dead_letters: row.get(2),
+    })
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(database_url: &str) -> String {
+    match (database_url.find("://"), database_url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &database_url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!(
+                    "{}{}:***{}",
+                    &database_url[..scheme_end + 3],
+                    user,
+                    &database_url[at..]
+                ),
+                None => database_url.to_owned(),
+            }
+        }
+        _ => database_url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("host=/tmp"), "host=/tmp");
+    }
+}
