@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make bench`: runs every deploy/local/bench.d/*.sh (each prints one Markdown section on stdout,
+# progress on stderr) against release builds and writes BENCHMARKS.md with the machine and command.
+# BENCH_ONLY=name runs just deploy/local/bench.d/name.sh and updates its section in place.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+OUT="$ROOT/BENCHMARKS.md"
+SECTIONS="$ROOT/.run/bench"
+mkdir -p "$SECTIONS"
+for script in deploy/local/bench.d/*.sh; do
+  name=$(basename "$script" .sh)
+  if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then continue; fi
+  echo "[bench] $name" >&2
+  bash "$script" >"$SECTIONS/$name.md.tmp"
+  mv "$SECTIONS/$name.md.tmp" "$SECTIONS/$name.md"
+done
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`make bench\` (deploy/local/bench.sh); each section names the command behind it."
+  echo
+  echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+  echo "- kernel: $(uname -r); rustc: $(rustc --version)"
+  echo "- nats-server: $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown); PostgreSQL: $(psql --version | awk '{print $3}')"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  for section in "$SECTIONS"/*.md; do
+    [ -e "$section" ] || continue
+    cat "$section"
+    echo
+  done
+} >"$OUT"
+echo "[bench] wrote $OUT" >&2
