@@ -50,8 +50,10 @@ pub async fn connect(
                     source,
                 })?;
     }
+    // NATS_URL may list several servers of a cluster, comma-separated.
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let client = options
-        .connect(url)
+        .connect(servers.as_slice())
         .await
         .map_err(|source| ConnectError::Connect {
             url: url.to_owned(),
