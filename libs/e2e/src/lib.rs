@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
+pub mod pipeline;
+
 /// Reads `NATS_URL` / `DATABASE_URL` etc. from the environment, falling back to the `.run/env`
 /// that `make infra` writes, so `cargo test` works on its own after `make infra`.
 pub fn env_var(name: &str) -> anyhow::Result<String> {
