@@ -1,0 +1,354 @@
+//! Routes, the gate every customer request passes (auth, concurrency cap, quota, latency, faults)
+//! and the counters behind `/stats`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
+
+use crate::faults::{FaultPlan, InjectedFault};
+use crate::store::{Answer, Effect, Store, Write};
+use crate::validate::parse_customer;
+use crate::{CrmMockConfig, InjectedCounts, Stats};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    created: AtomicU64,
+    updated: AtomicU64,
+    idempotent_replays: AtomicU64,
+    duplicate_effects: AtomicU64,
+    injected_error: AtomicU64,
+    injected_rate_limited: AtomicU64,
+    injected_timeout: AtomicU64,
+    concurrency_limited: AtomicU64,
+    quota_limited: AtomicU64,
+    rejected_auth: AtomicU64,
+    rejected_invalid: AtomicU64,
+    concurrency_current: AtomicU64,
+    concurrency_peak: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn read(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+pub struct App {
+    config: CrmMockConfig,
+    shutdown: CancellationToken,
+    store: Store,
+    counters: Counters,
+    quota: Option<DefaultDirectRateLimiter>,
+    expected_authorization: Option<String>,
+}
+
+impl App {
+    pub fn new(config: CrmMockConfig, shutdown: CancellationToken) -> Self {
+        let quota = config
+            .rps
+            .and_then(NonZeroU32::new)
+            .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
+        let expected_authorization = config.token.as_ref().map(|token| format!("Bearer {token}"));
+        App {
+            config,
+            shutdown,
+            store: Store::default(),
+            counters: Counters::default(),
+            quota,
+            expected_authorization,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            requests: read(&c.requests),
+            created: read(&c.created),
+            updated: read(&c.updated),
+            idempotent_replays: read(&c.idempotent_replays),
+            duplicate_effects: read(&c.duplicate_effects),
+            customers: self.store.customer_count(),
+            injected: InjectedCounts {
+                error: read(&c.injected_error),
+                rate_limited: read(&c.injected_rate_limited),
+                timeout: read(&c.injected_timeout),
+                concurrency_limited: read(&c.concurrency_limited),
+                quota_limited: read(&c.quota_limited),
+            },
+            concurrency_current: read(&c.concurrency_current),
+            concurrency_peak: read(&c.concurrency_peak),
+            rejected_auth: read(&c.rejected_auth),
+            rejected_invalid: read(&c.rejected_invalid),
+        }
+    }
+
+    fn reset(&self) {
+        self.store.clear();
+        let c = &self.counters;
+        for counter in [
+            &c.requests,
+            &c.created,
+            &c.updated,
+            &c.idempotent_replays,
+            &c.duplicate_effects,
+            &c.injected_error,
+            &c.injected_rate_limited,
+            &c.injected_timeout,
+            &c.concurrency_limited,
+            &c.quota_limited,
+            &c.rejected_auth,
+            &c.rejected_invalid,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        // Requests in flight are still in flight; the peak restarts from them.
+        c.concurrency_peak
+            .store(read(&c.concurrency_current), Ordering::Relaxed);
+    }
+
+    fn count(&self, effect: Effect) {
+        let c = &self.counters;
+        match effect {
+            Effect::Created { duplicate } => {
+                bump(&c.created);
+                if duplicate {
+                    bump(&c.duplicate_effects);
+                }
+            }
+            Effect::Updated { duplicate } => {
+                bump(&c.updated);
+                if duplicate {
+                    bump(&c.duplicate_effects);
+                }
+            }
+            Effect::Replayed => bump(&c.idempotent_replays),
+            Effect::Refused => {}
+        }
+    }
+
+    /// Sleeps, unless shutdown comes first: a 30 s hang must not hold up a SIGTERM.
+    async fn pause(&self, how_long: Duration) {
+        if how_long.is_zero() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(how_long) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// A request admitted under the concurrency cap; leaving (even by a dropped connection) frees it.
+struct InFlight<'a> {
+    current: &'a AtomicU64,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(counters: &'a Counters, cap: Option<usize>) -> Option<Self> {
+        let now = counters.concurrency_current.fetch_add(1, Ordering::AcqRel) + 1;
+        if cap.is_some_and(|cap| now > cap as u64) {
+            counters.concurrency_current.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        counters.concurrency_peak.fetch_max(now, Ordering::AcqRel);
+        Some(InFlight {
+            current: &counters.concurrency_current,
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.current.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/customers", post(create))
+        .route("/customers/{id}", get(fetch).put(update))
+        .route_layer(middleware::from_fn_with_state(app.clone(), gate));
+    Router::new()
+        .merge(api)
+        .route("/stats", get(stats))
+        .route("/reset", post(reset))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(app)
+}
+
+fn respond(answer: Answer) -> Response {
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = answer.status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn too_many(retry_after_secs: u64, message: &str) -> Response {
+    let mut response = respond(Answer::error(StatusCode::TOO_MANY_REQUESTS, message));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+/// Everything that happens to a customer request before (and around) its processing.
+async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let counters = &app.counters;
+    let request_number = counters.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(expected) = &app.expected_authorization {
+        let presented = request.headers().get(header::AUTHORIZATION);
+        if presented.is_none_or(|value| value.as_bytes() != expected.as_bytes()) {
+            bump(&counters.rejected_auth);
+            return respond(Answer::error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ));
+        }
+    }
+    let Some(_in_flight) = InFlight::enter(counters, app.config.max_concurrency) else {
+        bump(&counters.concurrency_limited);
+        return too_many(1, "too many concurrent requests");
+    };
+    if let Some(quota) = &app.quota
+        && quota.check().is_err()
+    {
+        bump(&counters.quota_limited);
+        return too_many(1, "requests-per-second quota exceeded");
+    }
+    let plan = FaultPlan::for_request(&app.config, request_number);
+    app.pause(plan.latency).await;
+    match plan.fault {
+        None => next.run(request).await,
+        Some(InjectedFault::ServerError(status)) => {
+            bump(&counters.injected_error);
+            respond(Answer::error(status, "injected failure"))
+        }
+        Some(InjectedFault::RateLimited) => {
+            bump(&counters.injected_rate_limited);
+            too_many(app.config.retry_after_secs, "injected rate limit")
+        }
+        Some(InjectedFault::Timeout { applied_first }) => {
+            bump(&counters.injected_timeout);
+            if applied_first {
+                // The worst case for a client: the change lands, the answer never comes.
+                drop(next.run(request).await);
+            }
+            app.pause(Duration::from_millis(app.config.hang_ms)).await;
+            respond(Answer::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "injected timeout",
+            ))
+        }
+    }
+}
+
+/// The key to honour, if any. A key that is not visible ASCII is refused, since a client could not
+/// send it back unchanged on a retry.
+fn idempotency_key<'h>(app: &App, headers: &'h HeaderMap) -> Result<Option<&'h str>, Answer> {
+    if app.config.no_idempotency {
+        return Ok(None);
+    }
+    match headers.get(IDEMPOTENCY_KEY) {
+        None => Ok(None),
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() => Ok(Some(key)),
+            _ => Err(invalid_answer(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key",
+                "header Idempotency-Key must be non-empty visible ASCII",
+            )),
+        },
+    }
+}
+
+fn invalid_answer(status: StatusCode, field: &str, error: &str) -> Answer {
+    Answer::json(
+        status,
+        &serde_json::json!({ "error": error, "field": field }),
+    )
+}
+
+fn invalid(status: StatusCode, field: &str, error: &str) -> Response {
+    respond(invalid_answer(status, field, error))
+}
+
+fn write(app: &App, write: Write, headers: &HeaderMap, body: Bytes) -> Response {
+    let key = match idempotency_key(app, headers) {
+        Ok(key) => key,
+        Err(refusal) => {
+            bump(&app.counters.rejected_invalid);
+            return respond(refusal);
+        }
+    };
+    let record = match parse_customer(&body) {
+        Ok(record) => record,
+        Err(why) => {
+            bump(&app.counters.rejected_invalid);
+            return invalid(why.status, &why.field, &why.error);
+        }
+    };
+    if let Write::Update { path_id } = &write
+        && *path_id != record.id
+    {
+        bump(&app.counters.rejected_invalid);
+        return invalid(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id",
+            &format!(
+                "body id {:?} differs from the id {path_id:?} in the path",
+                record.id
+            ),
+        );
+    }
+    let written = app.store.write(write, key, body, record);
+    app.count(written.effect);
+    respond(written.answer)
+}
+
+async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    write(&app, Write::Create, &headers, body)
+}
+
+async fn update(
+    State(app): State<Arc<App>>,
+    Path(path_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    write(&app, Write::Update { path_id }, &headers, body)
+}
+
+async fn fetch(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    respond(app.store.get(&id))
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<Stats> {
+    Json(app.stats())
+}
+
+async fn reset(State(app): State<Arc<App>>) -> impl IntoResponse {
+    app.reset();
+    respond(Answer::json(
+        StatusCode::OK,
+        &serde_json::json!({ "reset": true }),
+    ))
+}
