@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
+pub mod expect;
 pub mod pipeline;
 
 /// Reads `NATS_URL` / `DATABASE_URL` etc. from the environment, falling back to the `.run/env`
@@ -31,7 +32,10 @@ pub fn env_var(name: &str) -> anyhow::Result<String> {
             }
         }
     }
-    bail!("{name} is not set and not in {}: run `make infra` first", env_file.display())
+    bail!(
+        "{name} is not set and not in {}: run `make infra` first",
+        env_file.display()
+    )
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -61,7 +65,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// Waits until `condition` returns `Some`, polling every 50 ms, or fails after `timeout` with
 /// `what` in the message.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<T>
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut condition: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -127,7 +135,10 @@ impl Drop for TestDatabase {
         let admin = self.admin_url.clone();
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
@@ -190,7 +201,14 @@ impl PrivateNats {
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         let bin = env_var("NATS_SERVER_BIN")?;
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -199,14 +217,18 @@ impl PrivateNats {
             .with_context(|| format!("starting {bin}"))?;
         self.child = Some(child);
         let url = self.url();
-        wait_for("private nats-server to accept JetStream requests", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let client = async_nats::connect(&url).await.ok()?;
-                let js = async_nats::jetstream::new(client);
-                js.query_account().await.ok().map(|_| ())
-            }
-        })
+        wait_for(
+            "private nats-server to accept JetStream requests",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
         .await
     }
 
@@ -271,14 +293,28 @@ impl PrivatePostgres {
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.run_as_postgres(
             "pg_ctl",
-            &["-D", &self.data_dir(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )
         .await
     }
 
     pub async fn stop(&self) -> anyhow::Result<()> {
-        self.run_as_postgres("pg_ctl", &["-D", &self.data_dir(), "-m", "fast", "-w", "stop"])
-            .await
+        self.run_as_postgres(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-m", "fast", "-w", "stop"],
+        )
+        .await
     }
 
     async fn run_as_postgres(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -418,4 +454,12 @@ mod infra_tests {
         client.batch_execute("SELECT 1").await?;
         Ok(())
     }
+}
+
+/// Messages in a stream right now, or None while the server does not answer (a restart).
+pub async fn stream_messages(nats_url: &str, stream: &str) -> Option<u64> {
+    let client = async_nats::connect(nats_url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.ok()?;
+    stream.info().await.ok().map(|info| info.state.messages)
 }

@@ -127,7 +127,10 @@ impl Service {
     /// SIGKILL: a crash, no chance to clean up.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.start_kill().ok();
-        self.child.wait().await.context("waiting for killed process")?;
+        self.child
+            .wait()
+            .await
+            .context("waiting for killed process")?;
         Ok(())
     }
 
@@ -206,7 +209,13 @@ impl Pipeline {
         wait_for("crm-mock to answer", Duration::from_secs(20), || {
             let http = http.clone();
             let url = format!("{crm_url}/stats");
-            async move { http.get(url).send().await.ok().filter(|r| r.status().is_success()) }
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
         })
         .await?;
         let persister = Service::spawn(
@@ -241,8 +250,14 @@ impl Pipeline {
             "127.0.0.1:0".to_owned(),
         ];
         args.extend(self.integrator_args.iter().cloned());
-        let service =
-            Service::spawn(&self.env, "crm-integrator", &args, self.log_dir.path(), &label).await?;
+        let service = Service::spawn(
+            &self.env,
+            "crm-integrator",
+            &args,
+            self.log_dir.path(),
+            &label,
+        )
+        .await?;
         self.integrators.push(service);
         Ok(())
     }
@@ -257,8 +272,14 @@ impl Pipeline {
             "127.0.0.1:0".to_owned(),
         ];
         args.extend(self.integrator_args.iter().cloned());
-        self.integrators[index] =
-            Service::spawn(&self.env, "crm-integrator", &args, self.log_dir.path(), &label).await?;
+        self.integrators[index] = Service::spawn(
+            &self.env,
+            "crm-integrator",
+            &args,
+            self.log_dir.path(),
+            &label,
+        )
+        .await?;
         Ok(())
     }
 
@@ -288,7 +309,10 @@ impl Pipeline {
     /// `syncctl wait` until nothing is pending or in flight, failing with the services' logs.
     pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
         let secs = format!("{}s", timeout.as_secs());
-        let out = self.env.run("syncctl", &["wait", "--timeout", &secs]).await?;
+        let out = self
+            .env
+            .run("syncctl", &["wait", "--timeout", &secs])
+            .await?;
         if !out.status.success() {
             bail!(
                 "pipeline did not drain: {}\n{}",
@@ -306,7 +330,11 @@ impl Pipeline {
             .chain(std::iter::once(&self.persister))
             .chain(self.integrators.iter())
         {
-            text.push_str(&format!("\n=== {} ===\n{}\n", service.name, service.log_tail()));
+            text.push_str(&format!(
+                "\n=== {} ===\n{}\n",
+                service.name,
+                service.log_tail()
+            ));
         }
         text
     }
