@@ -1,1 +1,167 @@
-//! stub
+//! The operator's CLI as a library: one module per subcommand (`setup`, `status`, `wait`, `replay`,
+//! `dlq`, `gen_csv`), each a plain async fn taking a typed config and returning a typed result, so
+//! tests drive them in-process and `main.rs` only parses flags and prints.
+
+pub mod dlq;
+pub mod gen_csv;
+pub mod replay;
+pub mod setup;
+pub mod status;
+pub mod wait;
+
+use async_nats::jetstream;
+use service_kit::NatsArgs;
+use sync_topology::Names;
+
+/// Default `DATABASE_URL`: a local PostgreSQL with the stock superuser.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Everything that can make a subcommand fail, each naming what failed and with which input.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(transparent)]
+    Namespace(#[from] sync_topology::InvalidNamespace),
+    #[error(transparent)]
+    Connect(#[from] sync_topology::ConnectError),
+    #[error(transparent)]
+    Setup(#[from] sync_topology::SetupError),
+    #[error(transparent)]
+    Store(#[from] sync_store::StoreError),
+    #[error("stream {stream} missing: run `syncctl setup --namespace {namespace}`")]
+    StreamMissing { stream: String, namespace: String },
+    #[error("consumer {stream}/{consumer} missing: run `syncctl setup --namespace {namespace}`")]
+    ConsumerMissing {
+        stream: String,
+        consumer: String,
+        namespace: String,
+    },
+    #[error("KV bucket {bucket} missing: run `syncctl setup --namespace {namespace}`")]
+    BucketMissing { bucket: String, namespace: String },
+    #[error("{action} failed: {message}")]
+    Nats { action: String, message: String },
+    #[error("{what} is not valid JSON: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("{action} failed: {source}")]
+    Io {
+        action: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("timed out after {waited:?}: still {what}")]
+    Timeout {
+        waited: std::time::Duration,
+        what: String,
+    },
+}
+
+impl CtlError {
+    /// The process exit code: 2 for a usage mistake, 1 for anything that failed at run time.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Usage(_) | CtlError::Namespace(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn nats_error(action: impl Into<String>, err: impl std::fmt::Display) -> CtlError {
+    CtlError::Nats {
+        action: action.into(),
+        message: err.to_string(),
+    }
+}
+
+/// A connection to one namespace's pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+}
+
+impl Pipeline {
+    /// Validates the namespace, then connects (refusing servers that are too old).
+    pub async fn connect(nats: &NatsArgs) -> Result<Self, CtlError> {
+        let names = Names::new(&nats.namespace)?;
+        let client =
+            sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), "syncctl").await?;
+        let js = jetstream::new(client.clone());
+        Ok(Pipeline { client, js, names })
+    }
+
+    /// The stream, or an error telling the operator to run `syncctl setup`.
+    pub async fn stream(&self, name: &str) -> Result<jetstream::stream::Stream, CtlError> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match self.js.get_stream(name).await {
+            Ok(stream) => Ok(stream),
+            Err(err)
+                if matches!(err.kind(), GetStreamErrorKind::JetStream(ref e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Err(CtlError::StreamMissing {
+                    stream: name.to_owned(),
+                    namespace: self.names.namespace().to_owned(),
+                })
+            }
+            Err(err) => Err(nats_error(format!("looking up stream {name}"), err)),
+        }
+    }
+
+    /// Current state of a durable consumer, or an error telling the operator to run `syncctl setup`.
+    pub async fn consumer_info(
+        &self,
+        stream: &str,
+        consumer: &str,
+    ) -> Result<jetstream::consumer::Info, CtlError> {
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        match self
+            .js
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(consumer, stream)
+            .await
+        {
+            Ok(found) => Ok(found.cached_info().clone()),
+            Err(err)
+                if matches!(err.kind(), ConsumerErrorKind::JetStream(ref e)
+                    if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                        || e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Err(CtlError::ConsumerMissing {
+                    stream: stream.to_owned(),
+                    consumer: consumer.to_owned(),
+                    namespace: self.names.namespace().to_owned(),
+                })
+            }
+            Err(err) => Err(nats_error(
+                format!("reading consumer {stream}/{consumer}"),
+                err,
+            )),
+        }
+    }
+}
+
+/// Connects to PostgreSQL with a single connection (the CLI never needs more), driving the
+/// connection on a background task.
+pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Client, CtlError> {
+    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .map_err(|err| sync_store::StoreError::Connect {
+            url: sync_store::redact(database_url),
+            message: err.to_string(),
+        })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(%err, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A random suffix for message ids we mint, so a second replay or redrive of the same record is not
+/// dropped by the stream's dedup window.
+pub(crate) fn nonce() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

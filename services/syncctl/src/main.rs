@@ -1,1 +1,393 @@
-fn main() {}
+//! `syncctl`: parses the command line and dispatches to the library. Exit codes: 0 ok, 1 a runtime
+//! failure (or `wait` timed out), 2 a usage mistake.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use service_kit::NatsArgs;
+use sync_topology::TopologySettings;
+use syncctl::{CtlError, DEFAULT_DATABASE_URL};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Operate a customer-sync pipeline: set it up, watch it, replay, redrive"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update streams, consumers, KV buckets and the database schema. Idempotent: a
+    /// second run reports everything Unchanged.
+    Setup(SetupArgs),
+    /// Counts per stream, consumer and table, and the reconciliation.
+    #[command(long_about = STATUS_HELP)]
+    Status(StatusArgs),
+    /// Block until nothing is pending or in flight on the integrators' and the persister's
+    /// consumers (stable over 3 polls). Exit 1 on timeout, naming what is still pending.
+    Wait(WaitArgs),
+    /// Reprocess part of the ingest stream through the integrators, or rebuild the database from the
+    /// results stream (--results).
+    #[command(long_about = REPLAY_HELP)]
+    Replay(ReplayArgs),
+    /// Dead letters: list them, or put them back on the ingest path.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Write a realistic customer CSV (streaming, any size, deterministic for a seed). Statistics
+    /// go to stderr as JSON.
+    GenCsv(GenCsvArgs),
+}
+
+const STATUS_HELP: &str = "\
+Counts per stream (messages, bytes, first/last sequence), per consumer (pending, in flight = \
+ack pending, redelivered, ack floor), rows per table, and the reconciliation. Each equation is \
+shown with its difference; `difference` is the sum of their absolute values, 0 when reconciled:
+
+  reader        rows_read = published + deduplicated + rejected   (checkpoints bucket, all files)
+  ingest        ingest messages = synced + dead outcomes + integrators pending + in flight
+                (every ingest message yields exactly one outcome on synced or dead)
+  rejects       rejected outcomes = rejected by the reader (>= while a file is still being read)
+  rejected_rows rejected outcomes - persister pending <= rejected_rows <= rejected outcomes
+  dead_letters  dead_letters <= dead outcomes (redriven letters leave the table)
+  customers     customers <= synced outcomes (one row per customer)
+
+Outcome counts are per subject of the results stream. --json prints the same as one JSON object \
+with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not.";
+
+const REPLAY_HELP: &str = "\
+Reprocess part of the ingest stream (by --from-seq/--to-seq or --since/--until) through the \
+normal integrator path, by REPUBLISHING the selected messages onto the ingest subject with their \
+original headers, a fresh Nats-Msg-Id `replay:{seq}:{nonce}` and `Sync-Replay-Of: {seq}`. The \
+running integrators pick them up from their one durable consumer; the ledger skips customers the \
+CRM already confirmed with the same hash. --force adds `Sync-Force-Resend: true` so they are sent \
+again anyway (e.g. after the CRM lost data).
+
+--results instead rebuilds the PostgreSQL tables from the results stream into an (empty) database: \
+it migrates the schema, reads every outcome with a fresh consumer and writes them as the persister \
+does, stopping when drained.";
+
+#[derive(Debug, Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Leave the database alone (NATS only).
+    #[arg(long)]
+    skip_db: bool,
+    /// Stream, consumer and bucket replicas: 1 on a single server, 3 on a cluster.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Window in which the ingest stream drops a repeated Nats-Msg-Id.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    dedup_window: Duration,
+    /// How long streams keep messages (so they can be replayed).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// How long an integrator may hold a message unacknowledged before redelivery.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ack_wait: Duration,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Leave the database out of the status.
+    #[arg(long)]
+    skip_db: bool,
+    /// One JSON object on stdout, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// First ingest stream sequence to replay (inclusive).
+    #[arg(long, requires = "to_seq", conflicts_with_all = ["since", "results"])]
+    from_seq: Option<u64>,
+    /// Last ingest stream sequence to replay (inclusive).
+    #[arg(long, requires = "from_seq")]
+    to_seq: Option<u64>,
+    /// Replay messages stored at or after this time: RFC 3339, or a duration ago (`15m`).
+    #[arg(long, conflicts_with = "results")]
+    since: Option<String>,
+    /// ... and at or before this time (default: now).
+    #[arg(long, requires = "since")]
+    until: Option<String>,
+    /// Send replayed records to the CRM even when the ledger says it already holds them.
+    #[arg(long, conflicts_with = "results")]
+    force: bool,
+    /// Rebuild the database tables from the results stream instead.
+    #[arg(long)]
+    results: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Dead letters, newest first: customer id, hash, CRM status, attempts, when, why.
+    List(DlqListArgs),
+    /// Republish dead letters onto the ingest subject once the cause is fixed.
+    Redrive(DlqRedriveArgs),
+}
+
+#[derive(Debug, Args)]
+struct DlqListArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[arg(long, default_value_t = 100)]
+    limit: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
+struct DlqRedriveArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Customer id whose dead letters to redrive.
+    #[arg(long)]
+    id: Option<String>,
+    /// Redrive every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+struct GenCsvArgs {
+    /// Data rows (not counting the header).
+    #[arg(long, default_value_t = 1000)]
+    rows: u64,
+    /// Share of rows that are bad (empty id, bad e-mail, wrong field count, over-long field).
+    #[arg(long, default_value_t = 0.0)]
+    bad_rate: f64,
+    /// Share of rows that exactly repeat an earlier valid row.
+    #[arg(long, default_value_t = 0.0)]
+    dup_rate: f64,
+    /// Share of rows that repeat an earlier id with changed content.
+    #[arg(long, default_value_t = 0.0)]
+    change_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only the required columns and phone (no company, country).
+    #[arg(long)]
+    no_extra_columns: bool,
+    /// File to write, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    output: PathBuf,
+    /// Also write the statistics as JSON to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    service_kit::init_telemetry();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), CtlError> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| CtlError::Json {
+        what: "output".to_owned(),
+        source,
+    })?;
+    println!("{text}");
+    Ok(())
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
+    match command {
+        Command::Setup(args) => {
+            let settings = TopologySettings {
+                replicas: args.replicas,
+                dedup_window: args.dedup_window,
+                retention: args.retention,
+                integrator_ack_wait: args.ack_wait,
+                ..TopologySettings::default()
+            };
+            let config = syncctl::setup::SetupConfig {
+                nats: args.nats,
+                database_url: (!args.skip_db).then_some(args.database.database_url),
+                settings,
+            };
+            let outcome = syncctl::setup::run(&config).await?;
+            print!("{outcome}");
+        }
+        Command::Status(args) => {
+            let config = syncctl::status::StatusConfig {
+                nats: args.nats,
+                database_url: (!args.skip_db).then_some(args.database.database_url),
+            };
+            let status = syncctl::status::collect(&config).await?;
+            if args.json {
+                print_json(&status)?;
+            } else {
+                print!("{status}");
+            }
+        }
+        Command::Wait(args) => {
+            let drained =
+                syncctl::wait::run(&syncctl::wait::WaitConfig::new(args.nats, args.timeout))
+                    .await?;
+            println!(
+                "drained: nothing pending or in flight (waited {:.1}s)",
+                drained.waited.as_secs_f64()
+            );
+        }
+        Command::Replay(args) => return replay(args).await,
+        Command::Dlq(DlqCommand::List(args)) => {
+            let rows = syncctl::dlq::list(&syncctl::dlq::ListConfig {
+                database_url: args.database.database_url,
+                limit: args.limit,
+            })
+            .await?;
+            if args.json {
+                print_json(&rows)?;
+            } else {
+                print!("{}", syncctl::dlq::Listing(&rows));
+            }
+        }
+        Command::Dlq(DlqCommand::Redrive(args)) => {
+            let selection = match args.id {
+                Some(id) => syncctl::dlq::RedriveSelection::Customer(id),
+                None => syncctl::dlq::RedriveSelection::All,
+            };
+            let outcome = syncctl::dlq::redrive(&syncctl::dlq::RedriveConfig {
+                nats: args.nats,
+                database_url: args.database.database_url,
+                selection,
+            })
+            .await?;
+            println!(
+                "redrove {} dead letter(s) onto the ingest subject",
+                outcome.republished
+            );
+            if !outcome.without_record.is_empty() {
+                eprintln!(
+                    "warning: {} dead letter(s) have no stored record and stay: {}",
+                    outcome.without_record.len(),
+                    outcome.without_record.join(", ")
+                );
+            }
+        }
+        Command::GenCsv(args) => {
+            let config = syncctl::gen_csv::GenCsvConfig {
+                options: syncctl::gen_csv::GenOptions {
+                    rows: args.rows,
+                    bad_rate: args.bad_rate,
+                    dup_rate: args.dup_rate,
+                    change_rate: args.change_rate,
+                    seed: args.seed,
+                    extra_columns: !args.no_extra_columns,
+                },
+                output: if args.output.as_os_str() == "-" {
+                    syncctl::gen_csv::Output::Stdout
+                } else {
+                    syncctl::gen_csv::Output::File(args.output)
+                },
+                stats_json: args.stats_json,
+            };
+            let stats = tokio::task::spawn_blocking(move || syncctl::gen_csv::run(&config))
+                .await
+                .map_err(|err| CtlError::Io {
+                    action: "generating the CSV".to_owned(),
+                    source: std::io::Error::other(err),
+                })??;
+            let json = serde_json::to_string(&stats).map_err(|source| CtlError::Json {
+                what: "generator statistics".to_owned(),
+                source,
+            })?;
+            eprintln!("{json}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(args: ReplayArgs) -> Result<ExitCode, CtlError> {
+    use syncctl::replay::{ReplayConfig, Selection, parse_time};
+    if args.results {
+        return Err(CtlError::Usage(
+            "replay --results is not available in this build yet".to_owned(),
+        ));
+    }
+    let now = chrono::Utc::now();
+    let selection = match (args.from_seq, args.to_seq, args.since) {
+        (Some(from), Some(to), None) => Selection::Sequences { from, to },
+        (None, None, Some(since)) => Selection::Times {
+            since: parse_time(&since, now).map_err(CtlError::Usage)?,
+            until: match args.until {
+                Some(until) => parse_time(&until, now).map_err(CtlError::Usage)?,
+                None => now,
+            },
+        },
+        _ => {
+            return Err(CtlError::Usage(
+                "choose the range: --from-seq A --to-seq B, or --since TIME [--until TIME], or --results"
+                    .to_owned(),
+            ));
+        }
+    };
+    if args.force {
+        eprintln!(
+            "WARNING: --force: every replayed record will be SENT TO THE CRM AGAIN, even those the \
+             CRM already confirmed with the same content"
+        );
+    }
+    let outcome =
+        syncctl::replay::run(&ReplayConfig::new(args.nats, selection, args.force)).await?;
+    match (outcome.first_seq, outcome.last_seq) {
+        (Some(first), Some(last)) => println!(
+            "republished {} message(s) (original sequences {first}..={last}){}",
+            outcome.republished,
+            if outcome.forced { ", forced" } else { "" }
+        ),
+        _ => println!("nothing in that range: republished 0 messages"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

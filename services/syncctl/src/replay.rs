@@ -1,0 +1,260 @@
+//! `syncctl replay`: reprocesses part of the ingest stream through the normal integrator path.
+//!
+//! Chosen design: republishing. The selected messages are read with an ordered (ephemeral)
+//! consumer and published again onto the ingest subject with their original headers and body, a
+//! fresh `Nats-Msg-Id` (`replay:{original seq}:{nonce}`, so the stream's dedup window does not drop
+//! them) and `Sync-Replay-Of: {original seq}`. The running integrators pick them up from their one
+//! durable consumer: no second consumer to point replicas at, no flag to remember to remove, and
+//! the usual guarantees apply (the ledger skips a customer already confirmed with the same hash).
+//! `--force` adds `Sync-Force-Resend: true`, which makes the integrators send even confirmed
+//! records again, for example after the CRM lost data.
+//!
+//! The range is read up to the stream's last sequence when the replay starts, so the replay never
+//! reads its own republished copies.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+use service_kit::NatsArgs;
+use sync_topology::HEADER_FORCE_RESEND;
+
+use crate::{CtlError, Pipeline, nats_error};
+
+/// Header naming the ingest sequence a replayed message copies.
+pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
+
+/// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
+const ACK_WINDOW: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Inclusive stream sequences.
+    Sequences { from: u64, to: u64 },
+    /// Messages the stream stored at or after `since` and at or before `until`.
+    Times {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub nats: NatsArgs,
+    pub selection: Selection,
+    pub force: bool,
+    /// How long the server may stay silent before the range counts as read to its end (messages at
+    /// the end of the range can have been deleted).
+    pub idle_timeout: Duration,
+}
+
+impl ReplayConfig {
+    pub fn new(nats: NatsArgs, selection: Selection, force: bool) -> Self {
+        ReplayConfig {
+            nats,
+            selection,
+            force,
+            idle_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub republished: u64,
+    /// Original sequences of the first and last message republished.
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub forced: bool,
+}
+
+fn nats_time(time: DateTime<Utc>) -> Result<async_nats::datetime::DateTime, CtlError> {
+    let nanos = time
+        .timestamp_nanos_opt()
+        .ok_or_else(|| CtlError::Usage(format!("time {time} is out of range")))?;
+    async_nats::datetime::from_nanos(i128::from(nanos))
+        .map_err(|e| CtlError::Usage(format!("time {time} is out of range: {e}")))
+}
+
+/// Republishes the selected ingest messages; see the module docs.
+pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
+    let pipeline = Pipeline::connect(&config.nats).await?;
+    let names = &pipeline.names;
+    let stream_name = names.ingest_stream();
+    let mut stream = pipeline.stream(&stream_name).await?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| nats_error(format!("reading stream {stream_name}"), e))?
+        .state
+        .clone();
+    let mut outcome = ReplayOutcome {
+        forced: config.force,
+        ..ReplayOutcome::default()
+    };
+    if state.messages == 0 {
+        return Ok(outcome);
+    }
+    // Never read past what was there when we started: our own copies land after it.
+    let end_seq = state.last_sequence;
+    let (deliver_policy, upper_seq, until) = match &config.selection {
+        Selection::Sequences { from, to } => {
+            if from > to {
+                return Err(CtlError::Usage(format!(
+                    "--from-seq {from} is after --to-seq {to}"
+                )));
+            }
+            if *from > end_seq {
+                return Ok(outcome);
+            }
+            let start_sequence = (*from).max(state.first_sequence).max(1);
+            (
+                DeliverPolicy::ByStartSequence { start_sequence },
+                (*to).min(end_seq),
+                None,
+            )
+        }
+        Selection::Times { since, until } => {
+            if since > until {
+                return Err(CtlError::Usage(format!(
+                    "--since {since} is after --until {until}"
+                )));
+            }
+            if state.last_timestamp < nats_time(*since)? {
+                return Ok(outcome);
+            }
+            (
+                DeliverPolicy::ByStartTime {
+                    start_time: nats_time(*since)?,
+                },
+                end_seq,
+                Some(nats_time(*until)?),
+            )
+        }
+    };
+    if upper_seq < state.first_sequence {
+        return Ok(outcome);
+    }
+
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: names.ingest_subject(),
+            deliver_policy,
+            description: Some("syncctl replay: reads the selected range once".to_owned()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error(format!("creating a replay consumer on {stream_name}"), e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+
+    if config.force {
+        tracing::warn!(
+            "--force: replayed records will be SENT TO THE CRM AGAIN even where the ledger says \
+             the CRM already holds them"
+        );
+    }
+    let nonce = crate::nonce();
+    let subject = names.ingest_subject();
+    let mut acks = VecDeque::new();
+    loop {
+        let next = match tokio::time::timeout(config.idle_timeout, messages.next()).await {
+            Ok(Some(next)) => next,
+            // Silence: the rest of the range was deleted; nothing more to read.
+            Ok(None) | Err(_) => break,
+        };
+        let message = next.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+        let (seq, published) = {
+            let info = message.info().map_err(|e| {
+                nats_error(format!("reading metadata of a {stream_name} message"), e)
+            })?;
+            (info.stream_sequence, info.published)
+        };
+        if seq > upper_seq || until.is_some_and(|until| published > until) {
+            break;
+        }
+        let mut headers = message.headers.clone().unwrap_or_default();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("replay:{seq}:{nonce}"),
+        );
+        headers.insert(HEADER_REPLAY_OF, seq.to_string());
+        if config.force {
+            headers.insert(HEADER_FORCE_RESEND, "true");
+        }
+        let ack = pipeline
+            .js
+            .publish_with_headers(subject.clone(), headers, message.payload.clone())
+            .await
+            .map_err(|e| nats_error(format!("republishing {stream_name} message {seq}"), e))?;
+        acks.push_back((seq, ack));
+        if acks.len() >= ACK_WINDOW {
+            await_ack(&mut acks, &stream_name).await?;
+        }
+        outcome.first_seq.get_or_insert(seq);
+        outcome.last_seq = Some(seq);
+        outcome.republished += 1;
+        if seq >= upper_seq {
+            break;
+        }
+    }
+    while !acks.is_empty() {
+        await_ack(&mut acks, &stream_name).await?;
+    }
+    Ok(outcome)
+}
+
+async fn await_ack(
+    acks: &mut VecDeque<(u64, jetstream::context::PublishAckFuture)>,
+    stream_name: &str,
+) -> Result<(), CtlError> {
+    if let Some((seq, ack)) = acks.pop_front() {
+        ack.await.map_err(|e| {
+            nats_error(
+                format!("republishing {stream_name} message {seq} (waiting for its ack)"),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Parses `--since`/`--until`: an RFC 3339 time, or a duration meaning that long ago (`15m`).
+pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let ago = humantime::parse_duration(text).map_err(|_| {
+        format!(
+            "{text:?} is neither an RFC 3339 time (2026-01-31T12:00:00Z) nor a duration ago (15m)"
+        )
+    })?;
+    let ago = chrono::Duration::from_std(ago).map_err(|e| format!("{text:?}: {e}"))?;
+    now.checked_sub_signed(ago)
+        .ok_or_else(|| format!("{text:?} reaches before the calendar starts"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_absolute_or_ago() {
+        let now = DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        assert_eq!(
+            parse_time("2026-01-31T11:00:00Z", now).expect("absolute"),
+            now - chrono::Duration::hours(1)
+        );
+        assert_eq!(
+            parse_time("15m", now).expect("ago"),
+            now - chrono::Duration::minutes(15)
+        );
+        assert!(parse_time("yesterday-ish", now).is_err());
+    }
+}

@@ -1,0 +1,627 @@
+//! `syncctl status`: what is in each stream, consumer and table, and whether the counts reconcile.
+//!
+//! Reconciliation checks that no row was lost between the reader, the integrators and the
+//! persister. Each equation is shown with its difference; the total is the sum of their absolute
+//! values, and the pipeline is reconciled when it is 0:
+//!
+//! 1. reader (checkpoints bucket, summed over files):
+//!    `rows_read = published + deduplicated + rejected`
+//! 2. ingest (NATS): every ingest message yields exactly one outcome on `synced` (skips included)
+//!    or `dead`, so `ingest messages = synced outcomes + dead outcomes + integrators pending`,
+//!    where pending is the consumer's `num_pending + num_ack_pending`.
+//! 3. rejects (NATS): `rejected outcomes >= rejected (checkpoints)`, equal once every file is
+//!    complete (a reader mid-file has published rejects past its checkpoint).
+//! 4. database (when not skipped), allowing for what the persister still holds
+//!    (`num_pending + num_ack_pending` of its consumer):
+//!    `rejected outcomes - persister pending <= rejected_rows <= rejected outcomes`,
+//!    `dead_letters <= dead outcomes` (a redriven letter leaves the table; one row per id and hash),
+//!    `customers <= synced outcomes` (one row per customer, however many versions).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use async_nats::jetstream::{self, context::KeyValueErrorKind};
+use futures::TryStreamExt as _;
+use serde::Serialize;
+use service_kit::NatsArgs;
+use sync_store::TableCounts;
+use sync_topology::messages::Checkpoint;
+
+use crate::{CtlError, Pipeline, nats_error};
+
+#[derive(Debug, Clone)]
+pub struct StatusConfig {
+    pub nats: NatsArgs,
+    /// `None` leaves the database out (`--skip-db`).
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub namespace: String,
+    pub streams: Vec<StreamStatus>,
+    pub consumers: Vec<ConsumerStatus>,
+    /// Absent when the database was skipped.
+    pub tables: Option<TableCounts>,
+    pub schema_version: Option<i32>,
+    pub checkpoints: CheckpointTotals,
+    pub outcomes: OutcomeCounts,
+    pub equations: Vec<Equation>,
+    /// Sum of the absolute differences of every equation: 0 when reconciled.
+    pub difference: u64,
+    pub reconciled: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// RFC 3339, as the server reports it.
+    pub first_ts: Option<String>,
+    pub last_ts: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerStatus {
+    pub stream: String,
+    pub name: String,
+    /// Not yet delivered.
+    pub num_pending: u64,
+    /// Delivered, not yet acknowledged: in flight.
+    pub num_ack_pending: u64,
+    pub num_redelivered: u64,
+    /// Every stream message at or below this sequence is acknowledged.
+    pub ack_floor_stream_seq: u64,
+    pub delivered_stream_seq: u64,
+    /// Pull requests waiting: roughly how many workers are connected and idle.
+    pub num_waiting: u64,
+}
+
+impl ConsumerStatus {
+    /// Pending plus in flight: what this consumer still has to settle.
+    pub fn unsettled(&self) -> u64 {
+        self.num_pending + self.num_ack_pending
+    }
+
+    pub(crate) fn from_info(info: &jetstream::consumer::Info) -> Self {
+        ConsumerStatus {
+            stream: info.stream_name.clone(),
+            name: info.name.clone(),
+            num_pending: info.num_pending,
+            num_ack_pending: info.num_ack_pending as u64,
+            num_redelivered: info.num_redelivered as u64,
+            ack_floor_stream_seq: info.ack_floor.stream_sequence,
+            delivered_stream_seq: info.delivered.stream_sequence,
+            num_waiting: info.num_waiting as u64,
+        }
+    }
+}
+
+/// Sums over every file in the checkpoints bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CheckpointTotals {
+    pub files: u64,
+    pub complete_files: u64,
+    pub rows_read: u64,
+    pub published: u64,
+    pub deduplicated: u64,
+    pub rejected: u64,
+}
+
+impl CheckpointTotals {
+    fn add(&mut self, checkpoint: &Checkpoint) {
+        self.files += 1;
+        self.complete_files += u64::from(checkpoint.complete);
+        self.rows_read += checkpoint.rows_read;
+        self.published += checkpoint.published;
+        self.deduplicated += checkpoint.deduplicated;
+        self.rejected += checkpoint.rejected;
+    }
+}
+
+/// Messages per subject in the results stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OutcomeCounts {
+    pub synced: u64,
+    pub rejected: u64,
+    pub dead: u64,
+}
+
+/// One reconciliation check: `left` against `right`, with the signed amount by which it fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Equation {
+    pub name: &'static str,
+    /// The relation with the numbers filled in, e.g. `rows_read 10 = published 7 + ...`.
+    pub statement: String,
+    pub left: u64,
+    pub right: u64,
+    /// 0 when the relation holds; otherwise how far `left` is off (signed).
+    pub difference: i64,
+}
+
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn equality(name: &'static str, statement: String, left: u64, right: u64) -> Equation {
+    Equation {
+        name,
+        statement,
+        left,
+        right,
+        difference: signed(left) - signed(right),
+    }
+}
+
+/// `low <= value <= high`; the difference is how far `value` lies outside.
+fn within(name: &'static str, statement: String, value: u64, low: u64, high: u64) -> Equation {
+    let difference = if value > high {
+        signed(value) - signed(high)
+    } else if value < low {
+        signed(value) - signed(low)
+    } else {
+        0
+    };
+    Equation {
+        name,
+        statement,
+        left: value,
+        right: high,
+        difference,
+    }
+}
+
+/// The reconciliation equations (see the module docs) from the raw counts.
+pub fn reconcile(
+    checkpoints: &CheckpointTotals,
+    ingest_messages: u64,
+    outcomes: &OutcomeCounts,
+    integrators: &ConsumerStatus,
+    persister: &ConsumerStatus,
+    tables: Option<&TableCounts>,
+) -> Vec<Equation> {
+    let c = checkpoints;
+    let mut equations = vec![
+        equality(
+            "reader",
+            format!(
+                "rows_read {} = published {} + deduplicated {} + rejected {}",
+                c.rows_read, c.published, c.deduplicated, c.rejected
+            ),
+            c.rows_read,
+            c.published + c.deduplicated + c.rejected,
+        ),
+        equality(
+            "ingest",
+            format!(
+                "ingest messages {} = synced {} + dead {} + integrators pending {} + in flight {}",
+                ingest_messages,
+                outcomes.synced,
+                outcomes.dead,
+                integrators.num_pending,
+                integrators.num_ack_pending
+            ),
+            ingest_messages,
+            outcomes.synced + outcomes.dead + integrators.unsettled(),
+        ),
+    ];
+    let all_complete = c.complete_files == c.files;
+    let rejects = if all_complete {
+        equality(
+            "rejects",
+            format!(
+                "rejected outcomes {} = rejected by the reader {} (every file complete)",
+                outcomes.rejected, c.rejected
+            ),
+            outcomes.rejected,
+            c.rejected,
+        )
+    } else {
+        within(
+            "rejects",
+            format!(
+                "rejected outcomes {} >= rejected up to the checkpoints {} ({} file(s) still being read)",
+                outcomes.rejected,
+                c.rejected,
+                c.files - c.complete_files
+            ),
+            outcomes.rejected,
+            c.rejected,
+            u64::MAX,
+        )
+    };
+    equations.push(rejects);
+    if let Some(t) = tables {
+        let held = persister.unsettled();
+        let rows = |v: i64| u64::try_from(v).unwrap_or(0);
+        equations.push(within(
+            "rejected_rows",
+            format!(
+                "rejected outcomes {} - persister pending {} <= rejected_rows {} <= rejected outcomes {}",
+                outcomes.rejected, held, t.rejected_rows, outcomes.rejected
+            ),
+            rows(t.rejected_rows),
+            outcomes.rejected.saturating_sub(held),
+            outcomes.rejected,
+        ));
+        equations.push(within(
+            "dead_letters",
+            format!(
+                "dead_letters {} <= dead outcomes {}",
+                t.dead_letters, outcomes.dead
+            ),
+            rows(t.dead_letters),
+            0,
+            outcomes.dead,
+        ));
+        equations.push(within(
+            "customers",
+            format!(
+                "customers {} <= synced outcomes {}",
+                t.customers, outcomes.synced
+            ),
+            rows(t.customers),
+            0,
+            outcomes.synced,
+        ));
+    }
+    equations
+}
+
+/// Reads every count the status shows, and reconciles them.
+pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
+    let pipeline = Pipeline::connect(&config.nats).await?;
+    let names = &pipeline.names;
+
+    let ingest = stream_status(&pipeline, &names.ingest_stream()).await?;
+    let results_stream = pipeline.stream(&names.results_stream()).await?;
+    let outcomes = outcome_counts(&pipeline, &results_stream).await?;
+    let results = stream_status(&pipeline, &names.results_stream()).await?;
+
+    let integrators = ConsumerStatus::from_info(
+        &pipeline
+            .consumer_info(&names.ingest_stream(), names.integrators_consumer())
+            .await?,
+    );
+    let persister = ConsumerStatus::from_info(
+        &pipeline
+            .consumer_info(&names.results_stream(), names.persister_consumer())
+            .await?,
+    );
+    let checkpoints = checkpoint_totals(&pipeline).await?;
+
+    let (tables, schema_version) = match &config.database_url {
+        Some(url) => {
+            let client = crate::connect_database(url).await?;
+            let version = sync_store::schema_version(&client).await?;
+            (
+                Some(sync_store::table_counts(&client).await?),
+                Some(version),
+            )
+        }
+        None => (None, None),
+    };
+
+    let equations = reconcile(
+        &checkpoints,
+        ingest.messages,
+        &outcomes,
+        &integrators,
+        &persister,
+        tables.as_ref(),
+    );
+    let difference = equations.iter().map(|e| e.difference.unsigned_abs()).sum();
+    Ok(Status {
+        namespace: names.namespace().to_owned(),
+        streams: vec![ingest, results],
+        consumers: vec![integrators, persister],
+        tables,
+        schema_version,
+        checkpoints,
+        outcomes,
+        equations,
+        difference,
+        reconciled: difference == 0,
+    })
+}
+
+async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, CtlError> {
+    let mut stream = pipeline.stream(name).await?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| nats_error(format!("reading stream {name}"), e))?;
+    let empty = info.state.messages == 0;
+    let rfc3339 = |time: time::OffsetDateTime| {
+        // An empty stream reports the zero time: show nothing instead.
+        (!empty)
+            .then(|| {
+                time.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .flatten()
+    };
+    Ok(StreamStatus {
+        name: name.to_owned(),
+        messages: info.state.messages,
+        bytes: info.state.bytes,
+        first_seq: info.state.first_sequence,
+        last_seq: info.state.last_sequence,
+        first_ts: rfc3339(info.state.first_timestamp),
+        last_ts: rfc3339(info.state.last_timestamp),
+    })
+}
+
+async fn outcome_counts(
+    pipeline: &Pipeline,
+    results: &jetstream::stream::Stream,
+) -> Result<OutcomeCounts, CtlError> {
+    let names = &pipeline.names;
+    let action = || {
+        format!(
+            "counting outcomes per subject in {}",
+            names.results_stream()
+        )
+    };
+    let per_subject: HashMap<String, usize> = results
+        .info_with_subjects(format!("{}.>", names.namespace()))
+        .await
+        .map_err(|e| nats_error(action(), e))?
+        .try_collect()
+        .await
+        .map_err(|e| nats_error(action(), e))?;
+    let count = |subject: String| per_subject.get(&subject).copied().unwrap_or(0) as u64;
+    Ok(OutcomeCounts {
+        synced: count(names.synced_subject()),
+        rejected: count(names.rejected_subject()),
+        dead: count(names.dead_subject()),
+    })
+}
+
+async fn checkpoint_totals(pipeline: &Pipeline) -> Result<CheckpointTotals, CtlError> {
+    let bucket = pipeline.names.checkpoints_bucket();
+    let store = match pipeline.js.get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(err) if err.kind() == KeyValueErrorKind::GetBucket => {
+            return Err(CtlError::BucketMissing {
+                bucket,
+                namespace: pipeline.names.namespace().to_owned(),
+            });
+        }
+        Err(err) => return Err(nats_error(format!("opening bucket {bucket}"), err)),
+    };
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| nats_error(format!("listing keys of {bucket}"), e))?
+        .try_collect()
+        .await
+        .map_err(|e| nats_error(format!("listing keys of {bucket}"), e))?;
+    let mut totals = CheckpointTotals::default();
+    for key in keys {
+        let Some(value) = store
+            .get(&key)
+            .await
+            .map_err(|e| nats_error(format!("reading {bucket}/{key}"), e))?
+        else {
+            continue; // deleted between listing and reading
+        };
+        let checkpoint: Checkpoint =
+            serde_json::from_slice(&value).map_err(|source| CtlError::Json {
+                what: format!("checkpoint {bucket}/{key}"),
+                source,
+            })?;
+        totals.add(&checkpoint);
+    }
+    Ok(totals)
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "namespace {}", self.namespace)?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<28} {:>12} {:>14} {:>12} {:>12}",
+            "STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"
+        )?;
+        for s in &self.streams {
+            writeln!(
+                f,
+                "{:<28} {:>12} {:>14} {:>12} {:>12}",
+                s.name, s.messages, s.bytes, s.first_seq, s.last_seq
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<28} {:>12} {:>12} {:>12} {:>12}",
+            "CONSUMER", "PENDING", "IN FLIGHT", "REDELIVERED", "ACK FLOOR"
+        )?;
+        for c in &self.consumers {
+            writeln!(
+                f,
+                "{:<28} {:>12} {:>12} {:>12} {:>12}",
+                format!("{}/{}", c.stream, c.name),
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered,
+                c.ack_floor_stream_seq
+            )?;
+        }
+        writeln!(f)?;
+        let o = &self.outcomes;
+        writeln!(
+            f,
+            "outcomes: synced {}  rejected {}  dead {}",
+            o.synced, o.rejected, o.dead
+        )?;
+        let c = &self.checkpoints;
+        writeln!(
+            f,
+            "reader:   {} file(s), {} complete; rows read {}  published {}  deduplicated {}  rejected {}",
+            c.files, c.complete_files, c.rows_read, c.published, c.deduplicated, c.rejected
+        )?;
+        match (&self.tables, self.schema_version) {
+            (Some(t), Some(version)) => writeln!(
+                f,
+                "database: customers {}  rejected_rows {}  dead_letters {}  (schema version {version})",
+                t.customers, t.rejected_rows, t.dead_letters
+            )?,
+            _ => writeln!(f, "database: skipped")?,
+        }
+        writeln!(f)?;
+        writeln!(f, "reconciliation:")?;
+        for e in &self.equations {
+            let verdict = if e.difference == 0 {
+                "ok".to_owned()
+            } else {
+                format!("OFF BY {:+}", e.difference)
+            };
+            writeln!(f, "  {:<14} {:<10} {}", e.name, verdict, e.statement)?;
+        }
+        if self.reconciled {
+            writeln!(f, "reconciled: difference 0")
+        } else {
+            writeln!(f, "NOT RECONCILED: total difference {}", self.difference)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consumer(pending: u64, in_flight: u64) -> ConsumerStatus {
+        ConsumerStatus {
+            stream: "S".to_owned(),
+            name: "c".to_owned(),
+            num_pending: pending,
+            num_ack_pending: in_flight,
+            num_redelivered: 0,
+            ack_floor_stream_seq: 0,
+            delivered_stream_seq: 0,
+            num_waiting: 0,
+        }
+    }
+
+    fn totals(read: u64, published: u64, dedup: u64, rejected: u64) -> CheckpointTotals {
+        CheckpointTotals {
+            files: 1,
+            complete_files: 1,
+            rows_read: read,
+            published,
+            deduplicated: dedup,
+            rejected,
+        }
+    }
+
+    fn total(equations: &[Equation]) -> u64 {
+        equations.iter().map(|e| e.difference.unsigned_abs()).sum()
+    }
+
+    #[test]
+    fn a_finished_run_reconciles() {
+        let outcomes = OutcomeCounts {
+            synced: 8,
+            rejected: 2,
+            dead: 1,
+        };
+        let tables = TableCounts {
+            customers: 7,
+            rejected_rows: 2,
+            dead_letters: 1,
+        };
+        let eq = reconcile(
+            &totals(13, 9, 2, 2),
+            9,
+            &outcomes,
+            &consumer(0, 0),
+            &consumer(0, 0),
+            Some(&tables),
+        );
+        assert_eq!(total(&eq), 0, "{eq:#?}");
+    }
+
+    #[test]
+    fn pending_work_is_not_a_difference_but_a_lost_outcome_is() {
+        let outcomes = OutcomeCounts {
+            synced: 5,
+            rejected: 2,
+            dead: 0,
+        };
+        let pending = reconcile(
+            &totals(11, 9, 0, 2),
+            9,
+            &outcomes,
+            &consumer(3, 1),
+            &consumer(0, 0),
+            None,
+        );
+        assert_eq!(total(&pending), 0, "{pending:#?}");
+        let lost = reconcile(
+            &totals(11, 9, 0, 2),
+            9,
+            &outcomes,
+            &consumer(2, 1),
+            &consumer(0, 0),
+            None,
+        );
+        let ingest = lost.iter().find(|e| e.name == "ingest").expect("ingest");
+        assert_eq!(ingest.difference, 1);
+    }
+
+    #[test]
+    fn rows_the_persister_still_holds_are_allowed_for() {
+        let outcomes = OutcomeCounts {
+            synced: 0,
+            rejected: 5,
+            dead: 0,
+        };
+        let tables = TableCounts {
+            rejected_rows: 3,
+            ..TableCounts::default()
+        };
+        let held = reconcile(
+            &totals(5, 0, 0, 5),
+            0,
+            &outcomes,
+            &consumer(0, 0),
+            &consumer(1, 1),
+            Some(&tables),
+        );
+        assert_eq!(total(&held), 0, "{held:#?}");
+        let missing = reconcile(
+            &totals(5, 0, 0, 5),
+            0,
+            &outcomes,
+            &consumer(0, 0),
+            &consumer(0, 0),
+            Some(&tables),
+        );
+        assert_eq!(total(&missing), 2, "{missing:#?}");
+    }
+
+    #[test]
+    fn a_file_being_read_may_have_published_rejects_past_its_checkpoint() {
+        let mut reading = totals(4, 3, 0, 1);
+        reading.complete_files = 0;
+        let outcomes = OutcomeCounts {
+            synced: 3,
+            rejected: 2,
+            dead: 0,
+        };
+        let eq = reconcile(
+            &reading,
+            3,
+            &outcomes,
+            &consumer(0, 0),
+            &consumer(0, 0),
+            None,
+        );
+        assert_eq!(total(&eq), 0, "{eq:#?}");
+    }
+}
