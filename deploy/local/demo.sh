@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline against crm-mock with faults on, then a reconciliation.
 # Expects the environment of .run/env (the Makefile sources it) and release binaries.
-# ROWS=N sizes the generated file (default 20000); KEEP=1 leaves the services running.
+# ROWS=N sizes the generated file (default 20000); REPLICAS=N integrators (default 2);
+# FAILURE_RATE / RATE_LIMIT_RATE / TIMEOUT_RATE set crm-mock's faults; KEEP=1 leaves the services
+# running. Exits non-zero unless the run reconciles exactly with no duplicate in the CRM.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN="$ROOT/target/release"
 ROWS=${ROWS:-20000}
+REPLICAS=${REPLICAS:-2}
+FAILURE_RATE=${FAILURE_RATE:-0.10}
+RATE_LIMIT_RATE=${RATE_LIMIT_RATE:-0.03}
+TIMEOUT_RATE=${TIMEOUT_RATE:-0.01}
+started=$(date +%s)
 STAMP=$(date +%Y%m%d_%H%M%S)
 export SYNC_NAMESPACE=${SYNC_NAMESPACE:-demo_$STAMP}
 DB_NAME=$SYNC_NAMESPACE
@@ -38,14 +45,14 @@ say "generating $ROWS customers (1% bad rows, 2% exact repeats, 2% changed repea
 "$BIN/syncctl" gen-csv --rows "$ROWS" --bad-rate 0.01 --dup-rate 0.02 --change-rate 0.02 --seed 42 \
   --output "$WORK/customers.csv"
 
-say "starting crm-mock with faults: 10% 5xx, 3% 429, 1% timeouts, 5±5 ms latency"
+say "starting crm-mock with faults: $FAILURE_RATE 5xx, $RATE_LIMIT_RATE 429, $TIMEOUT_RATE timeouts, 5±5 ms latency; $REPLICAS integrators"
 "$BIN/crm-mock" --listen "127.0.0.1:$MOCK_PORT" --token "$CRM_API_TOKEN" --seed 7 \
-  --failure-rate 0.10 --rate-limit-rate 0.03 --timeout-rate 0.01 --hang-ms 3000 \
+  --failure-rate "$FAILURE_RATE" --rate-limit-rate "$RATE_LIMIT_RATE" --timeout-rate "$TIMEOUT_RATE" --hang-ms 3000 \
   --latency-ms 5 --jitter-ms 5 >"$WORK/crm-mock.log" 2>&1 &
 pids+=($!)
 "$BIN/persister" --metrics-addr 127.0.0.1:0 >"$WORK/persister.log" 2>&1 &
 pids+=($!)
-for i in 1 2; do
+for i in $(seq 1 "$REPLICAS"); do
   "$BIN/crm-integrator" --metrics-addr 127.0.0.1:0 --request-timeout-ms 1000 \
     >"$WORK/crm-integrator-$i.log" 2>&1 &
   pids+=($!)
@@ -62,6 +69,23 @@ say "status and reconciliation"
 "$BIN/syncctl" status
 
 say "crm-mock's own count (duplicate_effects must be 0)"
-curl -fsS "$CRM_URL/stats" | python3 -m json.tool
+curl -fsS "$CRM_URL/stats" >"$WORK/crm-stats.json"
+python3 -m json.tool "$WORK/crm-stats.json"
+"$BIN/syncctl" status --json >"$WORK/status.json"
+
+say "invariants"
+python3 - "$WORK/status.json" "$WORK/crm-stats.json" "$(( $(date +%s) - started ))" "$ROWS" <<'PY'
+import json, sys
+status, stats = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+elapsed, rows = int(sys.argv[3]), int(sys.argv[4])
+checks = {
+    "reconciled (rows read = synced + rejected + dead + pending, difference 0)": status.get("reconciled") is True,
+    "no customer applied twice (crm-mock duplicate_effects = 0)": stats.get("duplicate_effects") == 0,
+}
+for name, ok in checks.items():
+    print(("PASS " if ok else "FAIL ") + name)
+print(f"elapsed {elapsed} s for {rows} generated rows + the 1,000-row sample")
+sys.exit(0 if all(checks.values()) else 1)
+PY
 
 say "done: inspect with SYNC_NAMESPACE=$SYNC_NAMESPACE DATABASE_URL=$DATABASE_URL target/release/syncctl status"
