@@ -6,12 +6,16 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+mod outcomes;
+
+pub use outcomes::{BatchReport, Outcome, PoisonMessage, poison_message_count, write_batch};
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
 /// Newest schema version this build knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Arbitrary, fixed: serialises migrations when several processes start at once.
 const MIGRATION_LOCK_ID: i64 = 0x5359_4e43_4d49_4752;
@@ -36,11 +40,28 @@ pub enum StoreError {
         action: &'static str,
         source: tokio_postgres::Error,
     },
+    #[error("cannot store {what}")]
+    InvalidData { what: String },
 }
 
 impl StoreError {
     pub fn query(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
         move |source| StoreError::Query { action, source }
+    }
+
+    /// True when the rows written are at fault (PostgreSQL refused a value or a constraint), so the
+    /// same write will fail again however often it is retried; false for connection and server
+    /// trouble, which a retry after a pause can cure.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::InvalidData { .. } => true,
+            StoreError::Query { source, .. } => source.code().is_some_and(|code| {
+                // 22: data exception (bad encoding, NUL byte, out of range); 23: integrity
+                // constraint; 54: program limit (a value too large for an index).
+                matches!(&code.code()[..2], "22" | "23" | "54")
+            }),
+            _ => false,
+        }
     }
 }
 

@@ -1,1 +1,299 @@
-//! stub
+//! The persister: consumes the outcomes stream (synced, rejected, dead) and writes it to PostgreSQL
+//! in batches, one transaction each, acking a message only once its batch is committed.
+//!
+//! Writes are idempotent (see [`sync_store::write_batch`]), so a redelivery is harmless; that is
+//! what lets acks be plain acks and lets a PostgreSQL outage be ridden out by holding the batch and
+//! retrying. A message that cannot be stored as what it claims (a body that does not parse, a value
+//! PostgreSQL refuses) is isolated by splitting its batch and kept in `poison_messages` with the
+//! reason, then acked, so it never blocks the stream.
+
+mod decode;
+mod writer;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use backon::{ExponentialBuilder, Retryable as _};
+use deadpool_postgres::Pool;
+use service_kit::{Health, NatsArgs};
+use sync_topology::Names;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+pub use decode::{Origin, decode};
+pub use sync_store::{BatchReport, Outcome, PoisonMessage, StoreError, write_batch};
+
+use writer::BatchWriter;
+
+/// Default batch size, chosen by `deploy/local/bench.d/persister.sh`.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
+
+/// Command line and environment of the `persister` binary.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "persister",
+    version,
+    about = "Writes pipeline outcomes (synced, rejected, dead) to PostgreSQL in batches, acking \
+             after commit"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// PostgreSQL to write to; the schema is migrated at start.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    /// Durable consumer on the results stream to read from.
+    #[arg(long, env = "PERSISTER_CONSUMER", default_value = "persister")]
+    pub consumer: String,
+    /// Most outcomes written in one transaction (at most the consumer's max ack pending).
+    #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE as u32,
+          value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub batch_size: u32,
+    /// Longest wait, after a batch's first outcome, for the batch to fill.
+    #[arg(long, env = "PERSISTER_BATCH_LINGER_MS", default_value_t = 50)]
+    pub batch_linger_ms: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "PERSISTER_METRICS_ADDR", default_value = "127.0.0.1:9102")]
+    pub metrics_addr: SocketAddr,
+    /// Exit once the consumer has nothing pending (for rebuilding tables and benchmarks).
+    #[arg(long)]
+    pub stop_when_drained: bool,
+}
+
+impl From<Args> for PersisterConfig {
+    fn from(args: Args) -> Self {
+        PersisterConfig {
+            nats: args.nats,
+            database_url: args.database_url,
+            consumer: args.consumer,
+            batch_size: args.batch_size as usize,
+            batch_linger: Duration::from_millis(args.batch_linger_ms),
+            metrics_addr: Some(args.metrics_addr),
+            stop_when_drained: args.stop_when_drained,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PersisterConfig {
+    pub nats: NatsArgs,
+    pub database_url: String,
+    /// Durable pull consumer on the results stream; `persister` for the service, another one for
+    /// `syncctl replay --results`.
+    pub consumer: String,
+    pub batch_size: usize,
+    pub batch_linger: Duration,
+    /// None: no metrics endpoint (in-process callers such as `syncctl`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Return once the consumer has nothing pending or unacknowledged.
+    pub stop_when_drained: bool,
+}
+
+impl PersisterConfig {
+    /// Defaults for the `persister` consumer, without a metrics endpoint.
+    pub fn new(nats: NatsArgs, database_url: impl Into<String>) -> Self {
+        PersisterConfig {
+            nats,
+            database_url: database_url.into(),
+            consumer: Names::default().persister_consumer().to_owned(),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_linger: DEFAULT_BATCH_LINGER,
+            metrics_addr: None,
+            stop_when_drained: false,
+        }
+    }
+}
+
+/// What a run wrote, for `syncctl replay --results` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunReport {
+    /// Committed transactions (a split batch counts each part).
+    pub batches: u64,
+    pub messages_acked: u64,
+    pub written: BatchReport,
+    /// Writes retried because PostgreSQL was unavailable.
+    pub retries: u64,
+}
+
+/// Runs until `shutdown` (or, with `stop_when_drained`, until the consumer is drained).
+pub async fn run(
+    config: PersisterConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunReport> {
+    let names = Names::new(&config.nats.namespace)?;
+    if config.batch_size == 0 {
+        bail!("batch size must be at least 1");
+    }
+    let health = Health::default();
+    if let Some(addr) = config.metrics_addr {
+        let bound = service_kit::serve_metrics(addr, health.clone(), shutdown.clone()).await?;
+        tracing::info!(%bound, "serving metrics and health");
+    }
+
+    let pool = sync_store::connect_pool(&config.database_url, 2)?;
+    if !migrate_when_available(&pool, &config.database_url, &shutdown).await? {
+        return Ok(RunReport::default());
+    }
+
+    let client = sync_topology::connect(
+        &config.nats.nats_url,
+        config.nats.nats_creds.as_deref(),
+        "persister",
+    )
+    .await?;
+    let js = jetstream::new(client.clone());
+    let stream = names.results_stream();
+    let mut consumer: PullConsumer = js
+        .get_consumer_from_stream(&config.consumer, &stream)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot bind to consumer {} on stream {stream} at {}: does it exist? \
+                 (`syncctl setup --namespace {}` creates the layout)",
+                config.consumer,
+                config.nats.nats_url,
+                names.namespace()
+            )
+        })?;
+    let ack_wait = consumer.cached_info().config.ack_wait;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(config.batch_size)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .with_context(|| format!("cannot pull from consumer {}/{}", stream, config.consumer))?;
+    let batches = messages.chunks_timeout(config.batch_size, config.batch_linger);
+    tokio::pin!(batches);
+
+    let writer = BatchWriter {
+        pool,
+        database_url: config.database_url.clone(),
+        names: names.clone(),
+        stream: stream.clone(),
+        ack_wait,
+        shutdown: shutdown.clone(),
+        retries: AtomicU64::new(0),
+    };
+    let mut report = RunReport::default();
+    tracing::info!(
+        consumer = %config.consumer,
+        %stream,
+        batch_size = config.batch_size,
+        linger = ?config.batch_linger,
+        "persisting outcomes"
+    );
+    health.set_ready(true);
+    // Long enough that a chunk waiting for its linger is never mistaken for an idle stream.
+    let idle = (config.batch_linger * 4).max(Duration::from_millis(250));
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = tokio::time::timeout(idle, batches.next()) => next,
+        };
+        let items = match next {
+            Err(_idle) => {
+                if config.stop_when_drained && drained(&client, &mut consumer).await? {
+                    tracing::info!("consumer drained; stopping");
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => bail!(
+                "the pull subscription on consumer {}/{} ended (consumer deleted?)",
+                stream,
+                config.consumer
+            ),
+            Ok(Some(items)) => items,
+        };
+        let mut batch = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Ok(message) => batch.push(message),
+                Err(err) => tracing::warn!(%err, "pulling outcomes"),
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let persisted = writer.persist(batch).await;
+        report.written.add(&persisted.report);
+        report.messages_acked += persisted.acked;
+        report.batches += persisted.commits;
+        if persisted.interrupted {
+            break;
+        }
+    }
+    health.set_ready(false);
+    // Pulled but never written: hand them back now rather than after the ack wait.
+    for message in batches.as_mut().into_remainder().into_iter().flatten() {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+    if let Err(err) = client.flush().await {
+        tracing::warn!(%err, "flushing acks at shutdown");
+    }
+    report.retries = writer.retries.load(Ordering::Relaxed);
+    tracing::info!(?report, "persister stopped");
+    Ok(report)
+}
+
+/// True when the consumer has nothing left to deliver and nothing delivered awaits an ack.
+async fn drained(client: &async_nats::Client, consumer: &mut PullConsumer) -> anyhow::Result<bool> {
+    // Acks are fire-and-forget publishes: make sure ours reached the server before asking it.
+    client.flush().await.context("flushing acks")?;
+    let info = consumer
+        .info()
+        .await
+        .context("reading the consumer's state")?;
+    Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+}
+
+/// Applies the embedded migrations, waiting with backoff while PostgreSQL is unreachable (a
+/// persister started with or before its database must not crash-loop). False on shutdown.
+async fn migrate_when_available(
+    pool: &Pool,
+    database_url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let attempt = || async {
+        let mut conn = sync_store::connection(pool, database_url).await?;
+        sync_store::migrate(&mut conn, None).await
+    };
+    let migrating = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times(),
+        )
+        .when(|err: &StoreError| matches!(err, StoreError::Connect { .. }))
+        .notify(|err: &StoreError, pause: Duration| {
+            tracing::warn!(%err, retry_in = ?pause, "waiting for PostgreSQL to migrate the schema");
+        });
+    let migrated = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(false),
+        migrated = migrating => migrated,
+    };
+    let report = migrated.with_context(|| {
+        format!(
+            "cannot migrate the schema of {}",
+            sync_store::redact(database_url)
+        )
+    })?;
+    if report.applied.is_empty() {
+        tracing::info!(version = report.version, "schema up to date");
+    } else {
+        tracing::info!(version = report.version, applied = ?report.applied, "schema migrated");
+    }
+    Ok(true)
+}

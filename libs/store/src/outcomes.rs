@@ -1,0 +1,444 @@
+//! Idempotent batch writes of pipeline outcomes: one transaction per batch, each table written by one
+//! multi-row `INSERT … SELECT FROM unnest(…)` statement, so a batch costs a handful of round trips
+//! whatever its size, and writing the same batch again changes nothing.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sync_topology::messages::{DeadLetter, RejectedRow, SyncedOutcome};
+
+use crate::StoreError;
+
+/// One message of the results stream, decoded, or kept verbatim when it cannot be stored as what it
+/// claims to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Synced(SyncedOutcome),
+    Rejected(RejectedRow),
+    Dead(DeadLetter),
+    Poison(PoisonMessage),
+}
+
+/// A results-stream message isolated as poison, stored in `poison_messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoisonMessage {
+    pub stream: String,
+    pub stream_seq: u64,
+    pub subject: String,
+    pub reason: String,
+    pub body: Vec<u8>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// What one committed batch changed. Counts are rows the statements actually inserted, updated or
+/// deleted, so a redelivered batch reports zeros.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BatchReport {
+    pub outcomes: u64,
+    pub customers_written: u64,
+    pub rejected_rows_written: u64,
+    pub dead_letters_written: u64,
+    /// Dead letters removed because a synced outcome of the same or a later version arrived.
+    pub dead_letters_cleared: u64,
+    pub poison_written: u64,
+}
+
+impl BatchReport {
+    pub fn add(&mut self, other: &BatchReport) {
+        self.outcomes += other.outcomes;
+        self.customers_written += other.customers_written;
+        self.rejected_rows_written += other.rejected_rows_written;
+        self.dead_letters_written += other.dead_letters_written;
+        self.dead_letters_cleared += other.dead_letters_cleared;
+        self.poison_written += other.poison_written;
+    }
+}
+
+/// Writes `outcomes` in one transaction and commits it.
+///
+/// Order inside a batch does not matter, nor does the split of a stream into batches: of several
+/// versions of a customer the highest ingest sequence wins; a dead letter is stored only while no
+/// synced version at least as new exists, and removed once one arrives.
+pub async fn write_batch(
+    client: &mut tokio_postgres::Client,
+    outcomes: &[Outcome],
+) -> Result<BatchReport, StoreError> {
+    let rows = BatchRows::collect(outcomes)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(StoreError::query("starting the batch transaction"))?;
+    let mut report = BatchReport {
+        outcomes: outcomes.len() as u64,
+        ..BatchReport::default()
+    };
+    // Dead letters first: the synced outcomes of this same batch then clear the superseded ones.
+    if !rows.dead.is_empty() {
+        report.dead_letters_written = write_dead_letters(&tx, &rows.dead).await?;
+    }
+    if !rows.synced.is_empty() {
+        report.customers_written = write_customers(&tx, &rows.synced).await?;
+        report.dead_letters_cleared = clear_dead_letters(&tx, &rows.synced).await?;
+    }
+    if !rows.rejected.is_empty() {
+        report.rejected_rows_written = write_rejected(&tx, &rows.rejected).await?;
+    }
+    if !rows.poison.is_empty() {
+        report.poison_written = write_poison(&tx, &rows.poison).await?;
+    }
+    tx.commit()
+        .await
+        .map_err(StoreError::query("committing the batch"))?;
+    Ok(report)
+}
+
+/// A batch regrouped by table, with the duplicates `ON CONFLICT DO UPDATE` cannot take collapsed,
+/// and sorted by key so concurrent writers lock rows in one order.
+#[derive(Debug, Default)]
+struct BatchRows<'a> {
+    synced: Vec<(&'a SyncedOutcome, i64)>,
+    dead: Vec<(&'a DeadLetter, i64)>,
+    rejected: Vec<&'a RejectedRow>,
+    poison: Vec<&'a PoisonMessage>,
+}
+
+impl<'a> BatchRows<'a> {
+    fn collect(outcomes: &'a [Outcome]) -> Result<Self, StoreError> {
+        let mut synced: HashMap<&str, (&SyncedOutcome, i64)> = HashMap::new();
+        let mut dead: HashMap<(&str, &str), (&DeadLetter, i64)> = HashMap::new();
+        let mut rejected: HashMap<(&str, u64), &RejectedRow> = HashMap::new();
+        let mut poison: HashMap<(&str, u64), &PoisonMessage> = HashMap::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Synced(s) => {
+                    let seq = to_i64("ingest_seq", &s.customer.id, s.ingest_seq)?;
+                    checked_i64("source_line", &s.customer.id, s.source_line)?;
+                    let slot = synced.entry(s.customer.id.as_str()).or_insert((s, seq));
+                    if seq > slot.1 {
+                        *slot = (s, seq);
+                    }
+                }
+                Outcome::Dead(d) => {
+                    let seq = to_i64("ingest_seq", &d.customer_id, d.ingest_seq)?;
+                    to_i64("attempts", &d.customer_id, d.attempts)?;
+                    checked_i64("source_line", &d.customer_id, d.source_line)?;
+                    let key = (d.customer_id.as_str(), d.content_hash.as_str());
+                    let slot = dead.entry(key).or_insert((d, seq));
+                    if (seq, d.attempts) > (slot.1, slot.0.attempts) {
+                        *slot = (d, seq);
+                    }
+                }
+                Outcome::Rejected(r) => {
+                    to_i64("line", &r.source_file, r.line)?;
+                    rejected
+                        .entry((r.source_file.as_str(), r.line))
+                        .or_insert(r);
+                }
+                Outcome::Poison(p) => {
+                    to_i64("stream_seq", &p.stream, p.stream_seq)?;
+                    poison.entry((p.stream.as_str(), p.stream_seq)).or_insert(p);
+                }
+            }
+        }
+        let mut rows = BatchRows {
+            synced: synced.into_values().collect(),
+            dead: dead.into_values().collect(),
+            rejected: rejected.into_values().collect(),
+            poison: poison.into_values().collect(),
+        };
+        rows.synced
+            .sort_by(|a, b| a.0.customer.id.cmp(&b.0.customer.id));
+        rows.dead.sort_by(|a, b| {
+            (&a.0.customer_id, &a.0.content_hash).cmp(&(&b.0.customer_id, &b.0.content_hash))
+        });
+        rows.rejected
+            .sort_by(|a, b| (&a.source_file, a.line).cmp(&(&b.source_file, b.line)));
+        rows.poison
+            .sort_by(|a, b| (&a.stream, a.stream_seq).cmp(&(&b.stream, b.stream_seq)));
+        Ok(rows)
+    }
+}
+
+fn to_i64(field: &'static str, key: &str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::InvalidData {
+        what: format!("{field} {value} of {key:?} is beyond PostgreSQL's bigint"),
+    })
+}
+
+fn checked_i64(
+    field: &'static str,
+    key: &str,
+    value: Option<u64>,
+) -> Result<Option<i64>, StoreError> {
+    value.map(|v| to_i64(field, key, v)).transpose()
+}
+
+// Values below were range-checked by `BatchRows::collect`, so these conversions cannot saturate.
+fn bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn attributes_json(record: &customer_record::CustomerRecord) -> String {
+    // A map of strings always serialises; the fallback only keeps the signature infallible.
+    serde_json::to_string(&record.attributes).unwrap_or_else(|_| "{}".to_owned())
+}
+
+async fn write_customers(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[(&SyncedOutcome, i64)],
+) -> Result<u64, StoreError> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut first_names = Vec::with_capacity(rows.len());
+    let mut last_names = Vec::with_capacity(rows.len());
+    let mut emails = Vec::with_capacity(rows.len());
+    let mut phones = Vec::with_capacity(rows.len());
+    let mut attributes = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut crm_ids = Vec::with_capacity(rows.len());
+    let mut synced_ats = Vec::with_capacity(rows.len());
+    let mut files = Vec::with_capacity(rows.len());
+    let mut lines = Vec::with_capacity(rows.len());
+    for (s, seq) in rows {
+        let c = &s.customer;
+        ids.push(c.id.as_str());
+        first_names.push(c.first_name.as_str());
+        last_names.push(c.last_name.as_str());
+        emails.push(c.email.as_str());
+        phones.push(c.phone.as_deref());
+        attributes.push(attributes_json(c));
+        hashes.push(s.content_hash.as_str());
+        seqs.push(*seq);
+        crm_ids.push(s.crm_id.as_deref());
+        synced_ats.push(s.synced_at);
+        files.push(s.source_file.as_deref());
+        lines.push(s.source_line.map(bigint));
+    }
+    tx.execute(
+        "INSERT INTO customers (id, first_name, last_name, email, phone, attributes, content_hash, \
+                                ingest_seq, crm_id, synced_at, source_file, source_line) \
+         SELECT id, first_name, last_name, email, phone, attributes::jsonb, content_hash, \
+                ingest_seq, crm_id, synced_at, source_file, source_line \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                     $7::text[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[], \
+                     $12::int8[]) \
+              AS t(id, first_name, last_name, email, phone, attributes, content_hash, \
+                   ingest_seq, crm_id, synced_at, source_file, source_line) \
+         ON CONFLICT (id) DO UPDATE SET \
+             first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, \
+             email = EXCLUDED.email, phone = EXCLUDED.phone, attributes = EXCLUDED.attributes, \
+             content_hash = EXCLUDED.content_hash, ingest_seq = EXCLUDED.ingest_seq, \
+             crm_id = COALESCE(EXCLUDED.crm_id, customers.crm_id), \
+             synced_at = EXCLUDED.synced_at, source_file = EXCLUDED.source_file, \
+             source_line = EXCLUDED.source_line \
+         WHERE customers.ingest_seq < EXCLUDED.ingest_seq",
+        &[
+            &ids,
+            &first_names,
+            &last_names,
+            &emails,
+            &phones,
+            &attributes,
+            &hashes,
+            &seqs,
+            &crm_ids,
+            &synced_ats,
+            &files,
+            &lines,
+        ],
+    )
+    .await
+    .map_err(StoreError::query("upserting customers"))
+}
+
+async fn clear_dead_letters(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[(&SyncedOutcome, i64)],
+) -> Result<u64, StoreError> {
+    let ids: Vec<&str> = rows.iter().map(|(s, _)| s.customer.id.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|(_, seq)| *seq).collect();
+    tx.execute(
+        "DELETE FROM dead_letters d \
+         USING unnest($1::text[], $2::int8[]) AS s(customer_id, ingest_seq) \
+         WHERE d.customer_id = s.customer_id AND d.ingest_seq <= s.ingest_seq",
+        &[&ids, &seqs],
+    )
+    .await
+    .map_err(StoreError::query(
+        "clearing dead letters of synced customers",
+    ))
+}
+
+async fn write_dead_letters(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[(&DeadLetter, i64)],
+) -> Result<u64, StoreError> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut reasons = Vec::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    let mut attempts = Vec::with_capacity(rows.len());
+    let mut records = Vec::with_capacity(rows.len());
+    let mut files = Vec::with_capacity(rows.len());
+    let mut lines = Vec::with_capacity(rows.len());
+    let mut dead_ats = Vec::with_capacity(rows.len());
+    for (d, seq) in rows {
+        ids.push(d.customer_id.as_str());
+        hashes.push(d.content_hash.as_str());
+        seqs.push(*seq);
+        reasons.push(d.reason.as_str());
+        statuses.push(d.crm_status.map(i32::from));
+        bodies.push(d.crm_body.as_deref());
+        attempts.push(bigint(d.attempts));
+        records.push(
+            d.customer
+                .as_ref()
+                .and_then(|c| serde_json::to_string(c).ok()),
+        );
+        files.push(d.source_file.as_deref());
+        lines.push(d.source_line.map(bigint));
+        dead_ats.push(d.dead_at);
+    }
+    tx.execute(
+        "INSERT INTO dead_letters (customer_id, content_hash, ingest_seq, reason, crm_status, \
+                                   crm_body, attempts, record, source_file, source_line, dead_at) \
+         SELECT t.customer_id, t.content_hash, t.ingest_seq, t.reason, t.crm_status, t.crm_body, \
+                t.attempts, t.record::jsonb, t.source_file, t.source_line, t.dead_at \
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int4[], $6::text[], \
+                     $7::int8[], $8::text[], $9::text[], $10::int8[], $11::timestamptz[]) \
+              AS t(customer_id, content_hash, ingest_seq, reason, crm_status, crm_body, \
+                   attempts, record, source_file, source_line, dead_at) \
+         WHERE NOT EXISTS (SELECT 1 FROM customers c \
+                           WHERE c.id = t.customer_id AND c.ingest_seq >= t.ingest_seq) \
+         ON CONFLICT (customer_id, content_hash) DO UPDATE SET \
+             ingest_seq = EXCLUDED.ingest_seq, reason = EXCLUDED.reason, \
+             crm_status = EXCLUDED.crm_status, crm_body = EXCLUDED.crm_body, \
+             attempts = EXCLUDED.attempts, record = EXCLUDED.record, \
+             source_file = EXCLUDED.source_file, source_line = EXCLUDED.source_line, \
+             dead_at = EXCLUDED.dead_at \
+         WHERE (dead_letters.ingest_seq, dead_letters.attempts) \
+               < (EXCLUDED.ingest_seq, EXCLUDED.attempts)",
+        &[
+            &ids, &hashes, &seqs, &reasons, &statuses, &bodies, &attempts, &records, &files,
+            &lines, &dead_ats,
+        ],
+    )
+    .await
+    .map_err(StoreError::query("upserting dead letters"))
+}
+
+async fn write_rejected(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[&RejectedRow],
+) -> Result<u64, StoreError> {
+    let files: Vec<&str> = rows.iter().map(|r| r.source_file.as_str()).collect();
+    let lines: Vec<i64> = rows.iter().map(|r| bigint(r.line)).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+    let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+    let raws: Vec<&str> = rows.iter().map(|r| r.raw.as_str()).collect();
+    let rejected_ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.rejected_at).collect();
+    tx.execute(
+        "INSERT INTO rejected_rows (source_file, line, kind, reason, raw, rejected_at) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+                              $6::timestamptz[]) \
+         ON CONFLICT (source_file, line) DO NOTHING",
+        &[&files, &lines, &kinds, &reasons, &raws, &rejected_ats],
+    )
+    .await
+    .map_err(StoreError::query("inserting rejected rows"))
+}
+
+async fn write_poison(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[&PoisonMessage],
+) -> Result<u64, StoreError> {
+    let streams: Vec<&str> = rows.iter().map(|p| p.stream.as_str()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|p| bigint(p.stream_seq)).collect();
+    let subjects: Vec<String> = rows.iter().map(|p| without_nul(&p.subject)).collect();
+    let reasons: Vec<String> = rows.iter().map(|p| without_nul(&p.reason)).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|p| p.body.as_slice()).collect();
+    let received_ats: Vec<DateTime<Utc>> = rows.iter().map(|p| p.received_at).collect();
+    tx.execute(
+        "INSERT INTO poison_messages (stream, stream_seq, subject, reason, body, received_at) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::bytea[], \
+                              $6::timestamptz[]) \
+         ON CONFLICT (stream, stream_seq) DO NOTHING",
+        &[&streams, &seqs, &subjects, &reasons, &bodies, &received_ats],
+    )
+    .await
+    .map_err(StoreError::query("inserting poison messages"))
+}
+
+/// PostgreSQL text cannot hold NUL, and the reason for poison often quotes the very bytes at fault.
+fn without_nul(text: &str) -> String {
+    text.replace('\0', "\\0")
+}
+
+/// Number of rows in `poison_messages`.
+pub async fn poison_message_count(client: &tokio_postgres::Client) -> Result<i64, StoreError> {
+    let row = client
+        .query_one("SELECT count(*) FROM poison_messages", &[])
+        .await
+        .map_err(StoreError::query("counting poison messages"))?;
+    Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use customer_record::CustomerRecord;
+    use sync_topology::messages::SyncAction;
+
+    fn synced(id: &str, seq: u64) -> Outcome {
+        let customer = CustomerRecord::normalised(
+            id,
+            "Ada",
+            &format!("v{seq}"),
+            "ada@example.com",
+            None,
+            Default::default(),
+        );
+        Outcome::Synced(SyncedOutcome {
+            content_hash: customer.content_hash(),
+            customer,
+            ingest_seq: seq,
+            crm_id: None,
+            action: SyncAction::Created,
+            source_file: None,
+            source_line: None,
+            synced_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn versions_of_one_customer_collapse_to_the_highest_sequence() {
+        let batch = [
+            synced("a", 5),
+            synced("b", 1),
+            synced("a", 9),
+            synced("a", 7),
+        ];
+        let rows = BatchRows::collect(&batch).expect("valid batch");
+        let kept: Vec<(&str, i64)> = rows
+            .synced
+            .iter()
+            .map(|(s, seq)| (s.customer.id.as_str(), *seq))
+            .collect();
+        assert_eq!(kept, vec![("a", 9), ("b", 1)]);
+        assert_eq!(rows.synced[0].0.customer.last_name, "v9");
+    }
+
+    #[test]
+    fn a_sequence_beyond_bigint_is_a_data_error() {
+        let err = BatchRows::collect(&[synced("a", u64::MAX)]).expect_err("out of range");
+        assert!(err.is_data_error(), "{err}");
+        assert!(err.to_string().contains("\"a\""), "{err}");
+    }
+
+    #[test]
+    fn nul_bytes_are_escaped_for_text_columns() {
+        assert_eq!(without_nul("a\0b"), "a\\0b");
+    }
+}

@@ -1,0 +1,497 @@
+//! The persister against the real nats-server and PostgreSQL: each test has its own namespace and
+//! database, and the PostgreSQL-outage test its own PostgreSQL cluster that it stops and starts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use chrono::Utc;
+use customer_record::CustomerRecord;
+use e2e::{PrivatePostgres, TestDatabase, wait_for};
+use persister::{Outcome, PersisterConfig, RunReport};
+use service_kit::NatsArgs;
+use sync_topology::Names;
+use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Pipeline {
+    names: Names,
+    nats_url: String,
+    js: jetstream::Context,
+}
+
+impl Pipeline {
+    async fn new() -> anyhow::Result<Self> {
+        let nats_url = e2e::nats_url()?;
+        let names = Names::new(&e2e::unique_namespace())?;
+        let client = async_nats::connect(&nats_url)
+            .await
+            .with_context(|| format!("connecting to {nats_url}"))?;
+        let js = jetstream::new(client);
+        sync_topology::ensure_topology(&js, &names, &Default::default()).await?;
+        Ok(Pipeline {
+            names,
+            nats_url,
+            js,
+        })
+    }
+
+    fn config(&self, database_url: &str) -> PersisterConfig {
+        let mut config = PersisterConfig::new(
+            NatsArgs::new(&self.nats_url, self.names.namespace()),
+            database_url,
+        );
+        config.batch_size = 100;
+        config.batch_linger = Duration::from_millis(20);
+        config
+    }
+
+    /// Publishes each body and waits for every publish ack; returns the last stream sequence.
+    async fn publish(&self, messages: Vec<(String, Vec<u8>)>) -> anyhow::Result<u64> {
+        let mut acks = Vec::with_capacity(messages.len());
+        for (subject, body) in messages {
+            acks.push(self.js.publish(subject, body.into()).await?);
+        }
+        let mut last = 0;
+        for ack in acks {
+            last = ack.await.context("publish ack")?.sequence;
+        }
+        Ok(last)
+    }
+
+    fn synced(&self, outcome: &SyncedOutcome) -> (String, Vec<u8>) {
+        (self.names.synced_subject(), json(outcome))
+    }
+
+    fn dead(&self, letter: &DeadLetter) -> (String, Vec<u8>) {
+        (self.names.dead_subject(), json(letter))
+    }
+
+    fn rejected(&self, row: &RejectedRow) -> (String, Vec<u8>) {
+        (self.names.rejected_subject(), json(row))
+    }
+
+    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        Ok(self
+            .js
+            .get_consumer_from_stream(self.names.persister_consumer(), self.names.results_stream())
+            .await?)
+    }
+
+    /// Waits until the persister consumer has acked everything up to `last_seq`.
+    async fn wait_acked(&self, last_seq: u64) -> anyhow::Result<()> {
+        let consumer = self.consumer().await?;
+        wait_for(
+            &format!("persister to ack through stream sequence {last_seq}"),
+            PATIENCE,
+            || {
+                let consumer = consumer.clone();
+                async move {
+                    let info = consumer.get_info().await.ok()?;
+                    (info.ack_floor.stream_sequence >= last_seq
+                        && info.num_ack_pending == 0
+                        && info.num_pending == 0)
+                        .then_some(())
+                }
+            },
+        )
+        .await
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("outcomes serialise")
+}
+
+fn synced(id: &str, seq: u64, first_name: &str) -> SyncedOutcome {
+    let mut attributes = BTreeMap::new();
+    attributes.insert("tier".to_owned(), "gold".to_owned());
+    let customer = CustomerRecord::normalised(
+        id,
+        first_name,
+        "Lovelace",
+        &format!("{id}@example.com"),
+        Some("+44 1"),
+        attributes,
+    );
+    SyncedOutcome {
+        content_hash: customer.content_hash(),
+        customer,
+        ingest_seq: seq,
+        crm_id: Some(format!("crm-{id}")),
+        action: SyncAction::Created,
+        source_file: Some("customers.csv".to_owned()),
+        source_line: Some(seq + 1),
+        synced_at: Utc::now(),
+    }
+}
+
+fn dead(id: &str, seq: u64) -> DeadLetter {
+    let customer =
+        CustomerRecord::normalised(id, "Bad", "Data", "bad@example.com", None, BTreeMap::new());
+    DeadLetter {
+        customer_id: id.to_owned(),
+        content_hash: customer.content_hash(),
+        ingest_seq: seq,
+        reason: "CRM refused: 422".to_owned(),
+        crm_status: Some(422),
+        crm_body: Some("{\"error\":\"invalid\"}".to_owned()),
+        attempts: 1,
+        customer: Some(customer),
+        source_file: Some("customers.csv".to_owned()),
+        source_line: Some(seq + 1),
+        dead_at: Utc::now(),
+    }
+}
+
+fn rejected(line: u64) -> RejectedRow {
+    RejectedRow {
+        source_file: "customers.csv".to_owned(),
+        line,
+        kind: "empty_id".to_owned(),
+        reason: "field `id` is empty".to_owned(),
+        raw: ",Ada,Lovelace,ada@example.com".to_owned(),
+        rejected_at: Utc::now(),
+    }
+}
+
+fn start(config: PersisterConfig) -> (CancellationToken, JoinHandle<anyhow::Result<RunReport>>) {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(persister::run(config, shutdown.clone()));
+    (shutdown, task)
+}
+
+async fn stop(
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<RunReport>>,
+) -> anyhow::Result<RunReport> {
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .context("persister did not stop after shutdown")?
+        .context("persister task panicked")?
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one(sql, &[])
+        .await
+        .with_context(|| sql.to_owned())?
+        .get(0))
+}
+
+/// Every column of every customer, in id order: compares whole tables.
+async fn customers_snapshot(client: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT row_to_json(c)::text FROM customers c ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn hash_of(client: &tokio_postgres::Client, id: &str) -> anyhow::Result<(String, i64)> {
+    let row = client
+        .query_one(
+            "SELECT content_hash, ingest_seq FROM customers WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .with_context(|| format!("customer {id}"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+#[tokio::test]
+async fn batches_commit_and_every_message_is_acked() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let mut messages: Vec<_> = (1..=450)
+        .map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada")))
+        .collect();
+    messages.extend((1..=3).map(|line| pipeline.rejected(&rejected(line))));
+    messages.push(pipeline.dead(&dead("d1", 1000)));
+    let last = pipeline.publish(messages).await?;
+
+    let (shutdown, task) = start(pipeline.config(&db.url));
+    pipeline.wait_acked(last).await?;
+    let report = stop(shutdown, task).await?;
+
+    let client = db.client().await?;
+    assert_eq!(count(&client, "SELECT count(*) FROM customers").await?, 450);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM rejected_rows").await?,
+        3
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM dead_letters").await?,
+        1
+    );
+    assert_eq!(report.messages_acked, 454);
+    assert!(
+        report.batches >= 5,
+        "batch size 100 needs >= 5 batches: {report:?}"
+    );
+    let attributes: serde_json::Value = client
+        .query_one("SELECT attributes FROM customers WHERE id = 'c7'", &[])
+        .await?
+        .get(0);
+    assert_eq!(attributes, serde_json::json!({"tier": "gold"}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_changes_nothing() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let outcomes: Vec<SyncedOutcome> = (1..=120)
+        .map(|i| synced(&format!("c{i}"), i, "Ada"))
+        .collect();
+    let mut messages: Vec<_> = outcomes.iter().map(|o| pipeline.synced(o)).collect();
+    messages.push(pipeline.dead(&dead("d1", 500)));
+    messages.push(pipeline.rejected(&rejected(9)));
+    let first = pipeline.publish(messages.clone()).await?;
+
+    let mut config = pipeline.config(&db.url);
+    config.stop_when_drained = true;
+    let first_run = persister::run(config.clone(), CancellationToken::new()).await?;
+    assert_eq!(first_run.written.customers_written, 120);
+    let client = db.client().await?;
+    let before = customers_snapshot(&client).await?;
+
+    // The same outcomes again, as new messages (as after a results replay or a publisher retry).
+    let second = pipeline.publish(messages).await?;
+    assert!(second > first);
+    let second_run = persister::run(config, CancellationToken::new()).await?;
+    assert_eq!(second_run.messages_acked, 122);
+    assert_eq!(second_run.written.customers_written, 0, "{second_run:?}");
+    assert_eq!(second_run.written.dead_letters_written, 0, "{second_run:?}");
+    assert_eq!(
+        second_run.written.rejected_rows_written, 0,
+        "{second_run:?}"
+    );
+    assert_eq!(customers_snapshot(&client).await?, before);
+    pipeline.wait_acked(second).await?;
+
+    // And the per-batch function itself, called twice with one batch.
+    let mut direct = db.client().await?;
+    let batch: Vec<Outcome> = (1..=5)
+        .map(|i| Outcome::Synced(synced(&format!("x{i}"), 1000 + i, "Bo")))
+        .collect();
+    let once = persister::write_batch(&mut direct, &batch).await?;
+    let twice = persister::write_batch(&mut direct, &batch).await?;
+    assert_eq!(once.customers_written, 5);
+    assert_eq!(twice.customers_written, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_older_version_never_overwrites_a_newer_one() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let newer = synced("c1", 20, "Newer");
+    let older = synced("c1", 10, "Older");
+    // Newer first, then older, each alone in its batch: linger is short and they are published
+    // one after the other only once the first has been acked.
+    let (shutdown, task) = start(pipeline.config(&db.url));
+    let seq = pipeline.publish(vec![pipeline.synced(&newer)]).await?;
+    pipeline.wait_acked(seq).await?;
+    let seq = pipeline.publish(vec![pipeline.synced(&older)]).await?;
+    pipeline.wait_acked(seq).await?;
+    // Both orders inside one batch, for another customer.
+    let batch = vec![
+        pipeline.synced(&synced("c2", 31, "Newer")),
+        pipeline.synced(&synced("c2", 30, "Older")),
+        pipeline.synced(&synced("c3", 40, "Older")),
+        pipeline.synced(&synced("c3", 41, "Newer")),
+    ];
+    let seq = pipeline.publish(batch).await?;
+    pipeline.wait_acked(seq).await?;
+    stop(shutdown, task).await?;
+
+    let client = db.client().await?;
+    assert_eq!(
+        hash_of(&client, "c1").await?,
+        (newer.content_hash.to_string(), 20)
+    );
+    assert_eq!(
+        hash_of(&client, "c2").await?,
+        (synced("c2", 31, "Newer").content_hash.to_string(), 31)
+    );
+    assert_eq!(
+        hash_of(&client, "c3").await?,
+        (synced("c3", 41, "Newer").content_hash.to_string(), 41)
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM customers").await?, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn postgres_stopped_mid_run_loses_nothing() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let postgres = PrivatePostgres::start().await?;
+    let db = TestDatabase::create_on(&postgres.url()).await?;
+    let (shutdown, task) = start(pipeline.config(&db.url));
+
+    let first: Vec<_> = (1..=100)
+        .map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada")))
+        .collect();
+    let seq = pipeline.publish(first).await?;
+    pipeline.wait_acked(seq).await?;
+
+    postgres.stop().await?;
+    let second: Vec<_> = (101..=300)
+        .map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada")))
+        .collect();
+    let last = pipeline.publish(second).await?;
+    // The persister has taken them and holds them unacked while PostgreSQL is away.
+    let consumer = pipeline.consumer().await?;
+    wait_for("persister to hold the new outcomes", PATIENCE, || {
+        let consumer = consumer.clone();
+        async move {
+            let info = consumer.get_info().await.ok()?;
+            (info.num_pending == 0
+                && info.num_ack_pending > 0
+                && info.ack_floor.stream_sequence < last)
+                .then_some(())
+        }
+    })
+    .await?;
+    let info = consumer.get_info().await?;
+    assert!(
+        info.ack_floor.stream_sequence <= 100,
+        "nothing acked while PostgreSQL is down"
+    );
+
+    postgres.start_again().await?;
+    pipeline.wait_acked(last).await?;
+    let report = stop(shutdown, task).await?;
+
+    let client = db.client().await?;
+    assert_eq!(count(&client, "SELECT count(*) FROM customers").await?, 300);
+    assert!(
+        report.retries > 0,
+        "the outage shows as retries: {report:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_poisonous_message_is_isolated_while_the_rest_of_its_batch_commits() -> anyhow::Result<()>
+{
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let mut messages: Vec<_> = (1..=10)
+        .map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada")))
+        .collect();
+    // A body that does not parse, and one that parses but holds a NUL byte PostgreSQL refuses.
+    messages.push((
+        pipeline.names.synced_subject(),
+        b"{\"customer\": tru".to_vec(),
+    ));
+    messages.push(pipeline.synced(&synced("nul", 11, "Ada\0Lovelace")));
+    messages.extend((12..=20).map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada"))));
+    let last = pipeline.publish(messages).await?;
+
+    let mut config = pipeline.config(&db.url);
+    config.stop_when_drained = true;
+    let report = persister::run(config, CancellationToken::new()).await?;
+    pipeline.wait_acked(last).await?;
+
+    let client = db.client().await?;
+    assert_eq!(count(&client, "SELECT count(*) FROM customers").await?, 19);
+    let poison = client
+        .query(
+            "SELECT subject, reason FROM poison_messages ORDER BY stream_seq",
+            &[],
+        )
+        .await?;
+    assert_eq!(poison.len(), 2, "{report:?}");
+    let unparsable: String = poison[0].get(1);
+    assert!(unparsable.contains("not a SyncedOutcome"), "{unparsable}");
+    let refused: String = poison[1].get(1);
+    assert!(refused.contains("PostgreSQL refused"), "{refused}");
+    assert_eq!(report.messages_acked, 21);
+    assert_eq!(report.written.poison_written, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn migrations_are_applied_at_start_and_idempotent() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    // An older layout with data in it, as a database of a previous release.
+    let mut client = db.client().await?;
+    let older = sync_store::migrate(&mut client, Some(1)).await?;
+    assert_eq!(older.version, 1);
+    client
+        .batch_execute(
+            "INSERT INTO customers (id, first_name, last_name, email, content_hash, ingest_seq, \
+             synced_at) VALUES ('old', 'A', 'B', 'a@b.example', 'h', 1, now())",
+        )
+        .await?;
+
+    let mut config = pipeline.config(&db.url);
+    config.stop_when_drained = true;
+    persister::run(config.clone(), CancellationToken::new()).await?;
+    assert_eq!(
+        sync_store::schema_version(&client).await?,
+        sync_store::SCHEMA_VERSION
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM customers").await?, 1);
+
+    // A second start, and a direct call, find nothing to do.
+    persister::run(config, CancellationToken::new()).await?;
+    let again = sync_store::migrate(&mut client, None).await?;
+    assert!(again.applied.is_empty(), "{again:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_letter_leaves_when_a_later_version_of_its_customer_syncs() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let (shutdown, task) = start(pipeline.config(&db.url));
+
+    let seq = pipeline
+        .publish(vec![
+            pipeline.dead(&dead("c1", 5)),
+            pipeline.dead(&dead("c2", 6)),
+        ])
+        .await?;
+    pipeline.wait_acked(seq).await?;
+    let client = db.client().await?;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM dead_letters").await?,
+        2
+    );
+
+    // c1 is redriven and succeeds under a later ingest sequence.
+    let seq = pipeline
+        .publish(vec![pipeline.synced(&synced("c1", 9, "Fixed"))])
+        .await?;
+    pipeline.wait_acked(seq).await?;
+    stop(shutdown, task).await?;
+
+    let left: Vec<String> = client
+        .query("SELECT customer_id FROM dead_letters", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["c2".to_owned()]);
+
+    // A dead letter of an older version arriving after the newer one synced is moot.
+    let mut direct = db.client().await?;
+    let late = persister::write_batch(&mut direct, &[Outcome::Dead(dead("c1", 7))]).await?;
+    assert_eq!(late.dead_letters_written, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM dead_letters").await?,
+        1
+    );
+    Ok(())
+}
