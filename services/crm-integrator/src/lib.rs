@@ -1,1 +1,294 @@
-//! stub
+//! crm-integrator: consumes customer records from the shared `integrators` consumer and syncs each
+//! to the CRM, never applying a customer's data twice. It owns the ledger protocol (claim with
+//! compare-and-set, confirm, look up when in doubt), retries and dead letters, the fleet-wide CRM
+//! pause, the circuit breaker and the request concurrency (fixed or adaptive).
+
+mod config;
+mod crm;
+mod fleet;
+mod flow;
+mod ledger;
+mod process;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt as _;
+use governor::{Quota, RateLimiter};
+use service_kit::Health;
+use sync_topology::Names;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError};
+pub use crm::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
+pub use fleet::{PAUSE_KEY, PauseNotice};
+pub use flow::{Gate, Limiter};
+pub use ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
+pub use process::{Integrator, ProcessError, Settled, process_message};
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Connects to NATS and the CRM and builds the shared state of one replica, without consuming.
+/// Tests use it to call [`process_message`] directly.
+pub async fn connect(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Integrator>> {
+    let (integrator, _consumer) = connect_with_consumer(config, shutdown).await?;
+    Ok(integrator)
+}
+
+async fn connect_with_consumer(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Arc<Integrator>, PullConsumer)> {
+    config
+        .validate()
+        .context("invalid crm-integrator configuration")?;
+    let names = Names::new(&config.nats.namespace)?;
+    let client = sync_topology::connect(
+        &config.nats.nats_url,
+        config.nats.nats_creds.as_deref(),
+        "crm-integrator",
+    )
+    .await?;
+    let js = jetstream::new(client);
+    let ledger = js
+        .get_key_value(names.ledger_bucket())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the ledger bucket {} (run `syncctl setup`)",
+                names.ledger_bucket()
+            )
+        })?;
+    let control = js
+        .get_key_value(names.control_bucket())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the control bucket {} (run `syncctl setup`)",
+                names.control_bucket()
+            )
+        })?;
+    let stream = names.ingest_stream();
+    let consumer: PullConsumer = js
+        .get_consumer_from_stream(&config.consumer, &stream)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot find consumer {} on stream {stream} (run `syncctl setup`)",
+                config.consumer
+            )
+        })?;
+    let ack_wait = consumer.cached_info().config.ack_wait;
+    let request_timeout = config.request_timeout();
+    // A claim lives as long as an unacknowledged delivery, and always longer than one request, so
+    // no one takes over while our request may still land.
+    let claim_lease = ack_wait.max(request_timeout * 2 + Duration::from_secs(1));
+    let limiter = Arc::new(match config.concurrency {
+        Some(fixed) => Limiter::fixed(fixed),
+        None => Limiter::adaptive(16, config.max_concurrency),
+    });
+    let max_connections = config.concurrency.unwrap_or(config.max_concurrency);
+    let crm = CrmClient::new(
+        config.crm_url.clone(),
+        config.crm_token.as_deref(),
+        request_timeout,
+        max_connections,
+    )?;
+    let gate = Arc::new(Gate::new(
+        config.breaker_threshold,
+        Duration::from_millis(config.breaker_cooldown_ms),
+        request_timeout + Duration::from_secs(1),
+    ));
+    let replica = format!(
+        "integrator-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let fleet = fleet::FleetPause::new(control, gate.clone(), replica.clone());
+    let rate = config
+        .rps
+        .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
+    let integrator = Integrator {
+        names,
+        js,
+        ledger,
+        crm,
+        gate,
+        fleet,
+        limiter,
+        rate,
+        replica,
+        max_deliver: config.max_deliver,
+        claim_lease,
+        request_timeout,
+        max_inline_wait: config.max_inline_wait(),
+        shutdown,
+    };
+    Ok((Arc::new(integrator), consumer))
+}
+
+/// A replica consuming in the background.
+#[derive(Debug)]
+pub struct RunningIntegrator {
+    pub metrics_addr: SocketAddr,
+    pub integrator: Arc<Integrator>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningIntegrator {
+    /// Waits until the replica has stopped fetching and settled its in-flight messages.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("the consume loop panicked")?
+    }
+}
+
+/// Connects, serves metrics and health, and consumes in the background until `shutdown`.
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningIntegrator> {
+    let (integrator, consumer) = connect_with_consumer(&config, shutdown.clone()).await?;
+    let health = Health::default();
+    let metrics_addr =
+        service_kit::serve_metrics(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    tracing::info!(
+        replica = %integrator.replica(),
+        %metrics_addr,
+        limiter = if integrator.limiter().is_adaptive() { "adaptive" } else { "fixed" },
+        config = ?config,
+        "crm-integrator consuming"
+    );
+    tokio::spawn(integrator.fleet.clone().follow(shutdown.clone()));
+    let done = tokio::spawn(consume(
+        integrator.clone(),
+        consumer,
+        config.fetch_batch,
+        health,
+        shutdown,
+    ));
+    Ok(RunningIntegrator {
+        metrics_addr,
+        integrator,
+        done,
+    })
+}
+
+/// What `main` runs: [`start`], then wait for the drain after `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let running = start(config, shutdown).await?;
+    running.wait().await?;
+    tracing::info!("crm-integrator stopped: in-flight messages settled");
+    Ok(())
+}
+
+/// Messages allowed in hand for a request limit: some headroom over the limit so that records
+/// waiting out a retry do not idle the CRM, but small next to the ack wait.
+fn message_capacity(request_limit: usize) -> usize {
+    request_limit + request_limit / 4 + 8
+}
+
+async fn consume(
+    integrator: Arc<Integrator>,
+    consumer: PullConsumer,
+    fetch_batch: usize,
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(flow::Slots::default());
+    let mut messages = None;
+    health.set_ready(true);
+    'consume: loop {
+        let capacity = message_capacity(integrator.limiter().limit());
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = slots.acquire(capacity) => {}
+        }
+        // Pulling while the CRM is off limits would only age messages in our hands.
+        while let Some(wait) = integrator.gate().holding() {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    slots.release();
+                    break 'consume;
+                }
+                () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+            }
+        }
+        let stream = match &mut messages {
+            Some(stream) => stream,
+            None => match consumer
+                .stream()
+                .max_messages_per_batch(fetch_batch)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+            {
+                Ok(stream) => messages.insert(stream),
+                Err(err) => {
+                    slots.release();
+                    tracing::warn!(%err, "cannot start pulling from the consumer; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        let next = tokio::select! {
+            () = shutdown.cancelled() => {
+                slots.release();
+                break;
+            }
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(message)) => {
+                let integrator = integrator.clone();
+                let slots = slots.clone();
+                metrics::gauge!("crm_integrator_messages_in_hand").set(slots.in_use() as f64);
+                tracker.spawn(async move {
+                    match process_message(&integrator, message).await {
+                        Ok(settled) => tracing::trace!(?settled, "message settled"),
+                        Err(err) => {
+                            tracing::warn!(%err, "message not settled; it will be redelivered")
+                        }
+                    }
+                    slots.release();
+                });
+            }
+            Some(Err(err)) => {
+                slots.release();
+                tracing::warn!(%err, "pulling messages failed; re-subscribing");
+                messages = None;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            None => {
+                slots.release();
+                messages = None;
+            }
+        }
+    }
+    health.set_ready(false);
+    // Messages pulled but not started come back after the ack wait; the ones we started finish.
+    drop(messages);
+    tracker.close();
+    tracing::info!(
+        in_flight = tracker.len(),
+        "stopped fetching; draining in-flight messages"
+    );
+    tracker.wait().await;
+    Ok(())
+}

@@ -1,1 +1,12 @@
-fn main() {}
+//! The `crm-integrator` binary: parses flags and environment, then runs the service until
+//! SIGTERM/SIGINT.
+
+use clap::Parser as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    service_kit::init_telemetry();
+    let config = crm_integrator::Config::parse();
+    let shutdown = service_kit::shutdown_on_signals();
+    crm_integrator::run(config, shutdown).await
+}

@@ -1,0 +1,132 @@
+//! The pause every replica obeys: a replica that receives `Retry-After` writes "pause until T" to
+//! the control bucket, and every replica watches that key and holds its requests until T.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::flow::{Gate, now_ms};
+
+/// Key of the shared pause in the control bucket.
+pub const PAUSE_KEY: &str = "crm_pause";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseNotice {
+    /// Unix milliseconds until which no replica sends to the CRM.
+    pub until_ms: i64,
+    pub set_by: String,
+    pub reason: String,
+}
+
+/// Publishes this replica's pauses and applies everyone's.
+#[derive(Debug, Clone)]
+pub struct FleetPause {
+    control: kv::Store,
+    gate: Arc<Gate>,
+    replica: String,
+}
+
+impl FleetPause {
+    pub fn new(control: kv::Store, gate: Arc<Gate>, replica: String) -> Self {
+        FleetPause {
+            control,
+            gate,
+            replica,
+        }
+    }
+
+    /// Pauses this replica at once and tells the others. A failed write is logged, not fatal: this
+    /// replica still pauses, and the others will draw their own 429s.
+    pub async fn announce(&self, wait: Duration, reason: String) {
+        let until_ms = now_ms() + wait.as_millis() as i64;
+        if !self.gate.pause_until(until_ms) {
+            return;
+        }
+        tracing::warn!(
+            pause_ms = wait.as_millis() as u64,
+            %reason,
+            "CRM asked for a pause: holding requests on every replica"
+        );
+        metrics::counter!("crm_integrator_pauses_total").increment(1);
+        let notice = PauseNotice {
+            until_ms,
+            set_by: self.replica.clone(),
+            reason,
+        };
+        let body = match serde_json::to_vec(&notice) {
+            Ok(body) => body,
+            Err(err) => {
+                tracing::error!(%err, "cannot encode the pause notice");
+                return;
+            }
+        };
+        if let Err(err) = self.control.put(PAUSE_KEY, body.into()).await {
+            tracing::warn!(%err, key = PAUSE_KEY, "cannot share the CRM pause with other replicas");
+        }
+    }
+
+    /// Applies the current notice, then every new one, until `shutdown`. Re-subscribes after a
+    /// broken watch so a NATS restart does not leave this replica deaf.
+    pub async fn follow(self, shutdown: CancellationToken) {
+        loop {
+            match self.control.entry(PAUSE_KEY).await {
+                Ok(Some(entry)) => self.apply(&entry.value),
+                Ok(None) => {}
+                Err(err) => tracing::warn!(%err, key = PAUSE_KEY, "cannot read the shared pause"),
+            }
+            let watch = match self.control.watch(PAUSE_KEY).await {
+                Ok(watch) => watch,
+                Err(err) => {
+                    tracing::warn!(%err, key = PAUSE_KEY, "cannot watch the shared pause; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let mut watch = watch;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = watch.next() => match next {
+                        Some(Ok(entry)) => {
+                            if entry.operation == kv::Operation::Put {
+                                self.apply(&entry.value);
+                            }
+                        }
+                        Some(Err(err)) => {
+                            tracing::warn!(%err, "watch on the shared pause failed; re-subscribing");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, value: &[u8]) {
+        match serde_json::from_slice::<PauseNotice>(value) {
+            Ok(notice) => {
+                if notice.set_by != self.replica
+                    && notice.until_ms > now_ms()
+                    && self.gate.pause_until(notice.until_ms)
+                {
+                    tracing::info!(
+                        set_by = %notice.set_by,
+                        reason = %notice.reason,
+                        pause_ms = notice.until_ms - now_ms(),
+                        "pausing: another replica was asked to hold off"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, key = PAUSE_KEY, "ignoring an unreadable pause notice")
+            }
+        }
+    }
+}
