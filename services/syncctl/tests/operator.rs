@@ -1,0 +1,563 @@
+//! syncctl's subcommands against the real nats-server and PostgreSQL, each test in a namespace (and
+//! database) of its own. Outcome and checkpoint messages are published by hand, standing in for the
+//! services, so each subcommand is checked against counts the test knows exactly.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use chrono::Utc;
+use customer_record::CustomerRecord;
+use e2e::TestDatabase;
+use futures::StreamExt as _;
+use service_kit::NatsArgs;
+use sync_topology::messages::Checkpoint;
+use sync_topology::{
+    Change, HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE,
+    Names, TopologySettings,
+};
+use syncctl::setup::{SetupConfig, SetupOutcome};
+use syncctl::{CtlError, Pipeline};
+
+fn nats_args() -> anyhow::Result<NatsArgs> {
+    Ok(NatsArgs::new(e2e::nats_url()?, e2e::unique_namespace()))
+}
+
+fn setup_config(nats: &NatsArgs, db: Option<&TestDatabase>) -> SetupConfig {
+    SetupConfig {
+        nats: nats.clone(),
+        database_url: db.map(|db| db.url.clone()),
+        settings: TopologySettings::default(),
+    }
+}
+
+/// A fresh namespace with the full layout.
+async fn prepared(db: Option<&TestDatabase>) -> anyhow::Result<(NatsArgs, Pipeline)> {
+    let nats = nats_args()?;
+    syncctl::setup::run(&setup_config(&nats, db))
+        .await
+        .context("syncctl setup")?;
+    let pipeline = Pipeline::connect(&nats).await?;
+    Ok((nats, pipeline))
+}
+
+fn customer(id: &str, email: &str) -> CustomerRecord {
+    CustomerRecord::normalised(id, "Ada", "Lovelace", email, None, Default::default())
+}
+
+/// Publishes a row the way csv-reader does; returns its stream sequence.
+async fn publish_row(
+    pipeline: &Pipeline,
+    record: &CustomerRecord,
+    line: u64,
+) -> anyhow::Result<u64> {
+    let hash = record.content_hash();
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, record.dedup_id(&hash));
+    headers.insert(HEADER_SOURCE_FILE, "customers.csv");
+    headers.insert(HEADER_SOURCE_LINE, line.to_string());
+    headers.insert(HEADER_CONTENT_HASH, hash.as_str());
+    let ack = pipeline
+        .js
+        .publish_with_headers(
+            pipeline.names.ingest_subject(),
+            headers,
+            serde_json::to_vec(record)?.into(),
+        )
+        .await?
+        .await?;
+    Ok(ack.sequence)
+}
+
+async fn publish_outcome(pipeline: &Pipeline, subject: String, n: usize) -> anyhow::Result<()> {
+    for i in 0..n {
+        pipeline
+            .js
+            .publish(subject.clone(), format!("{{\"n\":{i}}}").into())
+            .await?
+            .await?;
+    }
+    Ok(())
+}
+
+/// Takes `n` messages off the integrators' consumer and acks them, as integrators would.
+async fn settle_ingest(pipeline: &Pipeline, n: usize) -> anyhow::Result<()> {
+    let consumer: jetstream::consumer::PullConsumer = pipeline
+        .js
+        .get_consumer_from_stream(
+            pipeline.names.integrators_consumer(),
+            pipeline.names.ingest_stream(),
+        )
+        .await?;
+    let mut messages = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?;
+    let mut settled = 0;
+    while let Some(message) = messages.next().await {
+        message
+            .map_err(|e| anyhow::anyhow!("fetching: {e}"))?
+            .double_ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("acking: {e}"))?;
+        settled += 1;
+    }
+    anyhow::ensure!(settled == n, "settled {settled} of {n} ingest messages");
+    Ok(())
+}
+
+async fn put_checkpoint(
+    pipeline: &Pipeline,
+    key: &str,
+    checkpoint: &Checkpoint,
+) -> anyhow::Result<()> {
+    let store = pipeline
+        .js
+        .get_key_value(pipeline.names.checkpoints_bucket())
+        .await?;
+    store
+        .put(key, serde_json::to_vec(checkpoint)?.into())
+        .await?;
+    Ok(())
+}
+
+fn checkpoint(rows_read: u64, published: u64, deduplicated: u64, rejected: u64) -> Checkpoint {
+    Checkpoint {
+        path: "customers.csv".to_owned(),
+        size: 1234,
+        head_hash: "00".repeat(16),
+        line: rows_read + 1,
+        rows_read,
+        published,
+        deduplicated,
+        rejected,
+        complete: true,
+        updated_at: Utc::now(),
+    }
+}
+
+fn all_unchanged(outcome: &SetupOutcome) -> bool {
+    outcome
+        .topology
+        .objects
+        .iter()
+        .all(|(_, change)| *change == Change::Unchanged)
+}
+
+#[tokio::test]
+async fn setup_twice_in_a_row_changes_nothing() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let nats = nats_args()?;
+    let config = setup_config(&nats, Some(&db));
+
+    let first = syncctl::setup::run(&config).await?;
+    assert!(first.changed());
+    assert!(
+        first
+            .topology
+            .objects
+            .iter()
+            .all(|(_, change)| *change == Change::Created),
+        "{first}"
+    );
+    let pipeline = Pipeline::connect(&nats).await?;
+    let names = pipeline.names.clone();
+    let snapshot = || async {
+        let mut configs = Vec::new();
+        for name in [
+            names.ingest_stream(),
+            names.results_stream(),
+            format!("KV_{}", names.ledger_bucket()),
+            format!("KV_{}", names.checkpoints_bucket()),
+            format!("KV_{}", names.control_bucket()),
+        ] {
+            let mut stream = pipeline.js.get_stream(&name).await?;
+            configs.push(serde_json::to_value(&stream.info().await?.config)?);
+        }
+        for (stream, consumer) in [
+            (names.ingest_stream(), names.integrators_consumer()),
+            (names.results_stream(), names.persister_consumer()),
+        ] {
+            let info = pipeline.consumer_info(&stream, consumer).await?;
+            configs.push(serde_json::to_value(&info.config)?);
+        }
+        anyhow::Ok(configs)
+    };
+    let before = snapshot().await?;
+
+    let second = syncctl::setup::run(&config).await?;
+    assert!(!second.changed(), "{second}");
+    assert!(all_unchanged(&second), "{second}");
+    let schema = second.schema.as_ref().context("schema report")?;
+    assert!(schema.migration.applied.is_empty());
+    assert_eq!(schema.migration.version, sync_store::SCHEMA_VERSION);
+    assert_eq!(
+        first.schema.as_ref().map(|s| s.migration.version),
+        Some(schema.migration.version)
+    );
+    assert_eq!(
+        before,
+        snapshot().await?,
+        "configs changed on the second run"
+    );
+    let text = second.to_string();
+    assert!(text.contains("nothing changed"), "{text}");
+    assert!(
+        !text.contains("Created") && !text.contains("Updated"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn setup_migrates_an_older_layout() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let mut client = db.client().await?;
+    sync_store::migrate(&mut client, Some(1)).await?;
+    let nats = nats_args()?;
+    let names = Names::new(&nats.namespace)?;
+    let js = jetstream::new(async_nats::connect(&nats.nats_url).await?);
+    js.create_stream(stream::Config {
+        name: names.ingest_stream(),
+        subjects: vec![names.ingest_subject()],
+        duplicate_window: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await?;
+
+    let outcome = syncctl::setup::run(&setup_config(&nats, Some(&db))).await?;
+    let change_of = |object: &str| {
+        outcome
+            .topology
+            .objects
+            .iter()
+            .find(|(name, _)| name == object)
+            .map(|(_, change)| *change)
+    };
+    assert_eq!(
+        change_of(&format!("stream {}", names.ingest_stream())),
+        Some(Change::Updated),
+        "{outcome}"
+    );
+    assert_eq!(
+        change_of(&format!("stream {}", names.results_stream())),
+        Some(Change::Created),
+        "{outcome}"
+    );
+    let schema = outcome.schema.as_ref().context("schema report")?;
+    assert_eq!(schema.version_before, 1);
+    assert_eq!(schema.migration.version, sync_store::SCHEMA_VERSION);
+    assert!(!schema.migration.applied.is_empty());
+
+    let mut ingest = js.get_stream(names.ingest_stream()).await?;
+    let config = &ingest.info().await?.config;
+    assert_eq!(
+        config.duplicate_window,
+        TopologySettings::default().dedup_window
+    );
+    assert_eq!(config.max_age, TopologySettings::default().retention);
+    assert!(all_unchanged(
+        &syncctl::setup::run(&setup_config(&nats, Some(&db))).await?
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_reconciles_and_names_a_missing_outcome() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let (nats, pipeline) = prepared(Some(&db)).await?;
+    let names = pipeline.names.clone();
+    // A file of 6 rows: 4 published (one a changed repeat), 1 exact duplicate, 1 rejected.
+    for (i, email) in ["a@x.io", "b@x.io", "c@x.io", "a2@x.io"].iter().enumerate() {
+        let id = if i == 3 { "c0" } else { ["c0", "c1", "c2"][i] };
+        publish_row(&pipeline, &customer(id, email), i as u64 + 2).await?;
+    }
+    put_checkpoint(&pipeline, "file1", &checkpoint(6, 4, 1, 1)).await?;
+    publish_outcome(&pipeline, names.synced_subject(), 3).await?;
+    publish_outcome(&pipeline, names.dead_subject(), 1).await?;
+    publish_outcome(&pipeline, names.rejected_subject(), 1).await?;
+    settle_ingest(&pipeline, 4).await?;
+
+    let config = syncctl::status::StatusConfig {
+        nats: nats.clone(),
+        database_url: Some(db.url.clone()),
+    };
+    let status = syncctl::status::collect(&config).await?;
+    assert_eq!(status.difference, 0, "{status}");
+    assert!(status.reconciled);
+    assert_eq!(status.outcomes.synced, 3);
+    assert_eq!(status.outcomes.dead, 1);
+    assert_eq!(status.outcomes.rejected, 1);
+    assert_eq!(status.checkpoints.rows_read, 6);
+    assert_eq!(status.streams[0].messages, 4);
+    // Nothing persisted them yet: the persister's consumer still holds all 5 outcomes.
+    assert_eq!(status.consumers[1].num_pending, 5);
+    let json = serde_json::to_value(&status)?;
+    assert_eq!(json["difference"], 0);
+    assert_eq!(json["reconciled"], true);
+
+    // An ingest message settled without an outcome is a lost row.
+    publish_row(&pipeline, &customer("c9", "z@x.io"), 9).await?;
+    settle_ingest(&pipeline, 1).await?;
+    let status = syncctl::status::collect(&config).await?;
+    assert_eq!(status.difference, 1, "{status}");
+    assert!(!status.reconciled);
+    let ingest = status
+        .equations
+        .iter()
+        .find(|e| e.name == "ingest")
+        .context("ingest equation")?;
+    assert_eq!(ingest.difference, 1);
+    assert!(status.to_string().contains("NOT RECONCILED"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_without_setup_says_to_run_setup() -> anyhow::Result<()> {
+    let nats = nats_args()?;
+    let err = syncctl::status::collect(&syncctl::status::StatusConfig {
+        nats,
+        database_url: None,
+    })
+    .await
+    .expect_err("no layout yet");
+    assert!(matches!(err, CtlError::StreamMissing { .. }), "{err}");
+    assert!(err.to_string().contains("syncctl setup"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wait_returns_when_drained_and_times_out_otherwise() -> anyhow::Result<()> {
+    let (nats, pipeline) = prepared(None).await?;
+    let config = |timeout| syncctl::wait::WaitConfig {
+        poll_interval: Duration::from_millis(20),
+        ..syncctl::wait::WaitConfig::new(nats.clone(), timeout)
+    };
+    syncctl::wait::run(&config(Duration::from_secs(10))).await?;
+
+    publish_row(&pipeline, &customer("w1", "w@x.io"), 2).await?;
+    let err = syncctl::wait::run(&config(Duration::from_millis(300)))
+        .await
+        .expect_err("an unconsumed message is pending");
+    assert!(matches!(err, CtlError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("integrators: 1 pending"), "{err}");
+
+    settle_ingest(&pipeline, 1).await?;
+    syncctl::wait::run(&config(Duration::from_secs(10))).await?;
+    Ok(())
+}
+
+async fn ingest_message(
+    pipeline: &Pipeline,
+    seq: u64,
+) -> anyhow::Result<jetstream::message::StreamMessage> {
+    let stream = pipeline
+        .js
+        .get_stream(pipeline.names.ingest_stream())
+        .await?;
+    Ok(stream.get_raw_message(seq).await?)
+}
+
+fn header(message: &jetstream::message::StreamMessage, name: &str) -> Option<String> {
+    message.headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+#[tokio::test]
+async fn replay_by_sequence_republishes_exactly_the_range() -> anyhow::Result<()> {
+    let (nats, pipeline) = prepared(None).await?;
+    for i in 1..=5u64 {
+        publish_row(&pipeline, &customer(&format!("r{i}"), "r@x.io"), i + 1).await?;
+    }
+    let selection = syncctl::replay::Selection::Sequences { from: 2, to: 4 };
+    let outcome = syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats.clone(),
+        selection,
+        false,
+    ))
+    .await?;
+    assert_eq!(outcome.republished, 3);
+    assert_eq!((outcome.first_seq, outcome.last_seq), (Some(2), Some(4)));
+
+    for (copy, original) in [(6, 2), (7, 3), (8, 4)] {
+        let replayed = ingest_message(&pipeline, copy).await?;
+        let source = ingest_message(&pipeline, original).await?;
+        assert_eq!(replayed.payload, source.payload);
+        let msg_id = header(&replayed, "Nats-Msg-Id").context("msg id")?;
+        assert!(
+            msg_id.starts_with(&format!("replay:{original}:")),
+            "{msg_id}"
+        );
+        assert_eq!(
+            header(&replayed, HEADER_CONTENT_HASH),
+            header(&source, HEADER_CONTENT_HASH)
+        );
+        assert_eq!(
+            header(&replayed, syncctl::replay::HEADER_REPLAY_OF),
+            Some(original.to_string())
+        );
+        assert_eq!(header(&replayed, HEADER_FORCE_RESEND), None);
+    }
+    let mut stream = pipeline
+        .js
+        .get_stream(pipeline.names.ingest_stream())
+        .await?;
+    assert_eq!(stream.info().await?.state.messages, 8);
+
+    // --force marks every copy; a range past the end replays nothing.
+    let forced = syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats.clone(),
+        syncctl::replay::Selection::Sequences { from: 5, to: 100 },
+        true,
+    ))
+    .await?;
+    assert_eq!(forced.republished, 4, "5 and the three copies 6..=8");
+    let copy = ingest_message(&pipeline, 9).await?;
+    assert_eq!(header(&copy, HEADER_FORCE_RESEND).as_deref(), Some("true"));
+    let beyond = syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats,
+        syncctl::replay::Selection::Sequences { from: 500, to: 600 },
+        false,
+    ))
+    .await?;
+    assert_eq!(beyond.republished, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn replay_by_time_republishes_exactly_the_window() -> anyhow::Result<()> {
+    let (nats, pipeline) = prepared(None).await?;
+    publish_row(&pipeline, &customer("t1", "t@x.io"), 2).await?;
+    publish_row(&pipeline, &customer("t2", "t@x.io"), 3).await?;
+    let since = Utc::now();
+    publish_row(&pipeline, &customer("t3", "t@x.io"), 4).await?;
+    publish_row(&pipeline, &customer("t4", "t@x.io"), 5).await?;
+    let until = Utc::now();
+    publish_row(&pipeline, &customer("t5", "t@x.io"), 6).await?;
+
+    let outcome = syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats,
+        syncctl::replay::Selection::Times { since, until },
+        false,
+    ))
+    .await?;
+    assert_eq!(outcome.republished, 2);
+    assert_eq!((outcome.first_seq, outcome.last_seq), (Some(3), Some(4)));
+    let replayed: Vec<CustomerRecord> = vec![
+        serde_json::from_slice(&ingest_message(&pipeline, 6).await?.payload)?,
+        serde_json::from_slice(&ingest_message(&pipeline, 7).await?.payload)?,
+    ];
+    assert_eq!(replayed[0].id, "t3");
+    assert_eq!(replayed[1].id, "t4");
+    Ok(())
+}
+
+async fn insert_dead_letter(
+    client: &tokio_postgres::Client,
+    record: Option<&CustomerRecord>,
+    id: &str,
+    minutes_ago: i64,
+) -> anyhow::Result<String> {
+    let hash = record.map_or_else(|| "ab".repeat(16), |r| r.content_hash().to_string());
+    let record_json = record.map(serde_json::to_value).transpose()?;
+    let dead_at = Utc::now() - chrono::Duration::minutes(minutes_ago);
+    client
+        .execute(
+            "INSERT INTO dead_letters (customer_id, content_hash, ingest_seq, reason, crm_status, \
+             crm_body, attempts, record, source_file, source_line, dead_at) \
+             VALUES ($1, $2, 7, 'CRM refused: invalid phone', 422, '{\"error\":\"phone\"}', 3, $3, \
+             'customers.csv', 12, $4)",
+            &[&id, &hash, &record_json, &dead_at],
+        )
+        .await?;
+    Ok(hash)
+}
+
+#[tokio::test]
+async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let (nats, pipeline) = prepared(Some(&db)).await?;
+    let client = db.client().await?;
+    let refused = customer("d1", "d1@x.io");
+    let hash = insert_dead_letter(&client, Some(&refused), "d1", 5).await?;
+    insert_dead_letter(&client, None, "d2", 1).await?;
+
+    let listed = syncctl::dlq::list(&syncctl::dlq::ListConfig {
+        database_url: db.url.clone(),
+        limit: 10,
+    })
+    .await?;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].customer_id, "d2", "newest first");
+    assert_eq!(listed[1].content_hash, hash);
+    assert_eq!(listed[1].crm_status, Some(422));
+    assert_eq!(listed[1].attempts, 3);
+    assert!(listed[1].redrivable && !listed[0].redrivable);
+    let table = syncctl::dlq::Listing(&listed).to_string();
+    assert!(table.contains("invalid phone"), "{table}");
+
+    let redrive = |selection| syncctl::dlq::RedriveConfig {
+        nats: nats.clone(),
+        database_url: db.url.clone(),
+        selection,
+    };
+    let one = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::Customer(
+        "d1".to_owned(),
+    )))
+    .await?;
+    assert_eq!(one.republished, 1);
+    let message = ingest_message(&pipeline, 1).await?;
+    let body: CustomerRecord = serde_json::from_slice(&message.payload)?;
+    assert_eq!(body, refused);
+    assert_eq!(header(&message, HEADER_CONTENT_HASH), Some(hash.clone()));
+    assert_eq!(header(&message, HEADER_SOURCE_LINE).as_deref(), Some("12"));
+    let msg_id = header(&message, "Nats-Msg-Id").context("msg id")?;
+    assert!(
+        msg_id.starts_with(&format!("redrive:d1:{hash}:")),
+        "{msg_id}"
+    );
+
+    // Again (say the first redrive failed too): a fresh message id, not dropped as a duplicate.
+    let all = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::All)).await?;
+    assert_eq!(all.republished, 1);
+    assert_eq!(all.without_record, vec!["d2".to_owned()]);
+    let mut stream = pipeline
+        .js
+        .get_stream(pipeline.names.ingest_stream())
+        .await?;
+    assert_eq!(stream.info().await?.state.messages, 2);
+
+    let unknown = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::Customer(
+        "nobody".to_owned(),
+    )))
+    .await
+    .expect_err("no such dead letter");
+    assert!(unknown.to_string().contains("nobody"), "{unknown}");
+    Ok(())
+}
+
+/// The durable the integrators share is untouched by replay (it reads with its own consumer).
+#[tokio::test]
+async fn replay_leaves_the_integrators_consumer_alone() -> anyhow::Result<()> {
+    let (nats, pipeline) = prepared(None).await?;
+    publish_row(&pipeline, &customer("k1", "k@x.io"), 2).await?;
+    syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats,
+        syncctl::replay::Selection::Sequences { from: 1, to: 1 },
+        false,
+    ))
+    .await?;
+    let info = pipeline
+        .consumer_info(
+            &pipeline.names.ingest_stream(),
+            pipeline.names.integrators_consumer(),
+        )
+        .await?;
+    assert_eq!(
+        info.num_pending, 2,
+        "the original and its copy wait for the integrators"
+    );
+    Ok(())
+}
