@@ -132,6 +132,7 @@ async fn connect_with_consumer(
         request_timeout,
         max_inline_wait: config.max_inline_wait(),
         shutdown,
+        settled: Default::default(),
     };
     Ok((Arc::new(integrator), consumer))
 }

@@ -3,6 +3,7 @@
 //! hand it back, confirm in the ledger, publish exactly one outcome, then acknowledge.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -45,6 +46,8 @@ pub struct Integrator {
     pub(crate) request_timeout: Duration,
     pub(crate) max_inline_wait: Duration,
     pub(crate) shutdown: CancellationToken,
+    /// Messages this replica settled with an outcome (synced or dead), for tests and logs.
+    pub(crate) settled: AtomicU64,
 }
 
 impl std::fmt::Debug for Integrator {
@@ -68,6 +71,11 @@ impl Integrator {
 
     pub fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// How many messages this replica settled with an outcome (synced or dead-lettered).
+    pub fn settled_messages(&self) -> u64 {
+        self.settled.load(Ordering::Relaxed)
     }
 }
 
@@ -202,6 +210,9 @@ pub async fn process_message(
 ) -> Result<Settled, ProcessError> {
     let (inbound, unreadable) = Inbound::read(message)?;
     let result = settle(integrator, &inbound, unreadable).await;
+    if let Ok(Settled::Synced(_) | Settled::DeadLettered) = &result {
+        integrator.settled.fetch_add(1, Ordering::Relaxed);
+    }
     if let Err(err) = &result {
         // Hand it back soon rather than after the whole ack wait; if even that fails, the ack
         // wait brings it back.
