@@ -1,9 +1,11 @@
 //! The operator's CLI as a library: one module per subcommand (`setup`, `status`, `wait`, `replay`,
-//! `dlq`, `gen_csv`), each a plain async fn taking a typed config and returning a typed result, so
-//! tests drive them in-process and `main.rs` only parses flags and prints.
+//! `rebuild` for `replay --results`, `dlq`, `gen_csv`), each a plain async fn taking a typed config
+//! and returning a typed result, so tests drive them in-process and `main.rs` only parses flags and
+//! prints.
 
 pub mod dlq;
 pub mod gen_csv;
+pub mod rebuild;
 pub mod replay;
 pub mod setup;
 pub mod status;
@@ -49,6 +51,8 @@ pub enum CtlError {
         action: String,
         source: std::io::Error,
     },
+    #[error("rebuilding the tables from the results stream failed: {message}")]
+    Rebuild { message: String },
     #[error("{0}")]
     Usage(String),
     #[error("timed out after {waited:?}: still {what}")]

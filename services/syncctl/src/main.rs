@@ -352,9 +352,23 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
 async fn replay(args: ReplayArgs) -> Result<ExitCode, CtlError> {
     use syncctl::replay::{ReplayConfig, Selection, parse_time};
     if args.results {
-        return Err(CtlError::Usage(
-            "replay --results is not available in this build yet".to_owned(),
-        ));
+        let config = syncctl::rebuild::RebuildConfig {
+            nats: args.nats,
+            database_url: args.database.database_url,
+        };
+        let outcome = syncctl::rebuild::run(&config, service_kit::shutdown_on_signals()).await?;
+        let t = &outcome.tables;
+        println!(
+            "rebuilt from {} outcome(s) in {} batch(es): customers {}, rejected_rows {}, \
+             dead_letters {} (schema version {})",
+            outcome.report.messages_acked,
+            outcome.report.batches,
+            t.customers,
+            t.rejected_rows,
+            t.dead_letters,
+            outcome.schema_version
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let now = chrono::Utc::now();
     let selection = match (args.from_seq, args.to_seq, args.since) {
