@@ -72,7 +72,8 @@ normal integrator path, by REPUBLISHING the selected messages onto the ingest su
 original headers, a fresh Nats-Msg-Id `replay:{seq}:{nonce}` and `Sync-Replay-Of: {seq}`. The \
 running integrators pick them up from their one durable consumer; the ledger skips customers the \
 CRM already confirmed with the same hash. --force adds `Sync-Force-Resend: true` so they are sent \
-again anyway (e.g. after the CRM lost data).
+again anyway (e.g. after the CRM lost data). A message whose customer the ledger holds at a later \
+version with other content is never republished (that would take the CRM back to old data).
 
 --results instead rebuilds the PostgreSQL tables from the results stream into an (empty) database: \
 it migrates the schema, reads every outcome with a fresh consumer and writes them as the persister \
@@ -401,7 +402,13 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CtlError> {
             outcome.republished,
             if outcome.forced { ", forced" } else { "" }
         ),
-        _ => println!("nothing in that range: republished 0 messages"),
+        _ => println!("republished 0 messages"),
+    }
+    if outcome.skipped_superseded > 0 {
+        println!(
+            "left out {} message(s) whose customer the CRM already holds at a later version",
+            outcome.skipped_superseded
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

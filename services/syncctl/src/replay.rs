@@ -11,13 +11,21 @@
 //!
 //! The range is read up to the stream's last sequence when the replay starts, so the replay never
 //! reads its own republished copies.
+//!
+//! Integrators order a customer's versions by ingest sequence, and a copy gets a new, higher one.
+//! So a message whose customer the ledger already holds at a *later* version with *other* content
+//! is not republished (counted as superseded), with or without `--force`: replaying it would make
+//! the CRM go back to old data. A newer version still pending in the stream is not visible to this
+//! check; replay ranges that end at the stream's tail, or wait for the pipeline to drain first.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
 use chrono::{DateTime, Utc};
+use customer_record::CustomerRecord;
 use futures::StreamExt as _;
+use serde::Deserialize;
 use service_kit::NatsArgs;
 use sync_topology::HEADER_FORCE_RESEND;
 
@@ -64,6 +72,8 @@ impl ReplayConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayOutcome {
     pub republished: u64,
+    /// Selected messages left out because the ledger holds a later, different version.
+    pub skipped_superseded: u64,
     /// Original sequences of the first and last message republished.
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
@@ -158,6 +168,7 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
              the CRM already holds them"
         );
     }
+    let ledger = open_ledger(&pipeline).await?;
     let nonce = crate::nonce();
     let subject = names.ingest_subject();
     let mut acks = VecDeque::new();
@@ -176,6 +187,13 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         };
         if seq > upper_seq || until.is_some_and(|until| published > until) {
             break;
+        }
+        if superseded(&ledger, &message.payload, seq).await? {
+            outcome.skipped_superseded += 1;
+            if seq >= upper_seq {
+                break;
+            }
+            continue;
         }
         let mut headers = message.headers.clone().unwrap_or_default();
         headers.insert(
@@ -206,6 +224,57 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         await_ack(&mut acks, &stream_name).await?;
     }
     Ok(outcome)
+}
+
+/// The part of a ledger entry (written by crm-integrator) that orders versions.
+#[derive(Debug, Deserialize)]
+struct LedgerVersions {
+    confirmed: Option<LedgerVersion>,
+    claim: Option<LedgerVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LedgerVersion {
+    hash: String,
+    seq: u64,
+}
+
+async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlError> {
+    use async_nats::jetstream::context::KeyValueErrorKind;
+    let bucket = pipeline.names.ledger_bucket();
+    match pipeline.js.get_key_value(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(err) if err.kind() == KeyValueErrorKind::GetBucket => Err(CtlError::BucketMissing {
+            bucket,
+            namespace: pipeline.names.namespace().to_owned(),
+        }),
+        Err(err) => Err(nats_error(format!("opening bucket {bucket}"), err)),
+    }
+}
+
+/// True when the ledger holds this customer at a later version with other content.
+async fn superseded(ledger: &kv::Store, payload: &[u8], seq: u64) -> Result<bool, CtlError> {
+    // A body that is not a customer is replayed as is: the integrator dead-letters it with a reason.
+    let Ok(record) = serde_json::from_slice::<CustomerRecord>(payload) else {
+        return Ok(false);
+    };
+    let key = record.ledger_key();
+    let Some(entry) = ledger
+        .get(&key)
+        .await
+        .map_err(|e| nats_error(format!("reading ledger entry {key}"), e))?
+    else {
+        return Ok(false);
+    };
+    let Ok(versions) = serde_json::from_slice::<LedgerVersions>(&entry) else {
+        tracing::warn!(%key, "ledger entry not understood; replaying without the version check");
+        return Ok(false);
+    };
+    let hash = record.content_hash();
+    Ok([versions.confirmed, versions.claim]
+        .into_iter()
+        .flatten()
+        .any(|newer| newer.seq > seq && newer.hash != hash.as_str()))
 }
 
 async fn await_ack(

@@ -538,6 +538,47 @@ async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn replay_leaves_out_versions_the_ledger_has_superseded() -> anyhow::Result<()> {
+    let (nats, pipeline) = prepared(None).await?;
+    let old = customer("v1", "old@x.io");
+    let unchanged = customer("v2", "same@x.io");
+    publish_row(&pipeline, &old, 2).await?;
+    publish_row(&pipeline, &unchanged, 3).await?;
+    let ledger = pipeline
+        .js
+        .get_key_value(pipeline.names.ledger_bucket())
+        .await?;
+    let newer_hash = customer("v1", "new@x.io").content_hash();
+    let entry = |hash: String, seq: u64| serde_json::json!({ "confirmed": { "hash": hash, "seq": seq, "crm_id": "x" } });
+    ledger
+        .put(
+            old.ledger_key(),
+            serde_json::to_vec(&entry(newer_hash.to_string(), 40))?.into(),
+        )
+        .await?;
+    // Same content confirmed later (a re-run): replaying it is harmless, and is done.
+    ledger
+        .put(
+            unchanged.ledger_key(),
+            serde_json::to_vec(&entry(unchanged.content_hash().to_string(), 41))?.into(),
+        )
+        .await?;
+
+    let outcome = syncctl::replay::run(&syncctl::replay::ReplayConfig::new(
+        nats,
+        syncctl::replay::Selection::Sequences { from: 1, to: 2 },
+        true,
+    ))
+    .await?;
+    assert_eq!(outcome.skipped_superseded, 1);
+    assert_eq!(outcome.republished, 1);
+    let copy: CustomerRecord =
+        serde_json::from_slice(&ingest_message(&pipeline, 3).await?.payload)?;
+    assert_eq!(copy, unchanged);
+    Ok(())
+}
+
 /// The durable the integrators share is untouched by replay (it reads with its own consumer).
 #[tokio::test]
 async fn replay_leaves_the_integrators_consumer_alone() -> anyhow::Result<()> {
