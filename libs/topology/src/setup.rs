@@ -292,7 +292,8 @@ async fn ensure_consumer(
                 && current.max_deliver == wanted.max_deliver
                 && current.max_ack_pending == wanted.max_ack_pending
                 && current.filter_subject == wanted.filter_subject
-                && current.description == wanted.description;
+                && current.description == wanted.description
+                && current.num_replicas.max(1) == wanted.num_replicas.max(1);
             if same {
                 return Ok(Change::Unchanged);
             }
@@ -326,7 +327,8 @@ async fn ensure_bucket(js: &jetstream::Context, wanted: kv::Config) -> Result<Ch
                 .config
                 .clone();
             let same = current.max_messages_per_subject == wanted.history
-                && current.description.as_deref() == Some(wanted.description.as_str());
+                && current.description.as_deref() == Some(wanted.description.as_str())
+                && current.num_replicas.max(1) == wanted.num_replicas.max(1);
             if same {
                 return Ok(Change::Unchanged);
             }
