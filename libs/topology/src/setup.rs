@@ -4,10 +4,9 @@ use std::fmt;
 use std::time::Duration;
 
 use async_nats::jetstream::{
-    self, consumer,
+    self, ErrorCode, consumer,
     consumer::pull,
     context::{GetStreamErrorKind, KeyValueErrorKind},
-    ErrorCode,
     kv,
     stream::{self, ConsumerErrorKind},
 };
