@@ -1,0 +1,247 @@
+//! The messages a CSV row becomes: a customer on the ingest subject, or a rejection on the rejected
+//! subject, each with the `Nats-Msg-Id` that makes a re-sent row a duplicate the stream drops.
+
+use async_nats::Subject;
+use async_nats::header::{HeaderMap, HeaderValue, NATS_MESSAGE_ID};
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use customer_record::{ColumnLayout, CustomerRecord, RowRejection, raw_row_text};
+use sync_topology::messages::RejectedRow;
+use sync_topology::{HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names};
+
+use crate::ReaderError;
+
+/// A rejected row keeps this much of its raw text: enough to find and fix it, and small enough that
+/// a row with a 10 MB field still fits in a NATS message.
+pub const MAX_RAW_BYTES: usize = 4096;
+
+/// Where the messages of one input file go and what they say about their source.
+#[derive(Debug, Clone)]
+pub struct MessageContext {
+    pub ingest_subject: Subject,
+    pub rejected_subject: Subject,
+    /// Shown in the source-file header and in rejections.
+    pub source_file: String,
+    /// The file's identity key: part of a rejection's dedup id, so a re-run does not repeat it.
+    pub file_key: String,
+}
+
+impl MessageContext {
+    pub fn new(names: &Names, source_file: &str, file_key: &str) -> Self {
+        MessageContext {
+            ingest_subject: Subject::from(names.ingest_subject()),
+            rejected_subject: Subject::from(names.rejected_subject()),
+            source_file: source_file.to_owned(),
+            file_key: file_key.to_owned(),
+        }
+    }
+}
+
+/// What a message is, for counting once the stream acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Customer,
+    Rejected(&'static str),
+}
+
+/// One message ready to publish (and to publish again, unchanged, if the first attempt fails).
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    pub subject: Subject,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+    /// The line the row starts on (1-based; the header is line 1).
+    pub line: u64,
+    pub kind: MessageKind,
+}
+
+impl OutgoingMessage {
+    pub fn to_publish(&self) -> PublishMessage {
+        PublishMessage::build()
+            .payload(self.payload.clone())
+            .headers(self.headers.clone())
+    }
+
+    pub fn message_id(&self) -> Option<&str> {
+        self.headers.get(NATS_MESSAGE_ID).map(HeaderValue::as_str)
+    }
+}
+
+/// Turns one data row into its message: the customer, or why it is not one.
+pub fn row_message<'a>(
+    context: &MessageContext,
+    layout: &ColumnLayout,
+    fields: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    line: u64,
+) -> Result<OutgoingMessage, ReaderError> {
+    let parsed = layout.parse_row(fields.clone()).and_then(|record| {
+        // The id travels in a header, where a line break would end the header block.
+        if record.id.contains(['\r', '\n']) {
+            Err(RowRejection::ControlCharacter {
+                field: "id".to_owned(),
+            })
+        } else {
+            Ok(record)
+        }
+    });
+    match parsed {
+        Ok(record) => customer_message(context, &record, line),
+        Err(rejection) => rejected_message(context, &rejection, raw_row_text(fields), line),
+    }
+}
+
+/// The ingest message of a valid row. The row's id must not contain a line break.
+pub fn customer_message(
+    context: &MessageContext,
+    record: &CustomerRecord,
+    line: u64,
+) -> Result<OutgoingMessage, ReaderError> {
+    let hash = record.content_hash();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        NATS_MESSAGE_ID,
+        header_value(&record.dedup_id(&hash), line)?,
+    );
+    headers.insert(
+        HEADER_SOURCE_FILE,
+        header_value(&context.source_file, line)?,
+    );
+    headers.insert(HEADER_SOURCE_LINE, header_value(&line.to_string(), line)?);
+    headers.insert(HEADER_CONTENT_HASH, header_value(hash.as_str(), line)?);
+    let payload =
+        serde_json::to_vec(record).map_err(|source| ReaderError::Encode { line, source })?;
+    Ok(OutgoingMessage {
+        subject: context.ingest_subject.clone(),
+        headers,
+        payload: Bytes::from(payload),
+        line,
+        kind: MessageKind::Customer,
+    })
+}
+
+/// The rejected-subject message of a bad row. Its dedup id is the file and line, so re-running or
+/// resuming the file does not report the row twice.
+pub fn rejected_message(
+    context: &MessageContext,
+    rejection: &RowRejection,
+    mut raw: String,
+    line: u64,
+) -> Result<OutgoingMessage, ReaderError> {
+    truncate_raw(&mut raw);
+    let body = RejectedRow {
+        source_file: context.source_file.clone(),
+        line,
+        kind: rejection.kind().to_owned(),
+        reason: rejection.to_string(),
+        raw,
+        rejected_at: chrono::Utc::now(),
+    };
+    let mut headers = HeaderMap::new();
+    let id = format!("rejected:{}:{line}", context.file_key);
+    headers.insert(NATS_MESSAGE_ID, header_value(&id, line)?);
+    headers.insert(
+        HEADER_SOURCE_FILE,
+        header_value(&context.source_file, line)?,
+    );
+    headers.insert(HEADER_SOURCE_LINE, header_value(&line.to_string(), line)?);
+    let payload =
+        serde_json::to_vec(&body).map_err(|source| ReaderError::Encode { line, source })?;
+    Ok(OutgoingMessage {
+        subject: context.rejected_subject.clone(),
+        headers,
+        payload: Bytes::from(payload),
+        line,
+        kind: MessageKind::Rejected(rejection.kind()),
+    })
+}
+
+fn header_value(text: &str, line: u64) -> Result<HeaderValue, ReaderError> {
+    text.parse().map_err(|_| ReaderError::Header {
+        line,
+        value: text.to_owned(),
+    })
+}
+
+fn truncate_raw(raw: &mut String) {
+    if raw.len() <= MAX_RAW_BYTES {
+        return;
+    }
+    let total = raw.len();
+    let mut cut = MAX_RAW_BYTES;
+    while !raw.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    raw.truncate(cut);
+    raw.push_str(&format!("… [{} of {total} bytes shown]", cut));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> MessageContext {
+        MessageContext::new(&Names::default(), "/data/in.csv", "file-abc")
+    }
+
+    fn layout() -> ColumnLayout {
+        ColumnLayout::from_header(
+            ["id", "first_name", "last_name", "email", "tier"].map(str::as_bytes),
+        )
+        .expect("valid header")
+    }
+
+    #[test]
+    fn valid_row_carries_dedup_id_source_and_hash() {
+        let fields = ["7", "Zoë", "O'Neil", "Z@x.org", "gold"].map(str::as_bytes);
+        let message =
+            row_message(&context(), &layout(), fields.iter().copied(), 12).expect("message");
+        assert_eq!(message.subject.as_str(), "customers.ingest");
+        assert_eq!(message.kind, MessageKind::Customer);
+        let record: CustomerRecord = serde_json::from_slice(&message.payload).expect("json body");
+        let hash = record.content_hash();
+        assert_eq!(message.message_id(), Some(record.dedup_id(&hash).as_str()));
+        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+        assert_eq!(header(HEADER_SOURCE_LINE).as_deref(), Some("12"));
+        assert_eq!(header(HEADER_SOURCE_FILE).as_deref(), Some("/data/in.csv"));
+        assert_eq!(header(HEADER_CONTENT_HASH).as_deref(), Some(hash.as_str()));
+        assert_eq!(
+            record.attributes.get("tier").map(String::as_str),
+            Some("gold")
+        );
+    }
+
+    #[test]
+    fn bad_row_becomes_a_rejection_with_a_per_line_id() {
+        let fields = ["7", "Ann", "Lee", "nope", "gold"].map(str::as_bytes);
+        let message =
+            row_message(&context(), &layout(), fields.iter().copied(), 3).expect("message");
+        assert_eq!(message.subject.as_str(), "customers.rejected");
+        assert_eq!(message.kind, MessageKind::Rejected("invalid_email"));
+        assert_eq!(message.message_id(), Some("rejected:file-abc:3"));
+        let body: RejectedRow = serde_json::from_slice(&message.payload).expect("json body");
+        assert_eq!(body.line, 3);
+        assert_eq!(body.raw, "7,Ann,Lee,nope,gold");
+        assert!(body.reason.contains("email"), "{}", body.reason);
+    }
+
+    #[test]
+    fn an_id_with_a_line_break_is_rejected_not_a_broken_header() {
+        let fields = ["a\nb", "Ann", "Lee", "a@b.io", ""].map(str::as_bytes);
+        let message =
+            row_message(&context(), &layout(), fields.iter().copied(), 5).expect("message");
+        assert_eq!(message.kind, MessageKind::Rejected("control_character"));
+    }
+
+    #[test]
+    fn huge_raw_text_is_truncated_on_a_char_boundary() {
+        let huge = "é".repeat(10_000);
+        let fields = ["1", huge.as_str(), "Lee", "a@b.io", ""].map(str::as_bytes);
+        let message =
+            row_message(&context(), &layout(), fields.iter().copied(), 9).expect("message");
+        let body: RejectedRow = serde_json::from_slice(&message.payload).expect("json body");
+        assert_eq!(body.kind, "field_too_long");
+        assert!(body.raw.len() < MAX_RAW_BYTES + 100);
+        assert!(body.raw.starts_with("1,é"));
+        assert!(body.raw.ends_with(" of 20014 bytes shown]"), "{}", body.raw);
+    }
+}

@@ -1,0 +1,484 @@
+//! The reader against the real NATS: exact messages for a tricky file, dedup on re-run, resume
+//! after SIGKILL and after a graceful stop, changed files, and the exit codes of bad input.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use common::{Pipeline, checkpoint_key, header};
+use csv_gen::{GenOptions, generate};
+use customer_record::CustomerRecord;
+use sync_topology::messages::RejectedRow;
+use sync_topology::{HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE};
+use tokio_util::sync::CancellationToken;
+
+fn tricky_file() -> Vec<u8> {
+    let mut csv = Vec::new();
+    csv.extend_from_slice(
+        "\u{feff}ID, First_Name ,last_name,Email,phone,Company,notes\r\n".as_bytes(),
+    );
+    // line 2: quoted comma and doubled quotes
+    csv.extend_from_slice(
+        b"1,Ann,Lee,Ann@Example.com,+1 555 0100,\"Acme, Inc.\",\"said \"\"hi\"\"\"\r\n",
+    );
+    // lines 3-4: a line break inside quotes, unicode
+    csv.extend_from_slice("2,Zoë,Müller,zoe@example.de,,\"Multi\r\nline\",ok\r\n".as_bytes());
+    // line 5: empty id
+    csv.extend_from_slice(b" ,No,Id,noid@example.com,,,\r\n");
+    // line 6: implausible e-mail
+    csv.extend_from_slice(b"3,Bad,Mail,not-an-email,,,\r\n");
+    // line 7: too few fields
+    csv.extend_from_slice(b"4,Too,Few\r\n");
+    // line 8: a field over 1 KiB
+    csv.extend_from_slice(
+        format!("5,Long,Field,long@example.com,,{},\r\n", "x".repeat(1500)).as_bytes(),
+    );
+    // line 9: invalid UTF-8
+    csv.extend_from_slice(b"6,Bin,\xff\xfe,bin@example.com,,,\r\n");
+    // line 10: a control character
+    csv.extend_from_slice(b"7,Ctl,Char\x01,ctl@example.com,,,\r\n");
+    // line 11: exact repeat of line 2
+    csv.extend_from_slice(
+        b"1,Ann,Lee,Ann@Example.com,+1 555 0100,\"Acme, Inc.\",\"said \"\"hi\"\"\"\r\n",
+    );
+    // lines 12-13: id 2 again with a new e-mail and phone
+    csv.extend_from_slice(
+        "2,Zoë,Müller,zoe.new@example.de,+49 1,\"Multi\r\nline\",ok\r\n".as_bytes(),
+    );
+    // line 14: unicode everywhere, too many fields
+    csv.extend_from_slice("8,李,王,li@example.cn,,東京,,surplus\r\n".as_bytes());
+    // line 15: unicode, last row without a line break
+    csv.extend_from_slice("9,李,王,li@example.cn,,東京,".as_bytes());
+    csv
+}
+
+fn write_temp(contents: &[u8], suffix: &str) -> anyhow::Result<tempfile::NamedTempFile> {
+    let mut file = tempfile::Builder::new().suffix(suffix).tempfile()?;
+    file.write_all(contents)?;
+    file.flush()?;
+    Ok(file)
+}
+
+#[tokio::test]
+async fn tricky_file_gives_exactly_the_expected_messages_and_a_rerun_adds_none()
+-> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let file = write_temp(&tricky_file(), ".csv")?;
+    let summary = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert!(summary.complete);
+    assert_eq!(
+        (
+            summary.rows_read,
+            summary.published,
+            summary.deduplicated,
+            summary.rejected
+        ),
+        (12, 4, 1, 7),
+        "{summary:#?}"
+    );
+
+    let ingest = pipeline.messages(&pipeline.names.ingest_stream()).await?;
+    let records: Vec<(u64, CustomerRecord)> = ingest
+        .iter()
+        .map(|m| {
+            let line = header(m, HEADER_SOURCE_LINE).unwrap_or_default().parse()?;
+            Ok((line, serde_json::from_slice(&m.payload)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let lines_and_ids: Vec<(u64, &str)> =
+        records.iter().map(|(l, r)| (*l, r.id.as_str())).collect();
+    assert_eq!(lines_and_ids, [(2, "1"), (3, "2"), (12, "2"), (15, "9")]);
+    let ann = &records[0].1;
+    assert_eq!(ann.email, "ann@example.com");
+    assert_eq!(ann.phone.as_deref(), Some("+1 555 0100"));
+    assert_eq!(
+        ann.attributes.get("company").map(String::as_str),
+        Some("Acme, Inc.")
+    );
+    assert_eq!(
+        ann.attributes.get("notes").map(String::as_str),
+        Some("said \"hi\"")
+    );
+    assert_eq!(records[1].1.first_name, "Zoë");
+    assert_eq!(
+        records[1].1.attributes.get("company").map(String::as_str),
+        Some("Multi\nline")
+    );
+    assert_eq!(records[2].1.email, "zoe.new@example.de");
+    assert_eq!(
+        records[3].1.attributes.get("company").map(String::as_str),
+        Some("東京")
+    );
+    for (message, (_, record)) in ingest.iter().zip(&records) {
+        let hash = record.content_hash();
+        assert_eq!(
+            header(message, "Nats-Msg-Id"),
+            Some(record.dedup_id(&hash).as_str())
+        );
+        assert_eq!(header(message, HEADER_CONTENT_HASH), Some(hash.as_str()));
+        assert_eq!(
+            header(message, HEADER_SOURCE_FILE),
+            Some(summary.file.as_str())
+        );
+    }
+
+    let rejected: Vec<RejectedRow> = pipeline
+        .messages(&pipeline.names.results_stream())
+        .await?
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload))
+        .collect::<Result<_, _>>()?;
+    let kinds: Vec<(u64, &str)> = rejected.iter().map(|r| (r.line, r.kind.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (5, "empty_id"),
+            (6, "invalid_email"),
+            (7, "field_count"),
+            (8, "field_too_long"),
+            (9, "invalid_utf8"),
+            (10, "control_character"),
+            (14, "field_count"),
+        ]
+    );
+    assert_eq!(rejected[2].raw, "4,Too,Few");
+    assert!(
+        rejected[1].reason.contains("not-an-email"),
+        "{}",
+        rejected[1].reason
+    );
+    let by_kind: BTreeMap<&str, u64> = summary
+        .rejected_by_kind
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(by_kind.get("field_count"), Some(&2));
+
+    let checkpoint = pipeline
+        .checkpoint(&summary.checkpoint_key)
+        .await?
+        .context("checkpoint saved")?;
+    assert!(checkpoint.complete);
+    assert_eq!(checkpoint.line, 15);
+    assert_eq!(
+        checkpoint.rows_read,
+        checkpoint.published + checkpoint.deduplicated + checkpoint.rejected
+    );
+
+    // The same file again: the stream drops every customer, the rejections are not repeated.
+    let again = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!(
+        (again.published, again.deduplicated, again.rejected),
+        (0, 5, 7)
+    );
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.ingest_stream())
+            .await?,
+        4
+    );
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.results_stream())
+            .await?,
+        7
+    );
+    pipeline.delete_streams().await
+}
+
+fn generated_file(rows: u64) -> anyhow::Result<(tempfile::NamedTempFile, csv_gen::GenStats)> {
+    let file = tempfile::Builder::new().suffix(".csv").tempfile()?;
+    let options = GenOptions {
+        rows,
+        bad_rate: 0.01,
+        dup_rate: 0.02,
+        change_rate: 0.02,
+        seed: 42,
+        extra_columns: true,
+    };
+    let stats = generate(&options, std::io::BufWriter::new(file.as_file()))?;
+    Ok((file, stats))
+}
+
+#[tokio::test]
+async fn killed_mid_file_and_resumed_publishes_every_row_exactly_once() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let (file, stats) = generated_file(400_000)?;
+    let key = checkpoint_key(file.path())?;
+    let mut child = tokio::process::Command::new(e2e::binary("csv-reader")?)
+        .arg(file.path())
+        .args([
+            "--namespace",
+            pipeline.names.namespace(),
+            "--nats-url",
+            &pipeline.nats_url,
+        ])
+        .args(["--checkpoint-interval", "100ms", "--progress", "off"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting csv-reader")?;
+    let progressed = e2e::wait_for(
+        "a checkpoint past line 1000",
+        Duration::from_secs(60),
+        || async {
+            let checkpoint = pipeline.checkpoint(&key).await.ok()??;
+            (checkpoint.line > 1000).then_some(checkpoint)
+        },
+    )
+    .await?;
+    child.kill().await.context("SIGKILL csv-reader")?;
+    assert!(
+        !progressed.complete,
+        "the reader finished before it could be killed: use a bigger file"
+    );
+
+    let mut config = pipeline.config(file.path());
+    config.resume = true;
+    let summary = csv_reader::run(config, CancellationToken::new()).await?;
+    assert!(summary.complete);
+    assert!(summary.resumed_from_line > 1000);
+
+    let distinct_messages = stats.distinct_ids + stats.changed_repeats;
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.ingest_stream())
+            .await?,
+        distinct_messages
+    );
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.results_stream())
+            .await?,
+        stats.bad
+    );
+    let checkpoint = pipeline.checkpoint(&key).await?.context("checkpoint")?;
+    assert!(checkpoint.complete);
+    assert_eq!(checkpoint.rows_read, stats.rows);
+    assert_eq!(checkpoint.rejected, stats.bad);
+    // Rows sent after the last checkpoint of the killed run count as deduplicated on resume.
+    assert_eq!(checkpoint.published + checkpoint.deduplicated, stats.valid);
+    assert!(checkpoint.published <= distinct_messages);
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn stopped_gracefully_then_resumed_counts_every_row_exactly() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let (file, stats) = generated_file(200_000)?;
+    let key = checkpoint_key(file.path())?;
+    let shutdown = CancellationToken::new();
+    let mut config = pipeline.config(file.path());
+    config.checkpoint_interval = Duration::from_millis(50);
+    let running = tokio::spawn(csv_reader::run(config.clone(), shutdown.clone()));
+    e2e::wait_for(
+        "a checkpoint past line 1000",
+        Duration::from_secs(60),
+        || async {
+            let checkpoint = pipeline.checkpoint(&key).await.ok()??;
+            (checkpoint.line > 1000).then_some(())
+        },
+    )
+    .await?;
+    shutdown.cancel();
+    let first = running.await??;
+    assert!(first.interrupted && !first.complete, "{first:#?}");
+    let checkpoint = pipeline.checkpoint(&key).await?.context("checkpoint")?;
+    assert_eq!(checkpoint.line, first.acked_line);
+    assert_eq!(checkpoint.rows_read, first.rows_read);
+
+    config.resume = true;
+    let second = csv_reader::run(config, CancellationToken::new()).await?;
+    assert!(second.complete);
+    assert_eq!(second.resumed_from_line, first.acked_line);
+    assert_eq!(second.rows_skipped, first.rows_read);
+    assert_eq!(first.rows_read + second.rows_read, stats.rows);
+    // Nothing was in flight unacknowledged at the stop, so even the split counts are exact.
+    assert_eq!(
+        first.published + second.published,
+        stats.distinct_ids + stats.changed_repeats
+    );
+    assert_eq!(
+        first.deduplicated + second.deduplicated,
+        stats.exact_duplicates
+    );
+    assert_eq!(first.rejected + second.rejected, stats.bad);
+    let total = pipeline.checkpoint(&key).await?.context("checkpoint")?;
+    assert_eq!(
+        (
+            total.rows_read,
+            total.published,
+            total.deduplicated,
+            total.rejected
+        ),
+        (
+            stats.rows,
+            stats.distinct_ids + stats.changed_repeats,
+            stats.exact_duplicates,
+            stats.bad
+        )
+    );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn a_changed_file_is_refused_on_resume_unless_forced() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let mut file = write_temp(b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n", ".csv")?;
+    csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    file.write_all(b"2,Bo,Ek,b@c.io\n")?;
+    file.flush()?;
+
+    let mut config = pipeline.config(file.path());
+    config.resume = true;
+    let err = csv_reader::run(config.clone(), CancellationToken::new())
+        .await
+        .expect_err("a changed file must be refused");
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        err.to_string().contains("changed since its checkpoint"),
+        "{err}"
+    );
+
+    config.force = true;
+    let forced = csv_reader::run(config, CancellationToken::new()).await?;
+    assert_eq!((forced.resumed_from_line, forced.published), (2, 1));
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.ingest_stream())
+            .await?,
+        2
+    );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn file_problems_exit_2_before_anything_is_published() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let dir = tempfile::tempdir()?;
+    let empty = write_temp(b"", ".csv")?;
+    let binary = write_temp(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10", ".csv")?;
+    let missing_column = write_temp(b"id,first_name,email\n1,Ann,a@b.io\n", ".csv")?;
+    let not_utf8_header = write_temp(b"id,f\xffirst,last_name,email\n", ".csv")?;
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (dir.path().join("nope.csv"), "does not exist"),
+        (dir.path().to_path_buf(), "is a directory"),
+        (empty.path().to_path_buf(), "is empty"),
+        (binary.path().to_path_buf(), "binary"),
+        (missing_column.path().to_path_buf(), "last_name"),
+        (not_utf8_header.path().to_path_buf(), "not UTF-8"),
+    ];
+    for (path, expected) in &cases {
+        let err = csv_reader::run(pipeline.config(path), CancellationToken::new())
+            .await
+            .expect_err("bad input must fail");
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(
+            err.to_string().contains(expected),
+            "{err} should mention {expected}"
+        );
+    }
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.ingest_stream())
+            .await?,
+        0
+    );
+    assert_eq!(
+        pipeline
+            .message_count(&pipeline.names.results_stream())
+            .await?,
+        0
+    );
+
+    // The real binary turns them into its exit status.
+    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
+        .arg(missing_column.path())
+        .args([
+            "--namespace",
+            pipeline.names.namespace(),
+            "--nats-url",
+            &pipeline.nats_url,
+        ])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("last_name"));
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn missing_streams_exit_1_and_say_to_run_setup() -> anyhow::Result<()> {
+    let pipeline = Pipeline::without_topology().await?;
+    let file = write_temp(b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n", ".csv")?;
+    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
+        .arg(file.path())
+        .args([
+            "--namespace",
+            pipeline.names.namespace(),
+            "--nats-url",
+            &pipeline.nats_url,
+        ])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("syncctl setup"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn gzip_input_is_read_transparently() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let file = tempfile::Builder::new().suffix(".csv.gz").tempfile()?;
+    let encoder = flate2_free_gzip(file.as_file())?;
+    let stats = generate(
+        &GenOptions {
+            rows: 500,
+            ..GenOptions::default()
+        },
+        encoder,
+    )?;
+    let summary = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!(summary.published, stats.distinct_ids);
+    pipeline.delete_streams().await
+}
+
+/// Compresses through the system's `gzip`, so the test needs no compression crate of its own.
+fn flate2_free_gzip(target: &std::fs::File) -> anyhow::Result<impl std::io::Write> {
+    let child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(target.try_clone()?)
+        .spawn()
+        .context("running gzip")?;
+    Ok(GzipPipe { child })
+}
+
+struct GzipPipe {
+    child: std::process::Child,
+}
+
+impl std::io::Write for GzipPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("gzip stdin closed"))?
+            .write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for GzipPipe {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
