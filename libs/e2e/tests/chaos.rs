@@ -4,6 +4,7 @@
 //! At the end nothing is lost, nothing is pending, no customer reached the CRM twice, and the
 //! reconciliation is exact.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,7 +35,10 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         timeout_rate: 0.02,
         hang_ms: 1500,
         latency_ms: 1,
-        extra: Vec::new(),
+        // The injected 429s are random, not a sign of load: with `Retry-After: 1` each would pause
+        // the whole fleet for a second (as it must for a real CRM; crm-integrator's own tests prove
+        // that), and 5% of them would stretch this run to most of an hour.
+        extra: vec!["--retry-after-secs".into(), "0".into()],
     };
     let mut pipeline =
         Pipeline::start(env.clone(), faults, 3, &["--request-timeout-ms", "500"]).await?;
@@ -82,18 +86,22 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
             pg.start_again().await?;
             pg_restarted = true;
         }
+        // Chaos lasts until the reader is done, both servers were restarted and most customers
+        // went through; the tail (records in retry backoff) then drains without kills.
         let reader_done = resumed.try_wait()?.is_some();
-        let synced = pipeline.crm_stats().await.ok();
-        let crm_customers = synced
-            .as_ref()
+        let crm_customers = pipeline
+            .crm_stats()
+            .await
+            .ok()
             .and_then(|s| s["customers"].as_u64())
             .unwrap_or(0);
-        if reader_done && pg_restarted && crm_customers >= expected.last_hash.len() as u64 {
+        if reader_done && pg_restarted && crm_customers * 10 >= expected.last_hash.len() as u64 * 9
+        {
             break;
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "chaos run did not finish: {crm_customers} of {} customers in the CRM{}",
+            "chaos run made too little progress: {crm_customers} of {} customers in the CRM{}",
             expected.last_hash.len(),
             pipeline.logs()
         );
@@ -112,25 +120,39 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         stats["duplicate_effects"], 0,
         "no duplicate in the CRM: {stats:#}"
     );
-    assert_eq!(
-        stats["customers"].as_u64(),
-        Some(expected.last_hash.len() as u64),
-        "{stats:#}"
-    );
+    // Every valid id ends with its last version either confirmed (in `customers`) or, if the CRM
+    // kept failing it past max-deliver, in `dead_letters`: never lost, never an older version.
     let client = db.client().await?;
-    let rows = client
+    let synced: HashMap<String, String> = client
         .query("SELECT id, content_hash FROM customers", &[])
-        .await?;
-    assert_eq!(rows.len(), expected.last_hash.len());
-    for row in rows {
-        let id: String = row.get(0);
-        let hash: String = row.get(1);
-        assert_eq!(
-            Some(hash.as_str()),
-            expected.last_hash.get(&id).map(|h| h.as_str()),
-            "customer {id} holds its last version"
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let dead: HashSet<(String, String)> = client
+        .query("SELECT customer_id, content_hash FROM dead_letters", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (id, hash) in &expected.last_hash {
+        let confirmed = synced.get(id).is_some_and(|h| h == hash.as_str());
+        let dead_lettered = dead.contains(&(id.clone(), hash.as_str().to_owned()));
+        assert!(
+            confirmed || dead_lettered,
+            "customer {id}: last version {hash} neither synced ({:?}) nor dead-lettered",
+            synced.get(id)
         );
     }
+    assert!(
+        synced.keys().all(|id| expected.last_hash.contains_key(id)),
+        "no unexpected customer"
+    );
+    assert!(
+        dead.len() * 100 <= expected.last_hash.len(),
+        "dead letters stay rare with 10 deliveries per record: {}",
+        dead.len()
+    );
     let rejected: i64 = client
         .query_one("SELECT count(*) FROM rejected_rows", &[])
         .await?
