@@ -37,6 +37,9 @@ pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
 /// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
 const ACK_WINDOW: usize = 256;
 
+/// Ledger look-ups in flight at once.
+const LEDGER_LOOKAHEAD: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     /// Inclusive stream sequences.
@@ -157,7 +160,7 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         })
         .await
         .map_err(|e| nats_error(format!("creating a replay consumer on {stream_name}"), e))?;
-    let mut messages = consumer
+    let messages = consumer
         .messages()
         .await
         .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
@@ -172,23 +175,37 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
     let nonce = crate::nonce();
     let subject = names.ingest_subject();
     let mut acks = VecDeque::new();
+    // Ledger look-ups are round trips: run a window of them ahead, in order, so the replay is not
+    // one round trip per message. Look-ups past the end of the range are wasted, never published.
+    let checked = messages
+        .map(|next| {
+            let ledger = ledger.clone();
+            let stream_name = stream_name.clone();
+            async move {
+                let message = next.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+                let (seq, published) = {
+                    let info = message.info().map_err(|e| {
+                        nats_error(format!("reading metadata of a {stream_name} message"), e)
+                    })?;
+                    (info.stream_sequence, info.published)
+                };
+                let superseded = superseded(&ledger, &message.payload, seq).await?;
+                Ok::<_, CtlError>((message, seq, published, superseded))
+            }
+        })
+        .buffered(LEDGER_LOOKAHEAD);
+    tokio::pin!(checked);
     loop {
-        let next = match tokio::time::timeout(config.idle_timeout, messages.next()).await {
+        let next = match tokio::time::timeout(config.idle_timeout, checked.next()).await {
             Ok(Some(next)) => next,
             // Silence: the rest of the range was deleted; nothing more to read.
             Ok(None) | Err(_) => break,
         };
-        let message = next.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
-        let (seq, published) = {
-            let info = message.info().map_err(|e| {
-                nats_error(format!("reading metadata of a {stream_name} message"), e)
-            })?;
-            (info.stream_sequence, info.published)
-        };
+        let (message, seq, published, superseded) = next?;
         if seq > upper_seq || until.is_some_and(|until| published > until) {
             break;
         }
-        if superseded(&ledger, &message.payload, seq).await? {
+        if superseded {
             outcome.skipped_superseded += 1;
             if seq >= upper_seq {
                 break;
