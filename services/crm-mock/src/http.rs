@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{FaultPlan, InjectedFault};
@@ -49,30 +50,59 @@ fn read(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-pub struct App {
+/// The behaviour in force; replaced whole by [`App::reconfigure`], so a request sees one
+/// consistent set of settings from its start to its answer.
+struct Settings {
     config: CrmMockConfig,
-    shutdown: CancellationToken,
-    store: Store,
-    counters: Counters,
     quota: Option<DefaultDirectRateLimiter>,
     expected_authorization: Option<String>,
 }
 
-impl App {
-    pub fn new(config: CrmMockConfig, shutdown: CancellationToken) -> Self {
+impl Settings {
+    fn new(config: CrmMockConfig) -> Self {
         let quota = config
             .rps
             .and_then(NonZeroU32::new)
             .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
         let expected_authorization = config.token.as_ref().map(|token| format!("Bearer {token}"));
-        App {
+        Settings {
             config,
-            shutdown,
-            store: Store::default(),
-            counters: Counters::default(),
             quota,
             expected_authorization,
         }
+    }
+}
+
+pub struct App {
+    settings: RwLock<Arc<Settings>>,
+    shutdown: CancellationToken,
+    store: Store,
+    counters: Counters,
+}
+
+impl App {
+    pub fn new(config: CrmMockConfig, shutdown: CancellationToken) -> Self {
+        App {
+            settings: RwLock::new(Arc::new(Settings::new(config))),
+            shutdown,
+            store: Store::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.read().clone()
+    }
+
+    pub fn config(&self) -> CrmMockConfig {
+        self.settings().config.clone()
+    }
+
+    /// Changes faults, limits, token or idempotency for requests that arrive from now on; the
+    /// listen address, customers, remembered keys and counters stay. The request numbering goes
+    /// on, so a seed keeps giving the same sequence from where it was.
+    pub fn reconfigure(&self, config: CrmMockConfig) {
+        *self.settings.write() = Arc::new(Settings::new(config));
     }
 
     pub fn stats(&self) -> Stats {
@@ -213,8 +243,10 @@ fn too_many(retry_after_secs: u64, message: &str) -> Response {
 /// Everything that happens to a customer request before (and around) its processing.
 async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let counters = &app.counters;
+    let settings = app.settings();
+    let config = &settings.config;
     let request_number = counters.requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(expected) = &app.expected_authorization {
+    if let Some(expected) = &settings.expected_authorization {
         let presented = request.headers().get(header::AUTHORIZATION);
         if presented.is_none_or(|value| value.as_bytes() != expected.as_bytes()) {
             bump(&counters.rejected_auth);
@@ -224,17 +256,17 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
             ));
         }
     }
-    let Some(_in_flight) = InFlight::enter(counters, app.config.max_concurrency) else {
+    let Some(_in_flight) = InFlight::enter(counters, config.max_concurrency) else {
         bump(&counters.concurrency_limited);
         return too_many(1, "too many concurrent requests");
     };
-    if let Some(quota) = &app.quota
+    if let Some(quota) = &settings.quota
         && quota.check().is_err()
     {
         bump(&counters.quota_limited);
         return too_many(1, "requests-per-second quota exceeded");
     }
-    let plan = FaultPlan::for_request(&app.config, request_number);
+    let plan = FaultPlan::for_request(config, request_number);
     app.pause(plan.latency).await;
     match plan.fault {
         None => next.run(request).await,
@@ -244,7 +276,7 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
         }
         Some(InjectedFault::RateLimited) => {
             bump(&counters.injected_rate_limited);
-            too_many(app.config.retry_after_secs, "injected rate limit")
+            too_many(config.retry_after_secs, "injected rate limit")
         }
         Some(InjectedFault::Timeout { applied_first }) => {
             bump(&counters.injected_timeout);
@@ -252,7 +284,7 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
                 // The worst case for a client: the change lands, the answer never comes.
                 drop(next.run(request).await);
             }
-            app.pause(Duration::from_millis(app.config.hang_ms)).await;
+            app.pause(Duration::from_millis(config.hang_ms)).await;
             respond(Answer::error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "injected timeout",
@@ -264,7 +296,7 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
 /// The key to honour, if any. A key that is not visible ASCII is refused, since a client could not
 /// send it back unchanged on a retry.
 fn idempotency_key<'h>(app: &App, headers: &'h HeaderMap) -> Result<Option<&'h str>, Answer> {
-    if app.config.no_idempotency {
+    if app.settings().config.no_idempotency {
         return Ok(None);
     }
     match headers.get(IDEMPOTENCY_KEY) {

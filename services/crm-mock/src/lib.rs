@@ -260,6 +260,23 @@ impl RunningMock {
         self.app.stats()
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> CrmMockConfig {
+        self.app.config()
+    }
+
+    /// Switches faults, limits, token or `no_idempotency` for requests arriving from now on (say,
+    /// a CRM that goes down and comes back); customers, idempotency memory and counters are kept.
+    /// `config.listen` is ignored: the mock keeps its address.
+    pub fn reconfigure(&self, config: CrmMockConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.app.reconfigure(CrmMockConfig {
+            listen: self.addr,
+            ..config
+        });
+        Ok(())
+    }
+
     /// Waits until the server has stopped (after the shutdown token was cancelled and in-flight
     /// requests were answered).
     pub async fn stopped(self) -> anyhow::Result<()> {

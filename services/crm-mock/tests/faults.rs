@@ -213,3 +213,45 @@ async fn requests_over_the_rps_quota_get_429() -> anyhow::Result<()> {
     assert_eq!(stats.injected.quota_limited as usize, limited);
     mock.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_takes_the_crm_down_and_back_up_keeping_its_customers() -> anyhow::Result<()> {
+    let mock = Mock::start(CrmMockConfig::default()).await?;
+    let running = mock.running.as_ref().expect("the mock is running");
+    assert_eq!(
+        mock.create(&customer("r-1", "Ada"), None).await?.status,
+        201
+    );
+
+    let healthy = running.config();
+    running.reconfigure(CrmMockConfig {
+        failure_rate: 1.0,
+        ..healthy.clone()
+    })?;
+    for n in 2..6 {
+        let reply = mock
+            .create(&customer(&format!("r-{n}"), "Ada"), None)
+            .await?;
+        assert!([500, 502, 503].contains(&reply.status), "{reply:?}");
+    }
+    assert!(
+        running
+            .reconfigure(CrmMockConfig {
+                failure_rate: 2.0,
+                ..healthy.clone()
+            })
+            .is_err(),
+        "an invalid configuration is refused"
+    );
+
+    running.reconfigure(healthy)?;
+    assert_eq!(mock.get("r-1").await?.status, 200, "customers survive");
+    assert_eq!(
+        mock.create(&customer("r-6", "Ada"), None).await?.status,
+        201
+    );
+    let stats = running.stats();
+    assert_eq!((stats.created, stats.injected.error), (2, 4));
+    assert_eq!(stats, mock.stats().await?);
+    mock.stop().await
+}
