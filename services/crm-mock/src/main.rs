@@ -1,11 +1,17 @@
 //! The `crm-mock` binary: parses flags and serves until SIGINT/SIGTERM.
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use crm_mock::{Args, CrmMockConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = CrmMockConfig::from(Args::parse());
+    if let Err(err) = config.validate() {
+        // Report it like any other bad flag: usage error, exit code 2, no backtrace.
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, err)
+            .exit();
+    }
     service_kit::init_telemetry();
     let shutdown = service_kit::shutdown_on_signals();
     crm_mock::run(config, shutdown).await
