@@ -254,11 +254,11 @@ pub async fn run(
 ) -> Result<Summary, ReaderError> {
     let started = Instant::now();
     let names = Names::new(&config.nats.namespace)?;
-    let opened = input::open(&config.input).await?;
-    let identity = opened.identity;
-    if config.resume && identity.is_stdin {
+    if config.resume && config.input.as_os_str() == "-" {
         return Err(ReaderError::ResumeNeedsFile);
     }
+    let opened = input::open(&config.input).await?;
+    let identity = opened.identity;
     let shown = config.input.display().to_string();
 
     // The header decides whether this is a customer file at all, before anything is published.

@@ -206,7 +206,7 @@ fn generated_file(rows: u64) -> anyhow::Result<(tempfile::NamedTempFile, csv_gen
 #[tokio::test]
 async fn killed_mid_file_and_resumed_publishes_every_row_exactly_once() -> anyhow::Result<()> {
     let pipeline = Pipeline::new().await?;
-    let (file, stats) = generated_file(400_000)?;
+    let (file, stats) = generated_file(150_000)?;
     let key = checkpoint_key(file.path())?;
     let mut child = tokio::process::Command::new(e2e::binary("csv-reader")?)
         .arg(file.path())
@@ -268,7 +268,7 @@ async fn killed_mid_file_and_resumed_publishes_every_row_exactly_once() -> anyho
 #[tokio::test]
 async fn stopped_gracefully_then_resumed_counts_every_row_exactly() -> anyhow::Result<()> {
     let pipeline = Pipeline::new().await?;
-    let (file, stats) = generated_file(200_000)?;
+    let (file, stats) = generated_file(100_000)?;
     let key = checkpoint_key(file.path())?;
     let shutdown = CancellationToken::new();
     let mut config = pipeline.config(file.path());
@@ -321,6 +321,97 @@ async fn stopped_gracefully_then_resumed_counts_every_row_exactly() -> anyhow::R
             stats.bad
         )
     );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn sigterm_drains_saves_the_checkpoint_and_says_how_to_resume() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let (file, stats) = generated_file(100_000)?;
+    let key = checkpoint_key(file.path())?;
+    let child = tokio::process::Command::new(e2e::binary("csv-reader")?)
+        .arg(file.path())
+        .args([
+            "--namespace",
+            pipeline.names.namespace(),
+            "--nats-url",
+            &pipeline.nats_url,
+        ])
+        .args([
+            "--checkpoint-interval",
+            "100ms",
+            "--progress",
+            "off",
+            "--summary-json",
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting csv-reader")?;
+    e2e::wait_for(
+        "a checkpoint past line 1000",
+        Duration::from_secs(60),
+        || async {
+            let checkpoint = pipeline.checkpoint(&key).await.ok()??;
+            (checkpoint.line > 1000).then_some(())
+        },
+    )
+    .await?;
+    e2e::terminate(&child)?;
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("csv-reader did not stop after SIGTERM")??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(summary["interrupted"], true);
+    let checkpoint = pipeline.checkpoint(&key).await?.context("checkpoint")?;
+    assert!(!checkpoint.complete);
+    assert_eq!(Some(checkpoint.line), summary["acked_line"].as_u64());
+    assert!(checkpoint.rows_read < stats.rows);
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn standard_input_is_read_but_cannot_be_resumed() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let file = write_temp(
+        b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n2,Bo,Ek,nope\n",
+        ".csv",
+    )?;
+    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
+        .arg("-")
+        .args([
+            "--namespace",
+            pipeline.names.namespace(),
+            "--nats-url",
+            &pipeline.nats_url,
+        ])
+        .arg("--summary-json")
+        .stdin(std::fs::File::open(file.path())?)
+        .output()
+        .await?;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(
+        (summary["published"].as_u64(), summary["rejected"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(summary["file"], "-");
+
+    let mut config = pipeline.config(std::path::Path::new("-"));
+    config.resume = true;
+    let err = csv_reader::run(config, CancellationToken::new())
+        .await
+        .expect_err("stdin cannot be resumed");
+    assert_eq!(err.exit_code(), 2);
     pipeline.delete_streams().await
 }
 
