@@ -58,8 +58,9 @@ shown with its difference; `difference` is the sum of their absolute values, 0 w
   reader        rows_read = published + deduplicated + rejected   (checkpoints bucket, all files)
   ingest        ingest messages = synced + dead outcomes + integrators pending + in flight
                 (every ingest message yields exactly one outcome on synced or dead)
-  rejects       rejected outcomes = rejected by the reader (>= while a file is still being read)
-  rejected_rows rejected outcomes - persister pending <= rejected_rows <= rejected outcomes
+  rejects       rejected outcomes >= rejected by the reader (equal once every file is read, unless
+                a file was read again after the dedup window)
+  rejected_rows rejected by the reader - persister pending <= rejected_rows <= rejected outcomes
   dead_letters  dead_letters <= dead outcomes (redriven letters leave the table)
   customers     customers <= synced outcomes (one row per customer)
 
