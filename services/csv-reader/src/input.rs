@@ -155,6 +155,11 @@ pub async fn open(path: &Path) -> Result<OpenedInput, ReaderError> {
 /// break is added if the input lacks one. Every record then ends with exactly one `\n`, which is
 /// what lets the reader compute the line a record starts on (csv-async reports where it started
 /// looking, which is off after a CRLF or a blank line). A lone `\r` is kept as data.
+///
+/// It also bounds one row's size: the CSV parser keeps a whole row in memory, so an unterminated
+/// quote in a 50 GB file would otherwise swallow the rest of the file into one row. Once more than
+/// `max_row_bytes` have been handed out past the end of the last row the parser returned (which
+/// the reader reports through [`RowEnd`]), reading fails with an error that says why.
 pub struct LfLineEndings<R> {
     inner: R,
     scratch: Box<[u8]>,
@@ -163,10 +168,27 @@ pub struct LfLineEndings<R> {
     held_cr: bool,
     last_byte: Option<u8>,
     finished: bool,
+    delivered: u64,
+    row_end: RowEnd,
+    max_row_bytes: u64,
+}
+
+/// Where, in the bytes [`LfLineEndings`] handed out, the last complete row ended.
+#[derive(Debug, Clone, Default)]
+pub struct RowEnd(Arc<AtomicU64>);
+
+impl RowEnd {
+    pub fn set(&self, byte: u64) {
+        self.0.store(byte, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl<R> LfLineEndings<R> {
-    pub fn new(inner: R) -> Self {
+    pub fn new(inner: R, row_end: RowEnd, max_row_bytes: u64) -> Self {
         LfLineEndings {
             inner,
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
@@ -175,6 +197,9 @@ impl<R> LfLineEndings<R> {
             held_cr: false,
             last_byte: None,
             finished: false,
+            delivered: 0,
+            row_end,
+            max_row_bytes,
         }
     }
 
@@ -223,10 +248,21 @@ impl<R: AsyncRead + Unpin> AsyncRead for LfLineEndings<R> {
                 let n = available.len().min(out.remaining());
                 out.put_slice(&available[..n]);
                 this.ready_from += n;
+                this.delivered += n as u64;
                 return std::task::Poll::Ready(Ok(()));
             }
             if this.finished {
                 return std::task::Poll::Ready(Ok(()));
+            }
+            let open_row = this.delivered.saturating_sub(this.row_end.get());
+            if open_row > this.max_row_bytes {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "a row runs on for over {} bytes without ending (an unterminated quote?)",
+                        this.max_row_bytes
+                    ),
+                )));
             }
             let mut scratch = tokio::io::ReadBuf::new(&mut this.scratch);
             std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut scratch))?;
@@ -293,7 +329,7 @@ mod tests {
 
     async fn normalised(input: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        LfLineEndings::new(input)
+        LfLineEndings::new(input, RowEnd::default(), u64::MAX)
             .read_to_end(&mut out)
             .await
             .expect("reading from memory");
@@ -322,12 +358,32 @@ mod tests {
             }
         });
         let mut out = Vec::new();
-        LfLineEndings::new(reader)
+        LfLineEndings::new(reader, RowEnd::default(), u64::MAX)
             .read_to_end(&mut out)
             .await
             .expect("read");
         feeding.await.expect("feeder");
         assert_eq!(out, b"a\nb\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_row_that_never_ends_is_an_error_not_unbounded_memory() {
+        let endless = vec![b'x'; 1024 * 1024];
+        let row_end = RowEnd::default();
+        let mut out = Vec::new();
+        let err = LfLineEndings::new(endless.as_slice(), row_end.clone(), 200_000)
+            .read_to_end(&mut out)
+            .await
+            .expect_err("must stop");
+        assert!(err.to_string().contains("unterminated quote"), "{err}");
+        assert!(out.len() < 200_000 + 70_000, "{}", out.len());
+
+        row_end.set(1024 * 1024);
+        let mut out = Vec::new();
+        LfLineEndings::new(endless.as_slice(), row_end, 2 * 1024 * 1024)
+            .read_to_end(&mut out)
+            .await
+            .expect("within the limit");
     }
 
     #[test]

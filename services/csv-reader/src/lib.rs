@@ -23,7 +23,7 @@ use service_kit::NatsArgs;
 use sync_topology::{ConnectError, Names};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::input::LfLineEndings;
+pub use crate::input::{LfLineEndings, RowEnd};
 
 use crate::checkpoint::{CheckpointStore, Counters, StartPoint};
 use crate::message::{MessageContext, MessageKind};
@@ -33,6 +33,9 @@ use crate::publish::{Acknowledged, RetryPolicy};
 /// Chosen by benchmark (BENCHMARKS.md): beyond it the rate no longer rises on a local server,
 /// and the window's memory (a few hundred bytes per message) stays far below the RSS target.
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+
+/// Far above any real row (fields are at most 1 KiB), far below the memory target.
+pub const DEFAULT_MAX_ROW_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Everything a run needs; the binary fills it from flags and the environment.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,6 +66,10 @@ pub struct ReaderConfig {
     /// How long to wait for one acknowledgement before publishing again.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ack_timeout: Duration,
+    /// A row longer than this stops the run (exit 2): it is an unterminated quote or not a CSV,
+    /// and the parser would otherwise hold it all in memory. Fields over 1 KiB are rejected anyway.
+    #[arg(long, default_value_t = DEFAULT_MAX_ROW_BYTES)]
+    pub max_row_bytes: u64,
     /// Attempts per message (with exponential backoff, at most 5 s apart) before the run fails.
     #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub publish_attempts: usize,
@@ -82,6 +89,7 @@ impl ReaderConfig {
             checkpoint_interval: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(10),
             publish_attempts: RetryPolicy::default().attempts,
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
     }
 }
@@ -262,7 +270,7 @@ pub async fn run(
     let shown = config.input.display().to_string();
 
     // The header decides whether this is a customer file at all, before anything is published.
-    let mut csv = csv_reader(opened.reader);
+    let (mut csv, row_end) = csv_reader(opened.reader, config.max_row_bytes);
     let mut record = ByteRecord::new();
     let has_header =
         csv.read_byte_record(&mut record)
@@ -342,6 +350,7 @@ pub async fn run(
                 break;
             }
         }
+        row_end.set(csv.position().byte());
         let line_now = csv.position().line();
         let line = record_start_line(&record, line_now, previous_end);
         previous_end = line_now;
@@ -407,7 +416,8 @@ pub async fn run(
     }
 
     // Whatever stopped the reading, what was sent is awaited, so the checkpoint covers it.
-    if failure.is_none() {
+    let publishing_failed = matches!(failure, Some(ReaderError::Publish { .. }));
+    if !publishing_failed {
         while let Some(done) = in_flight.next().await {
             if let Err(err) = tally.settle(done) {
                 failure = Some(err);
@@ -454,15 +464,19 @@ pub async fn run(
 /// How the reader parses CSV: line endings normalised to LF first (see [`LfLineEndings`]), rows
 /// of any width (the layout judges the count, so a short row is a rejection, not an error), the
 /// header read as an ordinary row.
+/// The reader must report each row's end (`csv.position().byte()`) to the returned [`RowEnd`].
 pub fn csv_reader<R: tokio::io::AsyncRead + Unpin + Send>(
     input: R,
-) -> csv_async::AsyncReader<LfLineEndings<R>> {
-    csv_async::AsyncReaderBuilder::new()
+    max_row_bytes: u64,
+) -> (csv_async::AsyncReader<LfLineEndings<R>>, RowEnd) {
+    let row_end = RowEnd::default();
+    let reader = csv_async::AsyncReaderBuilder::new()
         .flexible(true)
         .has_headers(false)
         .terminator(csv_async::Terminator::Any(b'\n'))
         .buffer_capacity(64 * 1024)
-        .create_reader(LfLineEndings::new(input))
+        .create_reader(LfLineEndings::new(input, row_end.clone(), max_row_bytes));
+    (reader, row_end)
 }
 
 /// The line a record just read starts on. Every record ends with exactly one `\n` (see
@@ -563,12 +577,13 @@ mod tests {
     #[tokio::test]
     async fn start_lines_are_exact_after_crlf_blank_lines_and_quoted_line_breaks() {
         let input: &[u8] = b"h1,h2\r\na,1\r\n\r\n\nb,2\n\"x\r\ny\",3\r\nlast,4";
-        let mut csv = csv_reader(input);
+        let (mut csv, row_end) = csv_reader(input, u64::MAX);
         let mut record = ByteRecord::new();
         assert!(csv.read_byte_record(&mut record).await.expect("header"));
         let mut previous_end = csv.position().line();
         let mut lines = Vec::new();
         while csv.read_byte_record(&mut record).await.expect("row") {
+            row_end.set(csv.position().byte());
             let now = csv.position().line();
             lines.push((
                 record_start_line(&record, now, previous_end),

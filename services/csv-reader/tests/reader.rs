@@ -416,6 +416,41 @@ async fn standard_input_is_read_but_cannot_be_resumed() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_10_mb_field_is_rejected_and_an_endless_row_stops_the_run() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let mut contents = b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n".to_vec();
+    contents.extend_from_slice(b"2,");
+    contents.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024));
+    contents.extend_from_slice(b",Lee,b@c.io\n3,Cy,Oh,c@d.io\n");
+    let file = write_temp(&contents, ".csv")?;
+    let summary = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!((summary.published, summary.rejected), (2, 1));
+    assert_eq!(summary.rejected_by_kind.get("field_too_long"), Some(&1));
+
+    // An unterminated quote swallows the rest of the file into one row: stopped at the limit.
+    let mut endless = b"id,first_name,last_name,email\n9,Dee,Ek,d@e.io\n2,\"".to_vec();
+    endless.extend(std::iter::repeat_n(b'y', 3 * 1024 * 1024));
+    let endless = write_temp(&endless, ".csv")?;
+    let mut config = pipeline.config(endless.path());
+    config.max_row_bytes = 1024 * 1024;
+    let err = csv_reader::run(config, CancellationToken::new())
+        .await
+        .expect_err("an endless row must stop the run");
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("unterminated quote"), "{err}");
+    // The rows before it were still acknowledged and checkpointed.
+    let checkpoint = pipeline
+        .checkpoint(&checkpoint_key(endless.path())?)
+        .await?
+        .context("checkpoint")?;
+    assert_eq!(
+        (checkpoint.line, checkpoint.published, checkpoint.complete),
+        (2, 1, false)
+    );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
 async fn a_changed_file_is_refused_on_resume_unless_forced() -> anyhow::Result<()> {
     let pipeline = Pipeline::new().await?;
     let mut file = write_temp(b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n", ".csv")?;
