@@ -40,7 +40,14 @@ impl NatsArgs {
 /// Installs the global tracing subscriber. `LOG_FORMAT=json` gives one JSON object per line.
 /// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries).
 pub fn init_telemetry() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_telemetry_with_default("info");
+}
+
+/// [`init_telemetry`] with another filter when `RUST_LOG` is unset: a CLI such as `syncctl` keeps
+/// its output free of connection chatter with `"warn"`.
+pub fn init_telemetry_with_default(default_directives: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directives));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {

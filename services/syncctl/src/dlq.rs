@@ -42,6 +42,7 @@ pub struct DeadLetterRow {
 /// The newest `limit` dead letters.
 pub async fn list(config: &ListConfig) -> Result<Vec<DeadLetterRow>, CtlError> {
     let client = crate::connect_database(&config.database_url).await?;
+    crate::require_schema(&client, &config.database_url).await?;
     let rows = client
         .query(
             "SELECT customer_id, content_hash, ingest_seq, reason, crm_status, crm_body, attempts, \
@@ -123,6 +124,7 @@ pub struct RedriveOutcome {
 /// Republishes the selected dead letters onto the ingest subject.
 pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError> {
     let client = crate::connect_database(&config.database_url).await?;
+    crate::require_schema(&client, &config.database_url).await?;
     let pipeline = Pipeline::connect(&config.nats).await?;
     // Fail with "run setup" before publishing into a subject nothing stores.
     pipeline.stream(&pipeline.names.ingest_stream()).await?;

@@ -39,6 +39,8 @@ pub enum CtlError {
     },
     #[error("KV bucket {bucket} missing: run `syncctl setup --namespace {namespace}`")]
     BucketMissing { bucket: String, namespace: String },
+    #[error("database {url} has no schema yet: run `syncctl setup`")]
+    SchemaMissing { url: String },
     #[error("{action} failed: {message}")]
     Nats { action: String, message: String },
     #[error("{what} is not valid JSON: {source}")]
@@ -154,7 +156,7 @@ pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Clie
         .await
         .map_err(|err| sync_store::StoreError::Connect {
             url: sync_store::redact(database_url),
-            message: err.to_string(),
+            message: describe_error(&err),
         })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
@@ -162,6 +164,36 @@ pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Clie
         }
     });
     Ok(client)
+}
+
+/// Fails with "run `syncctl setup`" on a database that was never migrated, rather than with
+/// PostgreSQL's "relation does not exist"; returns the schema version otherwise.
+pub async fn require_schema(
+    client: &tokio_postgres::Client,
+    database_url: &str,
+) -> Result<i32, CtlError> {
+    match sync_store::schema_version(client).await? {
+        0 => Err(CtlError::SchemaMissing {
+            url: sync_store::redact(database_url),
+        }),
+        version => Ok(version),
+    }
+}
+
+/// The error and every cause below it, for a message that says what PostgreSQL or NATS said
+/// ("db error" alone helps nobody).
+pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let line = inner.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// A random suffix for message ids we mint, so a second replay or redrive of the same record is not

@@ -213,7 +213,8 @@ struct GenCsvArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    service_kit::init_telemetry();
+    // Connection chatter would drown the output an operator asked for; RUST_LOG brings it back.
+    service_kit::init_telemetry_with_default("warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -228,7 +229,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", syncctl::describe_error(&err));
             ExitCode::from(err.exit_code())
         }
     }

@@ -284,7 +284,7 @@ pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
     let (tables, schema_version) = match &config.database_url {
         Some(url) => {
             let client = crate::connect_database(url).await?;
-            let version = sync_store::schema_version(&client).await?;
+            let version = crate::require_schema(&client, url).await?;
             (
                 Some(sync_store::table_counts(&client).await?),
                 Some(version),
@@ -413,26 +413,26 @@ impl fmt::Display for Status {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<28} {:>12} {:>14} {:>12} {:>12}",
+            "{:<36} {:>12} {:>14} {:>12} {:>12}",
             "STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"
         )?;
         for s in &self.streams {
             writeln!(
                 f,
-                "{:<28} {:>12} {:>14} {:>12} {:>12}",
+                "{:<36} {:>12} {:>14} {:>12} {:>12}",
                 s.name, s.messages, s.bytes, s.first_seq, s.last_seq
             )?;
         }
         writeln!(f)?;
         writeln!(
             f,
-            "{:<28} {:>12} {:>12} {:>12} {:>12}",
+            "{:<36} {:>12} {:>12} {:>12} {:>12}",
             "CONSUMER", "PENDING", "IN FLIGHT", "REDELIVERED", "ACK FLOOR"
         )?;
         for c in &self.consumers {
             writeln!(
                 f,
-                "{:<28} {:>12} {:>12} {:>12} {:>12}",
+                "{:<36} {:>12} {:>12} {:>12} {:>12}",
                 format!("{}/{}", c.stream, c.name),
                 c.num_pending,
                 c.num_ack_pending,

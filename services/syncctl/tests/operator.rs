@@ -330,6 +330,27 @@ async fn status_without_setup_says_to_run_setup() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn status_and_dlq_on_an_unmigrated_database_say_to_run_setup() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let (nats, _pipeline) = prepared(None).await?;
+    let err = syncctl::status::collect(&syncctl::status::StatusConfig {
+        nats,
+        database_url: Some(db.url.clone()),
+    })
+    .await
+    .expect_err("no schema yet");
+    assert!(matches!(err, CtlError::SchemaMissing { .. }), "{err}");
+    let err = syncctl::dlq::list(&syncctl::dlq::ListConfig {
+        database_url: db.url.clone(),
+        limit: 5,
+    })
+    .await
+    .expect_err("no schema yet");
+    assert!(err.to_string().contains("syncctl setup"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn wait_returns_when_drained_and_times_out_otherwise() -> anyhow::Result<()> {
     let (nats, pipeline) = prepared(None).await?;
     let config = |timeout| syncctl::wait::WaitConfig {
