@@ -8,7 +8,10 @@ use tokio_postgres::NoTls;
 
 mod outcomes;
 
-pub use outcomes::{BatchReport, Outcome, PoisonMessage, poison_message_count, write_batch};
+pub use outcomes::{
+    BatchReport, Outcome, PoisonMessage, WriteStrategy, poison_message_count, write_batch,
+    write_batch_with,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations");

@@ -10,7 +10,9 @@
 mod decode;
 mod writer;
 
+use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -20,16 +22,21 @@ use backon::{ExponentialBuilder, Retryable as _};
 use deadpool_postgres::Pool;
 use service_kit::{Health, NatsArgs};
 use sync_topology::Names;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use decode::{Origin, decode};
-pub use sync_store::{BatchReport, Outcome, PoisonMessage, StoreError, write_batch};
+pub use sync_store::{
+    BatchReport, Outcome, PoisonMessage, StoreError, WriteStrategy, write_batch, write_batch_with,
+};
 
-use writer::BatchWriter;
+use writer::{BatchWriter, Part, Persisted};
 
 /// Default batch size, chosen by `deploy/local/bench.d/persister.sh`.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
+pub const DEFAULT_WRITERS: usize = 2;
 pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 
 /// Command line and environment of the `persister` binary.
@@ -57,6 +64,15 @@ pub struct Args {
     #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE as u32,
           value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub batch_size: u32,
+    /// Concurrent writers (PostgreSQL connections). Outcomes are split among them by customer id,
+    /// so each batch of up to `--batch-size` becomes one transaction per writer.
+    #[arg(long, env = "PERSISTER_WRITERS", default_value_t = DEFAULT_WRITERS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub writers: u32,
+    /// How customer rows are written: `unnest` (array-parameter upsert) or `copy-merge` (binary
+    /// COPY into a temporary table, then upsert from it). Same result; see BENCHMARKS.md for speed.
+    #[arg(long, env = "PERSISTER_WRITE_STRATEGY", value_enum, default_value_t = StrategyArg::Unnest)]
+    pub write_strategy: StrategyArg,
     /// Longest wait, after a batch's first outcome, for the batch to fill.
     #[arg(long, env = "PERSISTER_BATCH_LINGER_MS", default_value_t = 50)]
     pub batch_linger_ms: u64,
@@ -68,6 +84,21 @@ pub struct Args {
     pub stop_when_drained: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    Unnest,
+    CopyMerge,
+}
+
+impl From<StrategyArg> for WriteStrategy {
+    fn from(arg: StrategyArg) -> Self {
+        match arg {
+            StrategyArg::Unnest => WriteStrategy::Unnest,
+            StrategyArg::CopyMerge => WriteStrategy::CopyMerge,
+        }
+    }
+}
+
 impl From<Args> for PersisterConfig {
     fn from(args: Args) -> Self {
         PersisterConfig {
@@ -75,6 +106,8 @@ impl From<Args> for PersisterConfig {
             database_url: args.database_url,
             consumer: args.consumer,
             batch_size: args.batch_size as usize,
+            writers: args.writers as usize,
+            write_strategy: args.write_strategy.into(),
             batch_linger: Duration::from_millis(args.batch_linger_ms),
             metrics_addr: Some(args.metrics_addr),
             stop_when_drained: args.stop_when_drained,
@@ -90,6 +123,9 @@ pub struct PersisterConfig {
     /// `syncctl replay --results`.
     pub consumer: String,
     pub batch_size: usize,
+    /// Concurrent writers, each with its own PostgreSQL connection.
+    pub writers: usize,
+    pub write_strategy: WriteStrategy,
     pub batch_linger: Duration,
     /// None: no metrics endpoint (in-process callers such as `syncctl`).
     pub metrics_addr: Option<SocketAddr>,
@@ -105,6 +141,8 @@ impl PersisterConfig {
             database_url: database_url.into(),
             consumer: Names::default().persister_consumer().to_owned(),
             batch_size: DEFAULT_BATCH_SIZE,
+            writers: DEFAULT_WRITERS,
+            write_strategy: WriteStrategy::default(),
             batch_linger: DEFAULT_BATCH_LINGER,
             metrics_addr: None,
             stop_when_drained: false,
@@ -138,7 +176,7 @@ pub async fn run(
         tracing::info!(%bound, "serving metrics and health");
     }
 
-    let pool = sync_store::connect_pool(&config.database_url, 2)?;
+    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1))?;
     if !migrate_when_available(&pool, &config.database_url, &shutdown).await? {
         return Ok(RunReport::default());
     }
@@ -164,9 +202,14 @@ pub async fn run(
             )
         })?;
     let ack_wait = consumer.cached_info().config.ack_wait;
+    // Two batches in flight per writer keep the writers busy while the next batch arrives.
+    let max_ack_pending = usize::try_from(consumer.cached_info().config.max_ack_pending)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    let prefetch = (config.batch_size * 2).min(max_ack_pending).max(1);
     let messages = consumer
         .stream()
-        .max_messages_per_batch(config.batch_size)
+        .max_messages_per_batch(prefetch)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -175,27 +218,53 @@ pub async fn run(
     let batches = messages.chunks_timeout(config.batch_size, config.batch_linger);
     tokio::pin!(batches);
 
-    let writer = BatchWriter {
+    let writer = Arc::new(BatchWriter {
         pool,
         database_url: config.database_url.clone(),
         names: names.clone(),
         stream: stream.clone(),
         ack_wait,
+        strategy: config.write_strategy,
         shutdown: shutdown.clone(),
         retries: AtomicU64::new(0),
-    };
-    let mut report = RunReport::default();
+    });
+    let writers = config.writers.max(1);
+    let tracker = TaskTracker::new();
+    let mut parts_to = Vec::with_capacity(writers);
+    let mut totals = Vec::with_capacity(writers);
+    for _ in 0..writers {
+        let (send, mut receive) = mpsc::channel::<Part>(1);
+        let writer = Arc::clone(&writer);
+        totals.push(tracker.spawn(async move {
+            let mut total = Persisted::default();
+            while let Some(part) = receive.recv().await {
+                let persisted = writer.persist(part).await;
+                let interrupted = persisted.interrupted;
+                total.add(persisted);
+                if interrupted {
+                    break;
+                }
+            }
+            total
+        }));
+        parts_to.push(send);
+    }
+    tracker.close();
+
     tracing::info!(
         consumer = %config.consumer,
         %stream,
         batch_size = config.batch_size,
+        writers,
+        strategy = ?config.write_strategy,
         linger = ?config.batch_linger,
         "persisting outcomes"
     );
     health.set_ready(true);
     // Long enough that a chunk waiting for its linger is never mistaken for an idle stream.
     let idle = (config.batch_linger * 4).max(Duration::from_millis(250));
-    loop {
+    let mut failure = None;
+    'pulling: loop {
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -203,39 +272,67 @@ pub async fn run(
         };
         let items = match next {
             Err(_idle) => {
-                if config.stop_when_drained && drained(&client, &mut consumer).await? {
-                    tracing::info!("consumer drained; stopping");
-                    break;
+                if config.stop_when_drained {
+                    match drained(&client, &mut consumer).await {
+                        Ok(true) => {
+                            tracing::info!("consumer drained; stopping");
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            tracing::warn!(%err, "checking whether the consumer is drained")
+                        }
+                    }
                 }
                 continue;
             }
-            Ok(None) => bail!(
-                "the pull subscription on consumer {}/{} ended (consumer deleted?)",
-                stream,
-                config.consumer
-            ),
+            Ok(None) => {
+                failure = Some(anyhow::anyhow!(
+                    "the pull subscription on consumer {}/{} ended (consumer deleted?)",
+                    stream,
+                    config.consumer
+                ));
+                break;
+            }
             Ok(Some(items)) => items,
         };
-        let mut batch = Vec::with_capacity(items.len());
+        let mut parts: Vec<Part> = (0..writers).map(|_| Part::default()).collect();
         for item in items {
             match item {
-                Ok(message) => batch.push(message),
+                Ok(message) => {
+                    let outcome = writer.decode(&message);
+                    let index = partition(&outcome, writers);
+                    parts[index].messages.push(message);
+                    parts[index].outcomes.push(outcome);
+                }
                 Err(err) => tracing::warn!(%err, "pulling outcomes"),
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let persisted = writer.persist(batch).await;
-        report.written.add(&persisted.report);
-        report.messages_acked += persisted.acked;
-        report.batches += persisted.commits;
-        if persisted.interrupted {
-            break;
+        for (part, to) in parts.into_iter().zip(&parts_to) {
+            if part.messages.is_empty() {
+                continue;
+            }
+            if to.send(part).await.is_err() {
+                // A writer stopped: it was interrupted by shutdown while PostgreSQL was away.
+                break 'pulling;
+            }
         }
     }
     health.set_ready(false);
-    // Pulled but never written: hand them back now rather than after the ack wait.
+    drop(parts_to);
+    let mut report = RunReport::default();
+    for total in totals {
+        match total.await {
+            Ok(total) => {
+                report.written.add(&total.report);
+                report.messages_acked += total.acked;
+                report.batches += total.commits;
+            }
+            Err(err) => tracing::error!(%err, "a batch writer panicked"),
+        }
+    }
+    tracker.wait().await;
+    // Pulled but never handed to a writer: give them back now rather than after the ack wait.
     for message in batches.as_mut().into_remainder().into_iter().flatten() {
         let _ = message.ack_with(AckKind::Nak(None)).await;
     }
@@ -244,7 +341,24 @@ pub async fn run(
     }
     report.retries = writer.retries.load(Ordering::Relaxed);
     tracing::info!(?report, "persister stopped");
-    Ok(report)
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(report),
+    }
+}
+
+/// Which writer takes an outcome: all outcomes of one customer go to the same writer, so its
+/// customer row and dead letters are only ever changed by one transaction at a time, in stream
+/// order, and concurrent writers never race on them.
+fn partition(outcome: &Outcome, writers: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    match outcome {
+        Outcome::Synced(s) => s.customer.id.hash(&mut hasher),
+        Outcome::Dead(d) => d.customer_id.hash(&mut hasher),
+        Outcome::Rejected(r) => (&r.source_file, r.line).hash(&mut hasher),
+        Outcome::Poison(p) => p.stream_seq.hash(&mut hasher),
+    }
+    (hasher.finish() % writers as u64) as usize
 }
 
 /// True when the consumer has nothing left to deliver and nothing delivered awaits an ack.

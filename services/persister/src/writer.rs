@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 use backon::{ExponentialBuilder, Retryable as _};
 use deadpool_postgres::Pool;
-use sync_store::{BatchReport, Outcome, StoreError};
+use sync_store::{BatchReport, Outcome, StoreError, WriteStrategy};
 use sync_topology::Names;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,16 @@ pub(crate) struct BatchWriter {
     /// Progress acks go out three times per ack wait while a write is retried, so the server does
     /// not redeliver the batch to someone else meanwhile.
     pub ack_wait: Duration,
+    pub strategy: WriteStrategy,
     pub shutdown: CancellationToken,
     pub retries: AtomicU64,
+}
+
+/// Part of a pulled batch for one writer: messages and their decoded outcomes, index for index.
+#[derive(Debug, Default)]
+pub(crate) struct Part {
+    pub messages: Vec<jetstream::Message>,
+    pub outcomes: Vec<Outcome>,
 }
 
 /// What became of a batch.
@@ -40,6 +48,15 @@ pub(crate) struct Persisted {
     pub interrupted: bool,
 }
 
+impl Persisted {
+    pub fn add(&mut self, other: Persisted) {
+        self.report.add(&other.report);
+        self.acked += other.acked;
+        self.commits += other.commits;
+        self.interrupted |= other.interrupted;
+    }
+}
+
 enum Commit {
     Done(BatchReport),
     DataError(StoreError),
@@ -47,8 +64,11 @@ enum Commit {
 }
 
 impl BatchWriter {
-    pub async fn persist(&self, messages: Vec<jetstream::Message>) -> Persisted {
-        let mut outcomes: Vec<Outcome> = messages.iter().map(|m| self.decode(m)).collect();
+    pub async fn persist(&self, part: Part) -> Persisted {
+        let Part {
+            messages,
+            mut outcomes,
+        } = part;
         let mut done = Persisted::default();
         // Ranges still to write, last one first: a refused range is replaced by its two halves.
         let mut pending = Vec::with_capacity(8);
@@ -60,6 +80,7 @@ impl BatchWriter {
                 .await
             {
                 Commit::Done(written) => {
+                    tracing::debug!(outcomes = range.len(), took = ?started.elapsed(), "committed");
                     record_batch(&written, started.elapsed());
                     done.report.add(&written);
                     done.commits += 1;
@@ -127,7 +148,7 @@ impl BatchWriter {
         message.info().map(|info| info.stream_sequence).unwrap_or(0)
     }
 
-    fn decode(&self, message: &jetstream::Message) -> Outcome {
+    pub fn decode(&self, message: &jetstream::Message) -> Outcome {
         let outcome = decode::decode(&self.names, self.origin(message), &message.message.payload);
         if let Outcome::Poison(p) = &outcome {
             tracing::warn!(
@@ -146,7 +167,7 @@ impl BatchWriter {
     async fn commit(&self, outcomes: &[Outcome], messages: &[jetstream::Message]) -> Commit {
         let attempt = || async {
             let mut conn = sync_store::connection(&self.pool, &self.database_url).await?;
-            sync_store::write_batch(&mut conn, outcomes).await
+            sync_store::write_batch_with(&mut conn, outcomes, self.strategy).await
         };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))

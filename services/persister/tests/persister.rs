@@ -495,3 +495,58 @@ async fn a_dead_letter_leaves_when_a_later_version_of_its_customer_syncs() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn both_write_strategies_build_the_same_tables() -> anyhow::Result<()> {
+    let batches: Vec<Vec<Outcome>> = vec![
+        (1..=50)
+            .map(|i| Outcome::Synced(synced(&format!("c{i}"), 100 + i, "First")))
+            .chain([Outcome::Dead(dead("c1", 50)), Outcome::Dead(dead("z", 10))])
+            .collect(),
+        // Newer versions of some, older of others, and a repeat of the first batch's outcomes.
+        (1..=50)
+            .map(|i| {
+                let seq = if i % 2 == 0 { 200 + i } else { i };
+                Outcome::Synced(synced(&format!("c{i}"), seq, "Second"))
+            })
+            .chain([
+                Outcome::Rejected(rejected(4)),
+                Outcome::Rejected(rejected(4)),
+            ])
+            .collect(),
+    ];
+    let mut snapshots = Vec::new();
+    for strategy in [
+        persister::WriteStrategy::Unnest,
+        persister::WriteStrategy::CopyMerge,
+    ] {
+        let db = TestDatabase::create().await?;
+        let mut client = db.client().await?;
+        sync_store::migrate(&mut client, None).await?;
+        for batch in batches.iter().chain(batches.iter()) {
+            persister::write_batch_with(&mut client, batch, strategy).await?;
+        }
+        let dead: Vec<String> = client
+            .query("SELECT customer_id FROM dead_letters ORDER BY 1", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(dead, vec!["z".to_owned()], "{strategy:?}");
+        snapshots.push(
+            customers_snapshot(&client)
+                .await?
+                .into_iter()
+                .map(|row| {
+                    row.split("\"synced_at\"")
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(snapshots[0].len(), 50);
+    assert_eq!(snapshots[0], snapshots[1]);
+    Ok(())
+}
