@@ -23,6 +23,7 @@ log "building the release binary"
 cargo build --release -q -p crm-mock >&2
 wrk_ensure
 
+load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 crm_mock_start
 wrk_get "$CRM_MOCK_URL/healthz" "$SECONDS_PER_RUN" "$THREADS" "$CONNECTIONS"
 health_rps=$WRK_RPS health_p50=$WRK_P50_MS health_p99=$WRK_P99_MS
@@ -48,7 +49,8 @@ cat <<MD
 
 \`target/release/crm-mock --listen 127.0.0.1:0\` (no fault flags), driven by wrk on the same
 $(nproc)-core machine (load generator and server share the CPUs), $SECONDS_PER_RUN s per run,
-$THREADS threads, $CONNECTIONS keep-alive connections.
+$THREADS threads, $CONNECTIONS keep-alive connections; load average when it started: $load_at_start
+(other work on the machine lowers these figures).
 
 | load | requests/s | p50 | p99 | non-2xx + socket errors |
 |---|---|---|---|---|
