@@ -69,16 +69,22 @@ impl FleetPause {
         }
     }
 
+    /// Applies the notice in force now, if any.
+    pub async fn load_current(&self) {
+        match self.control.entry(PAUSE_KEY).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => self.apply(&entry.value),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, key = PAUSE_KEY, "cannot read the shared pause"),
+        }
+    }
+
     /// Applies the current notice, then every new one, until `shutdown`. Re-subscribes after a
     /// broken watch so a NATS restart does not leave this replica deaf.
     pub async fn follow(self, shutdown: CancellationToken) {
         loop {
-            match self.control.entry(PAUSE_KEY).await {
-                Ok(Some(entry)) => self.apply(&entry.value),
-                Ok(None) => {}
-                Err(err) => tracing::warn!(%err, key = PAUSE_KEY, "cannot read the shared pause"),
-            }
-            let watch = match self.control.watch(PAUSE_KEY).await {
+            // With history: the notice in force arrives first, so nothing written between a
+            // read and the subscription can slip by.
+            let watch = match self.control.watch_with_history(PAUSE_KEY).await {
                 Ok(watch) => watch,
                 Err(err) => {
                     tracing::warn!(%err, key = PAUSE_KEY, "cannot watch the shared pause; retrying");

@@ -168,6 +168,8 @@ pub async fn start(
         config = ?config,
         "crm-integrator consuming"
     );
+    // A pause announced before this replica started must hold its very first request.
+    integrator.fleet.load_current().await;
     tokio::spawn(integrator.fleet.clone().follow(shutdown.clone()));
     let done = tokio::spawn(consume(
         integrator.clone(),
@@ -214,7 +216,12 @@ async fn consume(
             () = shutdown.cancelled() => break,
             () = slots.acquire(capacity) => {}
         }
-        // Pulling while the CRM is off limits would only age messages in our hands.
+        // Pulling while the CRM is off limits would only age messages in our hands. What the
+        // current pull already buffered would sit out its ack wait and then be processed beside
+        // its redelivery, so the pull is dropped and those come back once, after the ack wait.
+        if integrator.gate().holding().is_some() {
+            messages = None;
+        }
         while let Some(wait) = integrator.gate().holding() {
             tokio::select! {
                 () = shutdown.cancelled() => {

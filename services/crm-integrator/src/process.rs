@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv};
@@ -249,6 +249,7 @@ async fn settle(
     // Most first deliveries are new customers: try the claim as a create straight away, which
     // saves the read; the create fails harmlessly when the customer is known.
     let mut optimistic = inbound.delivered == 1;
+    let claim_started = Instant::now();
     let (mut held, mut in_doubt, mut create) = loop {
         let current = if optimistic {
             optimistic = false;
@@ -337,6 +338,7 @@ async fn settle(
         }
     };
 
+    time_phase("claim", claim_started);
     let mut attempt: u32 = 0;
     let mut fell_back_to_create = false;
     loop {
@@ -370,7 +372,9 @@ async fn settle(
         if let Some(rate) = &integrator.rate {
             rate.until_ready().await;
         }
+        let permit_started = Instant::now();
         let permit = integrator.limiter.acquire().await;
+        time_phase("request_slot", permit_started);
         // The lease must outlive the request, or another replica could take over mid-send.
         if !ensure_lease(
             integrator,
@@ -386,6 +390,7 @@ async fn settle(
             return defer(inbound, Duration::from_millis(200), reason).await;
         }
         let looking_up = in_doubt;
+        let request_started = Instant::now();
         let reply = if looking_up {
             integrator.crm.look_up(&record.id).await
         } else {
@@ -399,6 +404,7 @@ async fn settle(
             _ => Signal::Answered,
         };
         permit.finish(signal);
+        time_phase("crm_request", request_started);
         count_reply(&reply, looking_up);
         integrator.gate.record(match &reply {
             CrmReply::Stored(_) | CrmReply::NotFound | CrmReply::Refused { .. } => Some(true),
@@ -527,6 +533,12 @@ async fn settle(
             }
         }
     }
+}
+
+/// Where a record's time goes, for profiling: `crm_integrator_phase_seconds{phase}`.
+fn time_phase(phase: &'static str, started: Instant) {
+    metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn idempotency_key(inbound: &Inbound) -> String {
@@ -803,25 +815,38 @@ async fn confirm(
     crm_id: Option<String>,
 ) -> Result<Settled, ProcessError> {
     let replica = integrator.replica.clone();
-    update_held(integrator, inbound, held, |entry| {
-        let newer_known = entry
-            .confirmed
-            .as_ref()
-            .is_some_and(|c| c.seq > inbound.seq);
-        if !newer_known {
-            entry.confirmed = Some(Confirmed {
-                hash: inbound.hash.clone(),
-                seq: inbound.seq,
-                crm_id: crm_id.clone(),
-            });
-        }
-        if is_our_claim(entry.claim.as_ref(), inbound, &replica) {
-            entry.claim = None;
-        }
-        true
-    })
-    .await?;
-    synced(integrator, inbound, record, action, crm_id).await
+    let ledger_crm_id = crm_id.clone();
+    let confirm = async {
+        let started = Instant::now();
+        update_held(integrator, inbound, held, |entry| {
+            let newer_known = entry
+                .confirmed
+                .as_ref()
+                .is_some_and(|c| c.seq > inbound.seq);
+            if !newer_known {
+                entry.confirmed = Some(Confirmed {
+                    hash: inbound.hash.clone(),
+                    seq: inbound.seq,
+                    crm_id: ledger_crm_id.clone(),
+                });
+            }
+            if is_our_claim(entry.claim.as_ref(), inbound, &replica) {
+                entry.claim = None;
+            }
+            true
+        })
+        .await?;
+        time_phase("confirm", started);
+        Ok(())
+    };
+    // The ledger write and the outcome go out together: one round trip of latency instead of
+    // two. Safe in either order of failure: an outcome without its confirmation leaves our claim,
+    // which the redelivery resolves by lookup (AlreadyPresent) under the same outcome dedup id.
+    tokio::try_join!(
+        confirm,
+        publish_synced(integrator, inbound, record, action, crm_id)
+    )?;
+    ack_synced(inbound, action).await
 }
 
 fn outcome_headers(id: String) -> HeaderMap {
@@ -863,6 +888,7 @@ async fn double_ack(inbound: &Inbound) -> Result<(), ProcessError> {
         })
 }
 
+/// Publishes the synced outcome (awaiting the stream's ack), then acknowledges the message.
 async fn synced(
     integrator: &Integrator,
     inbound: &Inbound,
@@ -870,6 +896,17 @@ async fn synced(
     action: SyncAction,
     crm_id: Option<String>,
 ) -> Result<Settled, ProcessError> {
+    publish_synced(integrator, inbound, record, action, crm_id).await?;
+    ack_synced(inbound, action).await
+}
+
+async fn publish_synced(
+    integrator: &Integrator,
+    inbound: &Inbound,
+    record: &CustomerRecord,
+    action: SyncAction,
+    crm_id: Option<String>,
+) -> Result<(), ProcessError> {
     let outcome = SyncedOutcome {
         customer: record.clone(),
         content_hash: inbound.hash.clone(),
@@ -881,6 +918,7 @@ async fn synced(
         synced_at: chrono::Utc::now(),
     };
     let body = encode(&outcome, "synced outcome")?;
+    let started = Instant::now();
     publish(
         integrator,
         inbound,
@@ -889,7 +927,14 @@ async fn synced(
         body,
     )
     .await?;
+    time_phase("publish_outcome", started);
+    Ok(())
+}
+
+async fn ack_synced(inbound: &Inbound, action: SyncAction) -> Result<Settled, ProcessError> {
+    let started = Instant::now();
     double_ack(inbound).await?;
+    time_phase("ack", started);
     let action_name = serde_json::to_value(action)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))

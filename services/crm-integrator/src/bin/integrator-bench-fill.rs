@@ -1,0 +1,131 @@
+//! Benchmark helper: creates a namespace's topology and fills its ingest stream with synthetic
+//! customers in the fixed ingest format, or deletes the namespace afterwards. Also waits until
+//! the integrators' consumer has drained, printing the seconds it took.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use clap::Parser as _;
+use customer_record::CustomerRecord;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use sync_topology::{
+    HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names, TopologySettings,
+};
+
+#[derive(Debug, clap::Parser)]
+#[command(about = "Fill, drain-wait or delete a benchmark namespace of crm-integrator")]
+struct Args {
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    #[arg(long)]
+    namespace: String,
+    /// Customers to publish (ids `{prefix}{n}`).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    #[arg(long, default_value = "bench-")]
+    prefix: String,
+    /// Publish acks awaited at once.
+    #[arg(long, default_value_t = 2048)]
+    window: usize,
+    /// Instead of filling: wait until the integrators' consumer has nothing pending or unacked.
+    #[arg(long)]
+    wait_drained: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Instead of filling: delete the namespace's streams and buckets.
+    #[arg(long)]
+    delete: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let names = Names::new(&args.namespace)?;
+    let client = sync_topology::connect(&args.nats_url, None, "integrator-bench-fill").await?;
+    let js = jetstream::new(client);
+    if args.delete {
+        for stream in [
+            names.ingest_stream(),
+            names.results_stream(),
+            format!("KV_{}", names.ledger_bucket()),
+            format!("KV_{}", names.checkpoints_bucket()),
+            format!("KV_{}", names.control_bucket()),
+        ] {
+            if let Err(err) = js.delete_stream(&stream).await {
+                eprintln!("cannot delete {stream}: {err}");
+            }
+        }
+        return Ok(());
+    }
+    if args.wait_drained {
+        return wait_drained(&js, &names, Duration::from_secs(args.timeout_secs)).await;
+    }
+    sync_topology::ensure_topology(&js, &names, &TopologySettings::default()).await?;
+    let started = Instant::now();
+    let subject = names.ingest_subject();
+    let mut acks = FuturesUnordered::new();
+    for n in 0..args.count {
+        let record = CustomerRecord::normalised(
+            &format!("{}{n}", args.prefix),
+            "Bench",
+            &format!("Customer{n}"),
+            &format!("c{n}@bench.example.com"),
+            Some("+1 555 0100"),
+            BTreeMap::from([("segment".to_owned(), "b".to_owned())]),
+        );
+        let hash = record.content_hash();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            record.dedup_id(&hash).as_str(),
+        );
+        headers.insert(HEADER_SOURCE_FILE, "bench.csv");
+        headers.insert(HEADER_SOURCE_LINE, (n + 2).to_string().as_str());
+        headers.insert(HEADER_CONTENT_HASH, hash.as_str());
+        let body = serde_json::to_vec(&record)?;
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, body.into())
+            .await
+            .with_context(|| format!("publishing record {n}"))?;
+        acks.push(ack.into_future());
+        if acks.len() >= args.window
+            && let Some(ack) = acks.next().await
+        {
+            ack.context("publish ack")?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack.context("publish ack")?;
+    }
+    eprintln!(
+        "published {} records to {subject} in {:.2}s",
+        args.count,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn wait_drained(
+    js: &jetstream::Context,
+    names: &Names,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut consumer: PullConsumer = js
+        .get_consumer_from_stream(names.integrators_consumer(), names.ingest_stream())
+        .await?;
+    let started = Instant::now();
+    loop {
+        let info = consumer.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            println!("{:.3}", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < timeout, "not drained after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
