@@ -23,6 +23,8 @@ pub struct Counters {
 pub struct StartPoint {
     pub line: u64,
     pub counters: Counters,
+    /// An earlier run acknowledged the whole (unchanged) file: there is nothing left to read.
+    pub complete: bool,
 }
 
 /// Decides where to start from the stored checkpoint. Without `resume` the file is read from the
@@ -51,6 +53,7 @@ pub fn start_point(
     }
     Ok(StartPoint {
         line: stored.line,
+        complete: stored.complete && !changed,
         counters: Counters {
             rows_read: stored.rows_read,
             published: stored.published,
@@ -170,6 +173,13 @@ mod tests {
         let start = start_point(&identity(100, "h"), Some(&stored()), true, false).expect("start");
         assert_eq!(start.line, 12);
         assert_eq!(start.counters.published, 7);
+        assert!(!start.complete);
+        let done = Checkpoint {
+            complete: true,
+            ..stored()
+        };
+        let start = start_point(&identity(100, "h"), Some(&done), true, false).expect("start");
+        assert!(start.complete);
     }
 
     #[test]

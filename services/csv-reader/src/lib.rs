@@ -309,7 +309,9 @@ pub async fn run(
         checkpoints.load(&identity.key).await?
     };
     let start = checkpoint::start_point(&identity, stored.as_ref(), config.resume, config.force)?;
-    if config.resume && start.line > 0 {
+    if start.complete {
+        tracing::info!(file = %identity.path, "the checkpoint says this file was read completely: nothing to do");
+    } else if config.resume && start.line > 0 {
         tracing::info!(file = %identity.path, line = start.line, "resuming after the checkpointed line");
     }
 
@@ -330,6 +332,9 @@ pub async fn run(
     let mut previous_end = csv.position().line();
 
     'reading: loop {
+        if start.complete {
+            break;
+        }
         let read = tokio::select! {
             biased;
             () = shutdown.cancelled() => {

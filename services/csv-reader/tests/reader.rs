@@ -186,6 +186,13 @@ async fn tricky_file_gives_exactly_the_expected_messages_and_a_rerun_adds_none()
             .await?,
         7
     );
+
+    // Resuming a file that was read completely has nothing to do.
+    let mut config = pipeline.config(file.path());
+    config.resume = true;
+    let resumed = csv_reader::run(config, CancellationToken::new()).await?;
+    assert!(resumed.complete);
+    assert_eq!((resumed.rows_read, resumed.resumed_from_line), (0, 15));
     pipeline.delete_streams().await
 }
 
