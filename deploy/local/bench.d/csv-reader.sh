@@ -6,7 +6,7 @@
 #      namespace; reader / raw at the default window is the target (>= 60%);
 #  (b) peak RSS of csv-reader for 1M and 10M rows (target <= 64 MiB, within 10% of each other).
 # Prints one Markdown section on stdout; progress on stderr. Generated files stay in .run/bench/.
-#   ROWS=1000000 BIG_ROWS=10000000 WINDOWS="256 1024 4096" deploy/local/bench.d/csv-reader.sh
+#   ROWS=1000000 BIG_ROWS=10000000 WINDOWS="512 1024 2048" deploy/local/bench.d/csv-reader.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 cd "$ROOT"
@@ -14,7 +14,7 @@ cd "$ROOT"
 . .run/env
 ROWS=${ROWS:-1000000}
 BIG_ROWS=${BIG_ROWS:-10000000}
-WINDOWS=${WINDOWS:-"256 1024 4096"}
+WINDOWS=${WINDOWS:-"512 1024 2048"}
 DEFAULT_WINDOW=${DEFAULT_WINDOW:-1024}
 # Every run is bounded: a stuck server must not hang `make bench`.
 RUN_LIMIT_S=${RUN_LIMIT_S:-1800}

@@ -19,7 +19,7 @@ struct Cli {
 /// Conventional code of a run stopped by a signal: it did not finish the file.
 const EXIT_INTERRUPTED: u8 = 130;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

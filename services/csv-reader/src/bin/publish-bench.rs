@@ -79,7 +79,7 @@ struct RawResult {
     messages_per_sec: f64,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
