@@ -35,7 +35,7 @@ pub use sync_store::{
 use writer::{BatchWriter, Part, Persisted};
 
 /// Default batch size, chosen by `deploy/local/bench.d/persister.sh`.
-pub const DEFAULT_BATCH_SIZE: usize = 1000;
+pub const DEFAULT_BATCH_SIZE: usize = 4000;
 pub const DEFAULT_WRITERS: usize = 2;
 pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 
@@ -410,4 +410,49 @@ async fn migrate_when_available(
         tracing::info!(version = report.version, applied = ?report.applied, "schema migrated");
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sync_topology::messages::DeadLetter;
+
+    #[test]
+    fn every_outcome_of_a_customer_goes_to_the_same_writer() {
+        let customer = customer_record::CustomerRecord::normalised(
+            "c-42",
+            "Ada",
+            "Lovelace",
+            "ada@example.com",
+            None,
+            Default::default(),
+        );
+        let dead = Outcome::Dead(DeadLetter {
+            customer_id: customer.id.clone(),
+            content_hash: customer.content_hash(),
+            ingest_seq: 1,
+            reason: "refused".to_owned(),
+            crm_status: Some(422),
+            crm_body: None,
+            attempts: 1,
+            customer: Some(customer.clone()),
+            source_file: None,
+            source_line: None,
+            dead_at: chrono::Utc::now(),
+        });
+        let synced = Outcome::Synced(sync_topology::messages::SyncedOutcome {
+            content_hash: customer.content_hash(),
+            customer,
+            ingest_seq: 2,
+            crm_id: None,
+            action: sync_topology::messages::SyncAction::Created,
+            source_file: None,
+            source_line: None,
+            synced_at: chrono::Utc::now(),
+        });
+        for writers in 1..=8 {
+            assert_eq!(partition(&dead, writers), partition(&synced, writers));
+            assert!(partition(&synced, writers) < writers);
+        }
+    }
 }
