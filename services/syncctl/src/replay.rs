@@ -1,7 +1,7 @@
 //! `syncctl replay`: reprocesses part of the ingest stream through the normal integrator path.
 //!
-//! Chosen design: republishing. The selected messages are read with an ordered (ephemeral)
-//! consumer and published again onto the ingest subject with their original headers and body, a
+//! Chosen design: republishing. The selected messages are read with an ephemeral consumer
+//! (no acks) and published again onto the ingest subject with their original headers and body, a
 //! fresh `Nats-Msg-Id` (`replay:{original seq}:{nonce}`, so the stream's dedup window does not drop
 //! them) and `Sync-Replay-Of: {original seq}`. The running integrators pick them up from their one
 //! durable consumer: no second consumer to point replicas at, no flag to remember to remove, and
@@ -21,7 +21,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use customer_record::CustomerRecord;
 use futures::StreamExt as _;
@@ -37,8 +38,11 @@ pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
 /// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
 const ACK_WINDOW: usize = 256;
 
+/// Messages asked for per pull request.
+const READ_BATCH: usize = 1000;
+
 /// Ledger look-ups in flight at once.
-const LEDGER_LOOKAHEAD: usize = 64;
+const LEDGER_LOOKAHEAD: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
@@ -151,16 +155,23 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         return Ok(outcome);
     }
 
+    // An ephemeral consumer without acks: the range is read once, in stream order, in large pulls.
     let consumer = stream
-        .create_consumer(pull::OrderedConfig {
+        .create_consumer(pull::Config {
             filter_subject: names.ingest_subject(),
             deliver_policy,
+            ack_policy: AckPolicy::None,
             description: Some("syncctl replay: reads the selected range once".to_owned()),
+            inactive_threshold: Duration::from_secs(60),
+            memory_storage: true,
+            num_replicas: 1,
             ..Default::default()
         })
         .await
         .map_err(|e| nats_error(format!("creating a replay consumer on {stream_name}"), e))?;
     let messages = consumer
+        .stream()
+        .max_messages_per_batch(READ_BATCH)
         .messages()
         .await
         .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
