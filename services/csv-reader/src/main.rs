@@ -19,6 +19,9 @@ struct Cli {
 /// Conventional code of a run stopped by a signal: it did not finish the file.
 const EXIT_INTERRUPTED: u8 = 130;
 
+// One thread: the work per row is small, and a second worker thread mostly adds cross-thread
+// wake-ups per acknowledgement; on a shared machine the freed core goes to nats-server
+// (BENCHMARKS.md: about 1.5x the rows/s of the multi-threaded runtime).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -79,6 +79,7 @@ struct RawResult {
     messages_per_sec: f64,
 }
 
+// The same runtime as csv-reader, so the raw rate is measured under the same conditions.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
