@@ -52,7 +52,7 @@ pub struct Config {
     #[arg(long, default_value = "integrators")]
     pub consumer: String,
     /// Messages pulled per request to the server; what is pulled but not started stays below it.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub fetch_batch: usize,
     /// Retry waits up to this long happen in-process (with ack progress); longer ones hand the
     /// message back with a delayed NAK.
@@ -82,7 +82,7 @@ impl Config {
             max_deliver: 10,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             consumer: "integrators".to_owned(),
-            fetch_batch: 64,
+            fetch_batch: 128,
             max_inline_wait_ms: 2_000,
             breaker_threshold: 10,
             breaker_cooldown_ms: 1_000,

@@ -35,7 +35,7 @@ pub struct Transient {
     pub retry_after: Option<Duration>,
     /// The request may have been applied without us learning it (timeout, lost connection, 504).
     pub maybe_applied: bool,
-    /// A sign the CRM is overloaded rather than randomly failing: 429, 503, timeouts.
+    /// A sign the CRM is overloaded rather than randomly failing: 429, client-side timeouts.
     pub congestion: bool,
     pub detail: String,
 }
@@ -256,9 +256,9 @@ pub fn classify_answer(
             status: Some(status.as_u16()),
             retry_after,
             maybe_applied: is_write && status == StatusCode::GATEWAY_TIMEOUT,
-            congestion: status == StatusCode::TOO_MANY_REQUESTS
-                || status == StatusCode::SERVICE_UNAVAILABLE
-                || status == StatusCode::GATEWAY_TIMEOUT,
+            // 429 says "too much" outright; a 503 or 504 may be one broken backend among many, so
+            // they feed the breaker but do not shrink the concurrency.
+            congestion: status == StatusCode::TOO_MANY_REQUESTS,
             detail: kept_body(body),
         });
     }

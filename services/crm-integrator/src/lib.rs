@@ -264,6 +264,8 @@ async fn consume(
                 let integrator = integrator.clone();
                 let slots = slots.clone();
                 metrics::gauge!("crm_integrator_messages_in_hand").set(slots.in_use() as f64);
+                metrics::gauge!("crm_integrator_requests_in_flight")
+                    .set(integrator.limiter().in_flight() as f64);
                 tracker.spawn(async move {
                     match process_message(&integrator, message).await {
                         Ok(settled) => tracing::trace!(?settled, "message settled"),

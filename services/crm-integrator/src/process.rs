@@ -1002,7 +1002,7 @@ mod tests {
             status: Some(503),
             retry_after,
             maybe_applied: false,
-            congestion: true,
+            congestion: false,
             detail: String::new(),
         }
     }
