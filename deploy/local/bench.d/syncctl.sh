@@ -42,14 +42,20 @@ cargo build --release -q -p syncctl -p csv-reader >&2
 
 echo "## syncctl"
 echo
-echo "gen-csv (5% bad, 5% exact repeats, 5% changed repeats, seed 1), written to a file:"
+echo "gen-csv (5% bad, 5% exact repeats, 5% changed repeats, seed 1), written to a file; best of 3 runs, largest peak RSS:"
 echo
 echo "| rows | seconds | rows/s | MB written | peak RSS (MB) | rows/s vs target ${GEN_TARGET_ROWS_S} | RSS vs target ${GEN_TARGET_RSS_MB} MB |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 for rows in $GEN_ROWS; do
   log "gen-csv --rows $rows"
-  read -r secs rss_kb < <(measure "$BIN/syncctl" gen-csv --rows "$rows" --bad-rate 0.05 \
-    --dup-rate 0.05 --change-rate 0.05 --seed 1 --output "$WORK/gen.csv")
+  # Best of 3: the machine is shared, the slowest runs measure the neighbours.
+  secs=""; rss_kb=0
+  for _ in 1 2 3; do
+    read -r s kb < <(measure "$BIN/syncctl" gen-csv --rows "$rows" --bad-rate 0.05 \
+      --dup-rate 0.05 --change-rate 0.05 --seed 1 --output "$WORK/gen.csv")
+    if [ -z "$secs" ] || [ "$(echo "$s < $secs" | bc)" = 1 ]; then secs=$s; fi
+    if [ "$kb" -gt "$rss_kb" ]; then rss_kb=$kb; fi
+  done
   bytes=$(stat -c %s "$WORK/gen.csv")
   rate=$(echo "$rows / $secs" | bc)
   rss_mb=$(ratio "$rss_kb" 1024)
@@ -85,8 +91,9 @@ replay_rate=$(echo "$replayed / $replay_secs" | bc)
 log "status --skip-db over $republished ingest messages"
 status_best=""
 for _ in 1 2 3 4 5; do
-  read -r s _ < <(measure "$BIN/syncctl" status --skip-db --json)
-  ms=$(echo "$s * 1000 / 1" | bc)
+  t0=$(date +%s%N)
+  "$BIN/syncctl" status --skip-db --json >/dev/null
+  ms=$((($(date +%s%N) - t0) / 1000000))
   if [ -z "$status_best" ] || [ "$ms" -lt "$status_best" ]; then status_best=$ms; fi
 done
 

@@ -55,6 +55,21 @@ pub enum Selection {
     },
 }
 
+impl Selection {
+    /// Refuses an empty-by-construction range, which is always a typo.
+    pub fn validate(&self) -> Result<(), CtlError> {
+        match self {
+            Selection::Sequences { from, to } if from > to => Err(CtlError::Usage(format!(
+                "--from-seq {from} is after --to-seq {to}"
+            ))),
+            Selection::Times { since, until } if since > until => Err(CtlError::Usage(format!(
+                "--since {since} is after --until {until}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReplayConfig {
     pub nats: NatsArgs,
@@ -97,6 +112,7 @@ fn nats_time(time: DateTime<Utc>) -> Result<async_nats::datetime::DateTime, CtlE
 
 /// Republishes the selected ingest messages; see the module docs.
 pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
+    config.selection.validate()?;
     let pipeline = Pipeline::connect(&config.nats).await?;
     let names = &pipeline.names;
     let stream_name = names.ingest_stream();
@@ -118,11 +134,6 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
     let end_seq = state.last_sequence;
     let (deliver_policy, upper_seq, until) = match &config.selection {
         Selection::Sequences { from, to } => {
-            if from > to {
-                return Err(CtlError::Usage(format!(
-                    "--from-seq {from} is after --to-seq {to}"
-                )));
-            }
             if *from > end_seq {
                 return Ok(outcome);
             }
@@ -134,11 +145,6 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
             )
         }
         Selection::Times { since, until } => {
-            if since > until {
-                return Err(CtlError::Usage(format!(
-                    "--since {since} is after --until {until}"
-                )));
-            }
             if state.last_timestamp < nats_time(*since)? {
                 return Ok(outcome);
             }
@@ -338,6 +344,22 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backwards_ranges_are_usage_mistakes() {
+        assert!(Selection::Sequences { from: 5, to: 4 }.validate().is_err());
+        assert!(Selection::Sequences { from: 4, to: 4 }.validate().is_ok());
+        let now = Utc::now();
+        let later = now + chrono::Duration::seconds(1);
+        assert!(
+            Selection::Times {
+                since: later,
+                until: now
+            }
+            .validate()
+            .is_err()
+        );
+    }
 
     #[test]
     fn times_are_absolute_or_ago() {
