@@ -140,7 +140,9 @@ pub async fn open(path: &Path) -> Result<OpenedInput, ReaderError> {
     if looks_binary(head) {
         return Err(ReaderError::NotCsv {
             path: shown,
-            reason: "it contains NUL bytes, so it is binary, not text".to_owned(),
+            reason: "NUL bytes in its first line or throughout its first bytes: it is binary \
+                     (or UTF-16), not UTF-8 text"
+                .to_owned(),
         });
     }
     Ok(OpenedInput {
@@ -276,10 +278,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for LfLineEndings<R> {
     }
 }
 
-/// Text files never contain NUL; binary files (images, archives, executables) almost always do
-/// within their first kilobytes. UTF-16 text is refused too, which is right: the CSV must be UTF-8.
+/// Binary files (images, archives, executables) and UTF-16 text are full of NUL bytes from the
+/// start; a CSV export may still carry a stray NUL inside one row, which is that row's problem (it
+/// is rejected on its own), not the file's. So: NUL in the first line (the header), or in more than
+/// 1% of the first bytes, means the file is not UTF-8 text.
 fn looks_binary(head: &[u8]) -> bool {
-    head.contains(&0)
+    let first_line = head.split(|b| *b == b'\n').next().unwrap_or(head);
+    let nuls = head.iter().filter(|b| **b == 0).count();
+    first_line.contains(&0) || nuls * 100 > head.len()
 }
 
 /// Header values may not contain line breaks; a path that does is shown with them replaced.
@@ -325,6 +331,14 @@ mod tests {
     fn binary_is_recognised_by_nul_bytes() {
         assert!(looks_binary(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"));
         assert!(!looks_binary("id,name\n1,Zoë\n".as_bytes()));
+        assert!(looks_binary("i\0d\0,\0n\0\n\0".as_bytes()), "UTF-16");
+        let mut one_stray = b"id,name\n".to_vec();
+        one_stray.extend(std::iter::repeat_n(b"1,Ann\n".iter().copied(), 50).flatten());
+        one_stray.extend_from_slice(b"2,A\0nn\n");
+        assert!(
+            !looks_binary(&one_stray),
+            "a stray NUL in a row is the row's problem"
+        );
     }
 
     async fn normalised(input: &[u8]) -> Vec<u8> {
