@@ -38,7 +38,7 @@ pub enum StoreError {
     Connect { url: String, message: String },
     #[error("migrating the schema failed: {0}")]
     Migration(String),
-    #[error("{action} failed: {source}")]
+    #[error("{action} failed: {}", describe(source))]
     Query {
         action: &'static str,
         source: tokio_postgres::Error,
@@ -65,6 +65,24 @@ impl StoreError {
             }),
             _ => false,
         }
+    }
+}
+
+/// tokio-postgres displays a server error as just "db error"; the server's message, code and
+/// detail are what an operator needs.
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            text
+        }
+        None => match std::error::Error::source(err) {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
     }
 }
 
@@ -108,7 +126,7 @@ pub async fn connection(
     pool.get().await.map_err(|err| StoreError::Connect {
         url: redact(database_url),
         message: match err {
-            deadpool_postgres::PoolError::Backend(e) => e.to_string(),
+            deadpool_postgres::PoolError::Backend(e) => describe(&e),
             other => other.to_string(),
         },
     })

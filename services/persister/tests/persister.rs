@@ -415,6 +415,10 @@ async fn a_poisonous_message_is_isolated_while_the_rest_of_its_batch_commits() -
     assert!(unparsable.contains("not a SyncedOutcome"), "{unparsable}");
     let refused: String = poison[1].get(1);
     assert!(refused.contains("PostgreSQL refused"), "{refused}");
+    assert!(
+        refused.contains("SQLSTATE 22"),
+        "the server's reason is kept: {refused}"
+    );
     assert_eq!(report.messages_acked, 21);
     assert_eq!(report.written.poison_written, 2);
     Ok(())
