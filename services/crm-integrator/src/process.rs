@@ -289,7 +289,12 @@ async fn settle(
                 claim_seq,
                 remaining_ms,
             } => {
-                let delay = Duration::from_millis(remaining_ms.clamp(100, 1_000) as u64);
+                // Growing with each delivery: every NAK counts toward the server's delivery cap,
+                // so a long wait must not burn through it.
+                let backoff_ms = 100u64 << inbound.delivered.saturating_sub(1).min(6);
+                let delay = Duration::from_millis(
+                    (remaining_ms.max(100) as u64).min(backoff_ms).min(5_000),
+                );
                 let reason = format!("waiting for the claim of ingest message {claim_seq}");
                 return defer(inbound, delay, reason).await;
             }
@@ -298,13 +303,8 @@ async fn settle(
                 create,
             } => (look_up_first, create),
         };
-        if inbound.delivered > integrator.max_deliver {
-            let reason = format!(
-                "delivered {} times, more than --max-deliver {}",
-                inbound.delivered, integrator.max_deliver
-            );
-            return dead_letter(integrator, inbound, reason, None, None).await;
-        }
+        // No dead letter for a high delivery count here: deliveries spent waiting for an older
+        // version are not failures. `--max-deliver` is applied when a send fails.
         let mut wanted = current
             .as_ref()
             .map(|h| h.entry.clone())

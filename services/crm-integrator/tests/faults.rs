@@ -36,12 +36,12 @@ async fn every_customer_reaches_a_faulty_crm_exactly_once() -> anyhow::Result<()
 
     let stats = mock.stats();
     assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
-    assert_eq!(stats.customers, records.len() as u64, "{stats:?}");
     assert!(
         outcomes.dead.is_empty(),
         "dead letters: {:?}",
         outcomes.dead
     );
+    assert_eq!(stats.customers, records.len() as u64, "{stats:?}");
     assert_eq!(outcomes.synced.len(), records.len());
     assert!(
         stats.injected.error > 0 && stats.injected.rate_limited > 0,

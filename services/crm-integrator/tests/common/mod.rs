@@ -56,7 +56,6 @@ impl Pipeline {
             crm_url.parse().context("mock URL")?,
         );
         config.request_timeout_ms = 300;
-        config.max_inline_wait_ms = 500;
         config.breaker_cooldown_ms = 200;
         Ok(config)
     }
