@@ -65,6 +65,7 @@ read_file() {
   "$BIN/publish-bench" --nats-url "$NATS_URL" teardown --namespace "$ns" >&2
 }
 
+load_start=$(cut -d' ' -f1 /proc/loadavg)
 small=$(generate "$ROWS")
 small_size=$(stat -c %s "$small")
 
@@ -117,5 +118,6 @@ echo
 echo "- Target: reader ≥ 60% of the raw rate → **${ratio}%** at the default window $DEFAULT_WINDOW ($( [ "$ratio" -ge 60 ] && echo met || echo NOT met))."
 echo "- Target: peak RSS ≤ 64 MiB for 1M and 10M rows, within 10% → $(mib "$small_rss") MiB and $(mib "$big_rss") MiB ($(mib $((big_size / 1024))) MiB of CSV), difference ${rss_gap}% ($( (( small_rss <= 65536 && big_rss <= 65536 )) && [ "$(echo "${rss_gap#-} <= 10" | bc -l)" = 1 ] && echo met || echo NOT met))."
 echo "- Counts, $ROWS rows at window $DEFAULT_WINDOW: ${COUNTS[$DEFAULT_WINDOW]}; $BIG_ROWS rows: $big_read read: $big_published published, $big_dedup deduplicated, $big_rejected rejected."
+echo "- Load average $load_start at the start, $(cut -d' ' -f1 /proc/loadavg) at the end, on $(nproc) cores: on a shared machine the rates vary from run to run, which is why raw and reader alternate per window."
 echo "- Rate is rows read per second, every row acknowledged by the stream (rejections included), process start to exit. The 10M row is compared with the raw rate at the same window from the 1M pass."
 echo "- Command: \`BENCH_ONLY=csv-reader deploy/local/bench.sh\` (ROWS=$ROWS BIG_ROWS=$BIG_ROWS WINDOWS=\"$WINDOWS\"); per run \`/usr/bin/time -v target/release/csv-reader FILE --namespace NS --publish-window W --progress off --summary-json\`; raw: \`target/release/publish-bench raw --count $ROWS --window W --namespace NS\`."
