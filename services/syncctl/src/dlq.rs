@@ -5,7 +5,8 @@
 //! (JSON `CustomerRecord` body, source and content-hash headers) with a fresh
 //! `Nats-Msg-Id` `redrive:{id}:{hash}:{nonce}` so the stream's dedup window does not drop it. It
 //! leaves the table when the persister writes its synced outcome; a record that fails again is
-//! dead-lettered again.
+//! dead-lettered again. A dead letter whose customer the ledger already holds at a later version
+//! with other content is not redriven (it would take the CRM back to old data) but named.
 
 use std::fmt;
 
@@ -119,6 +120,8 @@ pub struct RedriveOutcome {
     /// Dead letters without a stored record (the CRM refused something we could not keep): they
     /// stay in the table and are named here.
     pub without_record: Vec<String>,
+    /// Customer ids left alone because the ledger holds a later, different version.
+    pub superseded: Vec<String>,
 }
 
 /// Republishes the selected dead letters onto the ingest subject.
@@ -128,7 +131,8 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
     let pipeline = Pipeline::connect(&config.nats).await?;
     // Fail with "run setup" before publishing into a subject nothing stores.
     pipeline.stream(&pipeline.names.ingest_stream()).await?;
-    let query = "SELECT customer_id, content_hash, record, source_file, source_line \
+    let ledger = crate::replay::open_ledger(&pipeline).await?;
+    let query = "SELECT customer_id, content_hash, record, source_file, source_line, ingest_seq \
                  FROM dead_letters WHERE $1::text IS NULL OR customer_id = $1 \
                  ORDER BY ingest_seq";
     let customer = match &config.selection {
@@ -156,6 +160,7 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
         let record: Option<serde_json::Value> = row.get(2);
         let source_file: Option<String> = row.get(3);
         let source_line: Option<i64> = row.get(4);
+        let ingest_seq: i64 = row.get(5);
         let Some(record) = record else {
             outcome.without_record.push(customer_id);
             continue;
@@ -170,6 +175,11 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
             what: format!("record of dead letter {customer_id}/{stored_hash}"),
             source,
         })?;
+        let seq = u64::try_from(ingest_seq).unwrap_or(0);
+        if crate::replay::superseded(&ledger, &body, seq).await? {
+            outcome.superseded.push(customer_id);
+            continue;
+        }
         let mut headers = HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,

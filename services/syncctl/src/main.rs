@@ -311,6 +311,14 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 "redrove {} dead letter(s) onto the ingest subject",
                 outcome.republished
             );
+            if !outcome.superseded.is_empty() {
+                eprintln!(
+                    "left alone: {} dead letter(s) whose customer the CRM already holds at a later \
+                     version: {}",
+                    outcome.superseded.len(),
+                    outcome.superseded.join(", ")
+                );
+            }
             if !outcome.without_record.is_empty() {
                 eprintln!(
                     "warning: {} dead letter(s) have no stored record and stay: {}",

@@ -273,7 +273,7 @@ struct LedgerVersion {
     seq: u64,
 }
 
-async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlError> {
+pub(crate) async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlError> {
     use async_nats::jetstream::context::KeyValueErrorKind;
     let bucket = pipeline.names.ledger_bucket();
     match pipeline.js.get_key_value(&bucket).await {
@@ -287,7 +287,11 @@ async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlError> {
 }
 
 /// True when the ledger holds this customer at a later version with other content.
-async fn superseded(ledger: &kv::Store, payload: &[u8], seq: u64) -> Result<bool, CtlError> {
+pub(crate) async fn superseded(
+    ledger: &kv::Store,
+    payload: &[u8],
+    seq: u64,
+) -> Result<bool, CtlError> {
     // A body that is not a customer is replayed as is: the integrator dead-letters it with a reason.
     let Ok(record) = serde_json::from_slice::<CustomerRecord>(payload) else {
         return Ok(false);

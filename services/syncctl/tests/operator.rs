@@ -550,6 +550,24 @@ async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
         .await?;
     assert_eq!(stream.info().await?.state.messages, 2);
 
+    // Once the ledger holds a later, different version of d1, redriving d1 would regress the CRM.
+    let ledger = pipeline
+        .js
+        .get_key_value(pipeline.names.ledger_bucket())
+        .await?;
+    let newer = serde_json::json!({
+        "confirmed": { "hash": customer("d1", "fixed@x.io").content_hash(), "seq": 99 }
+    });
+    ledger
+        .put(refused.ledger_key(), serde_json::to_vec(&newer)?.into())
+        .await?;
+    let held_back = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::Customer(
+        "d1".to_owned(),
+    )))
+    .await?;
+    assert_eq!(held_back.republished, 0);
+    assert_eq!(held_back.superseded, vec!["d1".to_owned()]);
+
     let unknown = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::Customer(
         "nobody".to_owned(),
     )))
