@@ -17,5 +17,9 @@ pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";
 pub const HEADER_SOURCE_LINE: &str = "Sync-Source-Line";
 /// Header carrying the content hash of the record in the body.
 pub const HEADER_CONTENT_HASH: &str = "Sync-Content-Hash";
+/// Header set on a copy `syncctl replay` or `syncctl dlq redrive` republishes: the ingest sequence
+/// of the version it copies. The integrator orders versions by it, not by the copy's own (newer)
+/// sequence, so a copy of an old version can never pass for the newest.
+pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
 /// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed.
 pub const HEADER_FORCE_RESEND: &str = "Sync-Force-Resend";

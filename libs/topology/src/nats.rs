@@ -51,7 +51,11 @@ pub async fn connect(
                 })?;
     }
     // NATS_URL may list several servers of a cluster, comma-separated.
-    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let client = options
         .connect(servers.as_slice())
         .await

@@ -15,7 +15,8 @@ use governor::DefaultDirectRateLimiter;
 use serde::Serialize;
 use sync_topology::messages::{DeadLetter, SyncAction, SyncedOutcome};
 use sync_topology::{
-    HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names,
+    HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_REPLAY_OF, HEADER_SOURCE_FILE,
+    HEADER_SOURCE_LINE, Names,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -131,7 +132,11 @@ struct Inbound {
     record: Option<CustomerRecord>,
     customer_id: String,
     hash: ContentHash,
+    /// The version of the customer this message carries: its ingest sequence, or for a copy made
+    /// by `syncctl replay`/`dlq redrive`, the sequence of the message it copies.
     seq: u64,
+    /// The message's own place in the ingest stream: names its one outcome.
+    stream_seq: u64,
     delivered: u64,
     source_file: Option<String>,
     source_line: Option<u64>,
@@ -144,7 +149,7 @@ impl Inbound {
         let info = message
             .info()
             .map_err(|err| ProcessError::Metadata(err.to_string()))?;
-        let seq = info.stream_sequence;
+        let stream_seq = info.stream_sequence;
         let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
         let header = |name: &str| {
             message
@@ -153,6 +158,10 @@ impl Inbound {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
+        let seq = header(HEADER_REPLAY_OF)
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|copied| *copied > 0 && *copied < stream_seq)
+            .unwrap_or(stream_seq);
         let source_file = header(HEADER_SOURCE_FILE);
         let source_line = header(HEADER_SOURCE_LINE).and_then(|l| l.parse().ok());
         let header_hash = header(HEADER_CONTENT_HASH).and_then(|h| ContentHash::from_hex(&h));
@@ -185,6 +194,7 @@ impl Inbound {
                 customer_id,
                 hash,
                 seq,
+                stream_seq,
                 delivered,
                 source_file,
                 source_line,
@@ -546,7 +556,7 @@ fn idempotency_key(inbound: &Inbound) -> String {
         // The plain key would be answered from the CRM's memory, defeating the forced resend.
         format!(
             "{}:{}:resend-{}",
-            inbound.customer_id, inbound.hash, inbound.seq
+            inbound.customer_id, inbound.hash, inbound.stream_seq
         )
     } else {
         format!("{}:{}", inbound.customer_id, inbound.hash)
@@ -923,7 +933,7 @@ async fn publish_synced(
         integrator,
         inbound,
         integrator.names.synced_subject(),
-        format!("synced:{}", inbound.seq),
+        format!("synced:{}", inbound.stream_seq),
         body,
     )
     .await?;
@@ -983,7 +993,7 @@ async fn dead_letter(
         integrator,
         inbound,
         integrator.names.dead_subject(),
-        format!("dead:{}", inbound.seq),
+        format!("dead:{}", inbound.stream_seq),
         body,
     )
     .await?;

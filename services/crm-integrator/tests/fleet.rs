@@ -144,6 +144,57 @@ async fn versions_processed_out_of_order_leave_the_newest_in_the_crm() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_copy_of_an_old_version_never_passes_for_the_newest() -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
+    let pipeline = Pipeline::new().await?;
+    let old = customer("p1", "Old");
+    let new = customer("p1", "New");
+    let seqs = pipeline.publish_all(&[old.clone(), new.clone()]).await?;
+    let replica = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
+    pipeline
+        .wait_for_outcomes(2, Duration::from_secs(30))
+        .await?;
+    assert_eq!(common::crm_holds(&mock, "p1").await?, Some(new.clone()));
+
+    // `syncctl replay` republishes the old version: a newer stream sequence, but it copies seq 1.
+    let hash = old.content_hash();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "replay:1:test");
+    headers.insert(sync_topology::HEADER_CONTENT_HASH, hash.as_str());
+    headers.insert(
+        sync_topology::HEADER_REPLAY_OF,
+        seqs[0].to_string().as_str(),
+    );
+    pipeline
+        .js
+        .publish_with_headers(
+            pipeline.names.ingest_subject(),
+            headers,
+            serde_json::to_vec(&old)?.into(),
+        )
+        .await?
+        .await?;
+    // The copy's outcome carries the version it copies (seq 1), so count outcomes, not sequences.
+    let outcomes = e2e::wait_for("the copy's outcome", Duration::from_secs(30), || async {
+        let outcomes = pipeline.outcomes().await.ok()?;
+        (outcomes.synced.len() + outcomes.dead.len() >= 3).then_some(outcomes)
+    })
+    .await?;
+    assert!(
+        outcomes
+            .synced
+            .iter()
+            .any(|o| o.action == SyncAction::SkippedSuperseded && o.customer == old),
+        "the copy is skipped as superseded: {outcomes:?}"
+    );
+    assert_eq!(common::crm_holds(&mock, "p1").await?, Some(new));
+    assert_eq!(mock.stats().duplicate_effects, 0);
+    shutdown.cancel();
+    replica.wait().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_asked_of_one_replica_holds_the_others() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // Replica A talks to a CRM that answers every request with 429 and Retry-After: 3.

@@ -186,6 +186,9 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
             format!("redrive:{customer_id}:{stored_hash}:{nonce}"),
         );
         headers.insert(HEADER_CONTENT_HASH, hash.as_str());
+        if seq > 0 {
+            headers.insert(sync_topology::HEADER_REPLAY_OF, seq.to_string());
+        }
         if let Some(file) = source_file {
             headers.insert(HEADER_SOURCE_FILE, file);
         }

@@ -33,7 +33,7 @@ use sync_topology::HEADER_FORCE_RESEND;
 use crate::{CtlError, Pipeline, nats_error};
 
 /// Header naming the ingest sequence a replayed message copies.
-pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
+pub use sync_topology::HEADER_REPLAY_OF;
 
 /// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
 const ACK_WINDOW: usize = 256;
