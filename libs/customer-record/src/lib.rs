@@ -64,7 +64,10 @@ impl CustomerRecord {
             first_name: first_name.trim().to_owned(),
             last_name: last_name.trim().to_owned(),
             email: email.trim().to_lowercase(),
-            phone: phone.map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned),
+            phone: phone
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
             attributes: attributes
                 .into_iter()
                 .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
@@ -220,10 +223,12 @@ impl ColumnLayout {
             .filter(|(_, n)| !known(n) && !n.is_empty())
             .map(|(i, n)| (i, n.clone()))
             .collect();
-        let found = |c: &str| position(c).ok_or_else(|| HeaderError::MissingColumns {
-            missing: c.to_owned(),
-            found: names.join(", "),
-        });
+        let found = |c: &str| {
+            position(c).ok_or_else(|| HeaderError::MissingColumns {
+                missing: c.to_owned(),
+                found: names.join(", "),
+            })
+        };
         Ok(ColumnLayout {
             width: names.len(),
             id: found("id")?,
@@ -264,8 +269,8 @@ impl ColumnLayout {
                     len: raw.len(),
                 });
             }
-            let text =
-                std::str::from_utf8(raw).map_err(|_| RowRejection::InvalidUtf8 { field: field() })?;
+            let text = std::str::from_utf8(raw)
+                .map_err(|_| RowRejection::InvalidUtf8 { field: field() })?;
             // Newlines and tabs are legitimate inside quoted fields; NUL and the like are not data.
             if text
                 .chars()
@@ -395,9 +400,15 @@ mod tests {
     #[test]
     fn hash_ignores_whitespace_and_email_case_but_not_content() {
         let l = layout(&["id", "first_name", "last_name", "email"]);
-        let a = l.parse_row(row(&["1", "Ann", "Lee", "A@b.io"])).expect("row");
-        let b = l.parse_row(row(&["1 ", " Ann", "Lee", "a@B.io "])).expect("row");
-        let c = l.parse_row(row(&["1", "Anne", "Lee", "a@b.io"])).expect("row");
+        let a = l
+            .parse_row(row(&["1", "Ann", "Lee", "A@b.io"]))
+            .expect("row");
+        let b = l
+            .parse_row(row(&["1 ", " Ann", "Lee", "a@B.io "]))
+            .expect("row");
+        let c = l
+            .parse_row(row(&["1", "Anne", "Lee", "a@b.io"]))
+            .expect("row");
         assert_eq!(a.content_hash(), b.content_hash());
         assert_ne!(a.content_hash(), c.content_hash());
         assert_eq!(a.content_hash().as_str().len(), 32);
@@ -418,7 +429,11 @@ mod tests {
         assert_eq!(ledger_key("123"), "123");
         assert_eq!(ledger_key("a.b"), "x612e62");
         assert_ne!(ledger_key("x1"), "x1");
-        assert!(ledger_key("élan/ä b").bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert!(
+            ledger_key("élan/ä b")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
+        );
     }
 
     #[test]
