@@ -248,6 +248,24 @@ pub fn classify_answer(
     if status == StatusCode::NOT_FOUND && !is_write {
         return CrmReply::NotFound;
     }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // Our credentials, not this record: dead-lettering every record for a wrong token would
+        // empty the stream into the DLQ. Retried (and feeding the breaker) until fixed.
+        tracing::error!(
+            status = status.as_u16(),
+            "the CRM refused our credentials: check CRM_API_TOKEN / --crm-token"
+        );
+        return CrmReply::Transient(Transient {
+            status: Some(status.as_u16()),
+            retry_after: None,
+            maybe_applied: false,
+            congestion: false,
+            detail: format!(
+                "the CRM refused our credentials (check CRM_API_TOKEN): {}",
+                kept_body(body)
+            ),
+        });
+    }
     let transient = status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS;
@@ -271,6 +289,16 @@ pub fn classify_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_credentials_are_retried_not_dead_lettered() {
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            match classify_answer(status, None, b"{\"error\":\"no\"}", true) {
+                CrmReply::Transient(t) => assert!(t.detail.contains("credentials"), "{}", t.detail),
+                other => panic!("{status}: expected Transient, got {other:?}"),
+            }
+        }
+    }
 
     const STORED: &[u8] =
         br#"{"crm_id":"crm-7","customer":{"id":"1","first_name":"A","last_name":"B","email":"a@b.io"}}"#;
