@@ -20,7 +20,7 @@ build:
 	cargo build --workspace --all-targets
 
 release:
-	cargo build --workspace --release
+	cargo build --workspace --release --bins
 
 fmt:
 	cargo fmt --all
