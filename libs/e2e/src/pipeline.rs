@@ -242,28 +242,18 @@ impl Pipeline {
     }
 
     pub async fn add_integrator(&mut self) -> anyhow::Result<()> {
-        let label = format!("crm-integrator-{}", self.integrators.len());
-        let mut args = vec![
-            "--crm-url".to_owned(),
-            self.crm_url.clone(),
-            "--metrics-addr".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ];
-        args.extend(self.integrator_args.iter().cloned());
-        let service = Service::spawn(
-            &self.env,
-            "crm-integrator",
-            &args,
-            self.log_dir.path(),
-            &label,
-        )
-        .await?;
+        let service = self.spawn_integrator(self.integrators.len()).await?;
         self.integrators.push(service);
         Ok(())
     }
 
     /// Replaces integrator `index` with a fresh process (after a kill).
     pub async fn respawn_integrator(&mut self, index: usize) -> anyhow::Result<()> {
+        self.integrators[index] = self.spawn_integrator(index).await?;
+        Ok(())
+    }
+
+    async fn spawn_integrator(&self, index: usize) -> anyhow::Result<Service> {
         let label = format!("crm-integrator-{index}");
         let mut args = vec![
             "--crm-url".to_owned(),
@@ -272,15 +262,14 @@ impl Pipeline {
             "127.0.0.1:0".to_owned(),
         ];
         args.extend(self.integrator_args.iter().cloned());
-        self.integrators[index] = Service::spawn(
+        Service::spawn(
             &self.env,
             "crm-integrator",
             &args,
             self.log_dir.path(),
             &label,
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     pub async fn respawn_persister(&mut self) -> anyhow::Result<()> {
