@@ -20,6 +20,19 @@ pub enum SyncAction {
     SkippedSuperseded,
 }
 
+impl SyncAction {
+    /// The same name as the JSON form, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncAction::Created => "created",
+            SyncAction::Updated => "updated",
+            SyncAction::AlreadyPresent => "already_present",
+            SyncAction::SkippedConfirmed => "skipped_confirmed",
+            SyncAction::SkippedSuperseded => "skipped_superseded",
+        }
+    }
+}
+
 /// Published on `{ns}.synced`: the CRM holds this version of the customer (or a newer one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncedOutcome {
@@ -92,5 +105,15 @@ mod tests {
     fn action_names_are_snake_case() {
         let json = serde_json::to_string(&SyncAction::SkippedConfirmed).expect("serialise");
         assert_eq!(json, "\"skipped_confirmed\"");
+        for action in [
+            SyncAction::Created,
+            SyncAction::Updated,
+            SyncAction::AlreadyPresent,
+            SyncAction::SkippedConfirmed,
+            SyncAction::SkippedSuperseded,
+        ] {
+            let json = serde_json::to_string(&action).expect("serialise");
+            assert_eq!(json, format!("\"{}\"", action.as_str()));
+        }
     }
 }

@@ -945,11 +945,7 @@ async fn ack_synced(inbound: &Inbound, action: SyncAction) -> Result<Settled, Pr
     let started = Instant::now();
     double_ack(inbound).await?;
     time_phase("ack", started);
-    let action_name = serde_json::to_value(action)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    metrics::counter!("crm_integrator_records_total", "outcome" => "synced", "action" => action_name)
+    metrics::counter!("crm_integrator_records_total", "outcome" => "synced", "action" => action.as_str())
         .increment(1);
     Ok(Settled::Synced(action))
 }
