@@ -6,6 +6,14 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 OUT="$ROOT/BENCHMARKS.md"
+# The load generator and the helpers the sections use come from apt on a fresh Debian machine.
+missing=()
+for tool in wrk jq bc curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "[bench] missing ${missing[*]}: run sudo apt-get install ${missing[*]}" >&2; exit 1; }
+  echo "[bench] installing ${missing[*]} with apt-get" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 SECTIONS="$ROOT/.run/bench"
 mkdir -p "$SECTIONS"
 for script in deploy/local/bench.d/*.sh; do

@@ -33,7 +33,7 @@ cleanup() {
 trap cleanup EXIT
 
 log "building release binaries"
-cargo build --release -q -p crm-integrator -p crm-mock >&2
+cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
 MOCK_PID=
 start_mock() {

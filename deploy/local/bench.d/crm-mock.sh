@@ -20,7 +20,7 @@ log() { echo "[crm-mock bench] $*" >&2; }
 trap crm_mock_stop EXIT
 
 log "building the release binary"
-cargo build --release -q -p crm-mock >&2
+cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 wrk_ensure
 
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -38,7 +38,7 @@ case "$NATS_URL" in
 esac
 
 log "building release binaries"
-cargo build --release -q -p csv-reader >&2
+cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
 generate() { # rows -> path (generated once, then reused)
   local rows=$1 path="$DATA/customers-$1.csv"

@@ -38,7 +38,7 @@ fresh_db() {
 }
 
 log "building release binaries"
-cargo build --release -q -p persister --bins >&2
+cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
 consumers=()
 i=0

@@ -38,7 +38,7 @@ measure() {
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
 
 log "building release binaries"
-cargo build --release -q -p syncctl -p csv-reader >&2
+cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
 echo "## syncctl"
 echo

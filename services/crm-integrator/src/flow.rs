@@ -56,8 +56,11 @@ struct LimiterState {
     smoothed_latency: Option<Duration>,
 }
 
-/// After this long without a 429, the learned ceiling is probed upward again.
-const CEILING_QUIET: Duration = Duration::from_secs(60);
+/// After this long without a 429, the learned ceiling is probed 5% upward. A probe that overshoots
+/// costs one `Retry-After` pause of the fleet, so this is a trade: a ceiling learned low (requests
+/// reordered on their way to the CRM make it err low) recovers within tens of seconds, while
+/// overshooting costs about one pause per two quiet periods.
+const CEILING_QUIET: Duration = Duration::from_secs(10);
 const DECREASE_FACTOR: f64 = 0.8;
 
 impl Limiter {
@@ -150,7 +153,11 @@ impl Limiter {
                 .map(|(c, _)| (c + (c / 20).max(1), now))
                 .filter(|(c, _)| *c < self.max);
         }
-        let latency_rose = self.adaptive && Self::observe_latency(&mut state, latency, now);
+        // Only ordinary answers say how long the CRM takes: a 429 comes back at once and would
+        // teach a base latency the real requests can never match.
+        let latency_rose = self.adaptive
+            && signal == Signal::Answered
+            && Self::observe_latency(&mut state, latency, now);
         let congested = match signal {
             Signal::Answered => latency_rose,
             Signal::RateLimited => {
@@ -478,6 +485,18 @@ mod tests {
         // Several congestion answers of the same window count once.
         limiter.acquire().await.finish(Signal::Congested);
         assert_eq!(limiter.limit(), shrunk);
+    }
+
+    #[test]
+    fn an_instant_429_does_not_make_ordinary_answers_look_slow() {
+        let limiter = Limiter::adaptive(100, 500);
+        let ms = Duration::from_millis;
+        for _ in 0..50 {
+            limiter.record(Signal::Answered, ms(80), 50);
+        }
+        limiter.record(Signal::RateLimited, Duration::from_micros(200), 150);
+        // Were the 429's 0.2 ms the base, every 80 ms answer would read as a latency rise.
+        assert_eq!(lock(&limiter.state).base_latency, Some(ms(80)));
     }
 
     #[test]

@@ -193,10 +193,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Messages allowed in hand for a request limit: some headroom over the limit so that records
-/// waiting out a retry do not idle the CRM, but small next to the ack wait.
+/// Messages allowed in hand for a request limit. A record spends about as long in its ledger and
+/// outcome round trips to NATS as at the CRM, so twice the request limit keeps the CRM at its limit
+/// while the other half is in those phases; what waits for a request slot waits about one request
+/// latency, small next to the ack wait.
 fn message_capacity(request_limit: usize) -> usize {
-    request_limit + request_limit / 4 + 8
+    request_limit * 2 + 16
 }
 
 async fn consume(
@@ -206,6 +208,7 @@ async fn consume(
     health: Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let ack_wait = consumer.cached_info().config.ack_wait;
     let tracker = TaskTracker::new();
     let slots = Arc::new(flow::Slots::default());
     let mut messages = None;
@@ -216,10 +219,15 @@ async fn consume(
             () = shutdown.cancelled() => break,
             () = slots.acquire(capacity) => {}
         }
-        // Pulling while the CRM is off limits would only age messages in our hands. What the
-        // current pull already buffered would sit out its ack wait and then be processed beside
-        // its redelivery, so the pull is dropped and those come back once, after the ack wait.
-        if integrator.gate().holding().is_some() {
+        // Pulling while the CRM is off limits would only age messages in our hands. A short hold
+        // keeps the pull: what it buffered is processed right after. A hold long enough to eat
+        // into the ack wait drops it, so those messages come back once, after the ack wait,
+        // rather than being processed beside their redelivery.
+        if integrator
+            .gate()
+            .holding()
+            .is_some_and(|wait| wait > ack_wait / 4)
+        {
             messages = None;
         }
         while let Some(wait) = integrator.gate().holding() {

@@ -3,6 +3,10 @@
 
 use clap::Parser as _;
 
+// A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_kit::init_telemetry();

@@ -3,6 +3,10 @@
 use clap::{CommandFactory as _, Parser as _};
 use crm_mock::{Args, CrmMockConfig};
 
+// A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = CrmMockConfig::from(Args::parse());

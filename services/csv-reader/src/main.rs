@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use csv_reader::{ReaderConfig, resume_hint, run};
 
+// A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Streams a customer CSV into JetStream: one message per valid row, bad rows reported, resumable.
 ///
 /// Exit codes: 0 every row acknowledged; 1 runtime failure (NATS, missing streams); 2 usage or

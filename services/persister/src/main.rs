@@ -3,6 +3,10 @@
 use clap::Parser as _;
 use persister::{Args, PersisterConfig};
 
+// A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = PersisterConfig::from(Args::parse());

@@ -10,6 +10,10 @@ use service_kit::NatsArgs;
 use sync_topology::TopologySettings;
 use syncctl::{CtlError, DEFAULT_DATABASE_URL};
 
+// A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     version,
