@@ -63,13 +63,21 @@ drain_run() {
     target/release/crm-integrator --metrics-addr "127.0.0.1:$metrics_port" "$@" 2>"$WORK/integrator.log" &
   local pid=$!
   PIDS+=("$pid")
+  local nats_before mock_before
+  nats_before=$(cpu_ticks "$NATS_PID"); mock_before=$(cpu_ticks "$MOCK_PID")
   SECS=$(target/release/integrator-bench-fill --nats-url "$NATS_URL" --namespace "$ns" --wait-drained --timeout-secs "$DRAIN_TIMEOUT")
   RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+  CPU_US="integrator $(us_per_record "$(cpu_ticks "$pid")" "$count") µs, nats-server $(us_per_record $(( $(cpu_ticks "$NATS_PID") - nats_before )) "$count") µs, crm-mock $(us_per_record $(( $(cpu_ticks "$MOCK_PID") - mock_before )) "$count") µs"
   curl -fs "http://127.0.0.1:$metrics_port/metrics" >"$WORK/metrics.txt" || true
   LIMIT=$(awk '/^crm_integrator_concurrency_limit / {print $2}' "$WORK/metrics.txt")
   kill -TERM "$pid"; wait "$pid" || true
 }
 ratio() { echo "scale=3; $1 / $2" | bc -l; }
+# CPU time (clock ticks) a process has used so far; 0 when it is not ours to read.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+NATS_PID=$(cat .run/nats/nats.pid 2>/dev/null || echo 0)
+TICKS=$(getconf CLK_TCK)
+us_per_record() { echo "scale=0; $1 * 1000000 / $TICKS / $2" | bc -l; }
 rate() { echo "scale=0; $1 / $2" | bc -l; }
 phase_ms() { # mean ms of one phase from the last metrics scrape
   awk -v p="$1" '$0 ~ "phase_seconds_sum\\{phase=\""p"\"" {s=$2} $0 ~ "phase_seconds_count\\{phase=\""p"\"" {c=$2} END {if (c>0) printf "%.1f", s/c*1000; else print "n/a"}' "$WORK/metrics.txt"
@@ -94,7 +102,7 @@ WRK_CMD="wrk -t2 -c64 -d${WRK_SECS}s -s post.lua http://127.0.0.1:$MOCK_PORT/cus
 WRK_RPS=$(cd "$WORK" && wrk -t2 -c64 -d"${WRK_SECS}s" -s post.lua "http://127.0.0.1:$MOCK_PORT/customers" | awk '/Requests\/sec/ {printf "%d", $2}')
 curl -fs -X POST "http://127.0.0.1:$MOCK_PORT/reset" >/dev/null
 drain_run "bench_int_a_$RUN_ID" "$COUNT_A"
-A_SECS=$SECS; A_RSS=$RSS_KB; A_LIMIT=${LIMIT:-n/a}
+A_SECS=$SECS; A_RSS=$RSS_KB; A_LIMIT=${LIMIT:-n/a}; A_CPU=$CPU_US
 A_CREATED=$(mock_stat .created); A_DUP=$(mock_stat .duplicate_effects)
 A_RATE=$(rate "$COUNT_A" "$A_SECS")
 A_PHASES="claim $(phase_ms claim) ms, CRM request $(phase_ms crm_request) ms, confirm $(phase_ms confirm) ms ∥ outcome $(phase_ms publish_outcome) ms, ack $(phase_ms ack) ms"
@@ -105,6 +113,16 @@ B_MOCK_FLAGS="--latency-ms 20 --max-concurrency 200 --failure-rate 0.1"
 CAPACITY=9000
 # shellcheck disable=SC2086
 start_mock $B_MOCK_FLAGS
+# What a plain HTTP client gets from this mock: wrk just under the cap (over it, 429s).
+B_WRK_CONNS=190
+log "wrk: POST /customers, $B_WRK_CONNS connections, for ${WRK_SECS}s"
+B_WRK_OUT=$(cd "$WORK" && wrk -t2 -c"$B_WRK_CONNS" -d"${WRK_SECS}s" -s post.lua "http://127.0.0.1:$MOCK_PORT/customers")
+B_WRK_RPS=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$B_WRK_OUT")
+B_WRK_TOTAL=$(awk '/requests in/ {print $1}' <<<"$B_WRK_OUT")
+B_WRK_NON2XX=$(awk '/Non-2xx/ {print $NF}' <<<"$B_WRK_OUT")
+B_WRK_LATENCY=$(awk '/Latency/ {print $2; exit}' <<<"$B_WRK_OUT")
+B_WRK_OK_RATE=$(echo "scale=0; $B_WRK_RPS * ($B_WRK_TOTAL - ${B_WRK_NON2XX:-0}) / $B_WRK_TOTAL" | bc -l)
+curl -fs -X POST "http://127.0.0.1:$MOCK_PORT/reset" >/dev/null
 drain_run "bench_int_b_$RUN_ID" "$COUNT_B" --concurrency 256
 B_SECS=$SECS; B_RSS=$RSS_KB
 B_CREATED=$(mock_stat .created); B_DUP=$(mock_stat .duplicate_effects)
@@ -140,10 +158,14 @@ double ack) plus one CRM request; pulls are batched. Load average before/after: 
 - (a) plain HTTP rate: \`$WRK_CMD\` (POST of a customer, same mock, same run): $WRK_RPS req/s.
   Created by the integrator: $A_CREATED; adaptive limit at the end: $A_LIMIT.
   Mean time per phase: $A_PHASES.
+  CPU per record: $A_CPU (the $(nproc) cores give $(( $(nproc) * 1000000 / (WRK_RPS / 2) )) µs per record at 50% of wrk's rate).
 - (b) mock: \`crm-mock $B_MOCK_FLAGS\`. Fixed 256: $B_CREATED created, $B_ERR injected errors retried,
   $B_LIMITED answered 429 for the concurrency cap (each 429 pauses the fleet for its Retry-After and
   lowers the replica's ceiling to what was in flight). Mean time per phase: $B_PHASES.
   Adaptive: $C_CREATED created, $C_LIMITED concurrency-cap 429s, limit at the end $C_LIMIT.
+  Plain HTTP reference on the same mock: \`wrk -t2 -c$B_WRK_CONNS\` got $B_WRK_RPS req/s at $B_WRK_LATENCY mean latency, of which
+  $B_WRK_OK_RATE/s succeeded ($(ratio "$B_WRK_OK_RATE" "$CAPACITY") of $CAPACITY/s): what a load generator with no state reaches here.
+  The replica reaches $(ratio "$B_RATE" "$B_WRK_OK_RATE") (fixed) and $(ratio "$C_RATE" "$B_WRK_OK_RATE") (adaptive) of that.
 - Command: \`COUNT_A=$COUNT_A COUNT_B=$COUNT_B deploy/local/bench.d/crm-integrator.sh\`
   (or \`BENCH_ONLY=crm-integrator deploy/local/bench.sh\`).
 MD

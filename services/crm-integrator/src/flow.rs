@@ -32,8 +32,9 @@ pub enum Signal {
 
 /// Concurrency of CRM requests. Fixed mode keeps `--concurrency`; adaptive mode starts small,
 /// grows while answers come back at the usual latency, and backs off multiplicatively on 429s,
-/// timeouts and rising latency. Either way a 429 teaches a ceiling (the in-flight count that
-/// drew it) that is probed again only after a quiet while, because every 429 costs a fleet pause.
+/// timeouts and rising latency. Either way a 429 teaches a ceiling (the requests still in flight
+/// when it came back) that is probed again only after a quiet while, because every 429 costs a
+/// fleet pause.
 #[derive(Debug)]
 pub struct Limiter {
     adaptive: bool,
@@ -58,9 +59,9 @@ struct LimiterState {
 
 /// After this long without a 429, the learned ceiling is probed 5% upward. A probe that overshoots
 /// costs one `Retry-After` pause of the fleet, so this is a trade: a ceiling learned low (requests
-/// reordered on their way to the CRM make it err low) recovers within tens of seconds, while
-/// overshooting costs about one pause per two quiet periods.
-const CEILING_QUIET: Duration = Duration::from_secs(10);
+/// reordered on their way to the CRM make it err low) recovers within a few minutes, while
+/// overshooting costs at most one pause per half minute.
+const CEILING_QUIET: Duration = Duration::from_secs(30);
 const DECREASE_FACTOR: f64 = 0.8;
 
 impl Limiter {
@@ -130,7 +131,6 @@ impl Limiter {
                 return Permit {
                     limiter: self,
                     started: Instant::now(),
-                    in_flight_at_start: current + 1,
                     done: false,
                 };
             }
@@ -141,7 +141,7 @@ impl Limiter {
         }
     }
 
-    fn record(&self, signal: Signal, latency: Duration, in_flight_at_start: usize) {
+    fn record(&self, signal: Signal, latency: Duration) {
         let now = Instant::now();
         let mut state = lock(&self.state);
         if let Some((_, since)) = state.ceiling
@@ -161,10 +161,14 @@ impl Limiter {
         let congested = match signal {
             Signal::Answered => latency_rose,
             Signal::RateLimited => {
-                // Our count runs ahead of the CRM's (it includes the answer's way back), so keep
-                // a small margin under the in-flight count that drew the 429. Taking the minimum
+                // What the CRM holds is what is still in flight when its 429 comes back: the
+                // requests it accepted and has not answered (a 429 comes back at once, and the
+                // pause it triggers stops new requests, so later 429s of a burst see fewer). The
+                // count when this request started says little when many start together, since
+                // they reach the CRM in any order. Our count runs ahead of the CRM's (it
+                // includes the answers' way back), so keep a small margin; taking the minimum
                 // (never compounding) keeps one burst of 429s from collapsing the ceiling.
-                let drew_429 = in_flight_at_start.saturating_sub(1) as f64;
+                let drew_429 = self.in_flight.load(Ordering::Acquire) as f64;
                 let ceiling = ((drew_429 * 0.97) as usize).max(self.min);
                 let lower = state.ceiling.is_none_or(|(c, _)| ceiling < c);
                 if lower {
@@ -234,15 +238,13 @@ impl Limiter {
 pub struct Permit<'a> {
     limiter: &'a Limiter,
     started: Instant,
-    in_flight_at_start: usize,
     done: bool,
 }
 
 impl Permit<'_> {
     pub fn finish(mut self, signal: Signal) {
         self.release();
-        self.limiter
-            .record(signal, self.started.elapsed(), self.in_flight_at_start);
+        self.limiter.record(signal, self.started.elapsed());
     }
 
     fn release(&mut self) {
@@ -463,7 +465,7 @@ mod tests {
         let ninth = tokio::time::timeout(Duration::from_millis(20), limiter.acquire()).await;
         assert!(ninth.is_err(), "a ninth request must wait");
         let mut permits = permits.into_iter();
-        // The 8th in flight drew a 429: at most 97% of 7 from now on.
+        // A 429 came back while 7 others were still in flight: at most 97% of 7 from now on.
         let last = permits.next_back().expect("eight permits");
         last.finish(Signal::RateLimited);
         assert_eq!(limiter.limit(), 6);
@@ -487,14 +489,28 @@ mod tests {
         assert_eq!(limiter.limit(), shrunk);
     }
 
+    #[tokio::test]
+    async fn a_burst_of_429s_teaches_the_count_the_crm_accepted() {
+        // 256 requests start together; the CRM takes 200 and refuses the rest at once, in any
+        // order of their start.
+        let limiter = Limiter::fixed(256);
+        let mut permits: Vec<_> =
+            futures::future::join_all((0..256).map(|_| limiter.acquire())).await;
+        let refused: Vec<_> = permits.drain(..56).collect();
+        for permit in refused {
+            permit.finish(Signal::RateLimited);
+        }
+        assert_eq!(limiter.limit(), 194, "97% of the 200 still in flight");
+    }
+
     #[test]
     fn an_instant_429_does_not_make_ordinary_answers_look_slow() {
         let limiter = Limiter::adaptive(100, 500);
         let ms = Duration::from_millis;
         for _ in 0..50 {
-            limiter.record(Signal::Answered, ms(80), 50);
+            limiter.record(Signal::Answered, ms(80));
         }
-        limiter.record(Signal::RateLimited, Duration::from_micros(200), 150);
+        limiter.record(Signal::RateLimited, Duration::from_micros(200));
         // Were the 429's 0.2 ms the base, every 80 ms answer would read as a latency rise.
         assert_eq!(lock(&limiter.state).base_latency, Some(ms(80)));
     }
