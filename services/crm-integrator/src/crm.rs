@@ -203,10 +203,18 @@ fn describe_transport_error(err: &reqwest::Error) -> String {
     text
 }
 
-/// Seconds form only; an HTTP-date is rare from APIs and falls back to our own backoff.
+/// `Retry-After` in either of its forms (RFC 9110, section 10.2.3): a number of seconds, or an
+/// HTTP-date, of which a past one means "now". Anything else is ignored and our own backoff applies.
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
-    let text = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let text = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn kept_body(body: &[u8]) -> String {
@@ -289,6 +297,36 @@ pub fn classify_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_retry_after(value: &str) -> header::HeaderMap {
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from_str(value).expect("a valid header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        assert_eq!(
+            retry_after(&with_retry_after(" 7 ")),
+            Some(Duration::from_secs(7))
+        );
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        let wait = retry_after(&with_retry_after(&httpdate::fmt_http_date(in_a_minute)))
+            .expect("an HTTP-date is understood");
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after(&with_retry_after("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(retry_after(&with_retry_after("soon")), None);
+    }
 
     #[test]
     fn refused_credentials_are_retried_not_dead_lettered() {
