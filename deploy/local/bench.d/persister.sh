@@ -39,6 +39,14 @@ fresh_db() {
   "${PSQL[@]}" "$ADMIN_URL" -c "CREATE DATABASE $db" >&2
 }
 
+# An empty database with the project's schema, built by psql from the migration files.
+schema_db() {
+  fresh_db "$1"
+  for migration in libs/store/migrations/V*.sql; do
+    "${PSQL[@]}" "$DB_BASE/$1" -f "$migration" >&2
+  done
+}
+
 log "building release binaries"
 cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
@@ -53,10 +61,7 @@ publish_s=$(echo "$(now) - $t0" | bc -l)
 
 # Plain COPY into the same schema, empty table, same indexes.
 copy_db="${NS}_copy"
-fresh_db "$copy_db"
-for migration in libs/store/migrations/V*.sql; do
-  "${PSQL[@]}" "$DB_BASE/$copy_db" -f "$migration" >&2
-done
+schema_db "$copy_db"
 log "COPY of $COUNT rows"
 t0=$(now)
 "${PSQL[@]}" "$DB_BASE/$copy_db" -c "\\copy customers FROM '$WORK/rows.csv' WITH (FORMAT csv)" >&2
@@ -68,10 +73,7 @@ copy_rate=$(echo "$COUNT / $copy_s" | bc -l)
 # The database's share of the persister's work: the same rows through a COPY into a temporary
 # table and the persister's upsert statement, in psql, with no NATS and no decoding.
 upsert_db="${NS}_upsert"
-fresh_db "$upsert_db"
-for migration in libs/store/migrations/V*.sql; do
-  "${PSQL[@]}" "$DB_BASE/$upsert_db" -f "$migration" >&2
-done
+schema_db "$upsert_db"
 log "COPY into a temporary table + upsert of $COUNT rows"
 t0=$(now)
 "${PSQL[@]}" "$DB_BASE/$upsert_db" >&2 <<SQL
