@@ -149,6 +149,11 @@ pub enum RowRejection {
     FieldTooLong { field: String, len: usize },
     #[error("field `{field}` contains a control character (NUL or similar)")]
     ControlCharacter { field: String },
+    #[error(
+        "the row makes a {bytes}-byte message, over the {limit}-byte limit of the NATS server \
+         (max_payload): trim its fields or drop columns"
+    )]
+    RecordTooLarge { bytes: usize, limit: usize },
 }
 
 impl RowRejection {
@@ -161,6 +166,7 @@ impl RowRejection {
             RowRejection::InvalidUtf8 { .. } => "invalid_utf8",
             RowRejection::FieldTooLong { .. } => "field_too_long",
             RowRejection::ControlCharacter { .. } => "control_character",
+            RowRejection::RecordTooLarge { .. } => "record_too_large",
         }
     }
 }

@@ -295,6 +295,7 @@ pub async fn run(
     })?;
 
     let client = connect(&config.nats).await?;
+    let max_message_bytes = client.server_info().max_payload;
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout)
         // Our window bounds what is in flight; the context's own limit must not be the tighter one.
@@ -315,7 +316,7 @@ pub async fn run(
         tracing::info!(file = %identity.path, line = start.line, "resuming after the checkpointed line");
     }
 
-    let context = MessageContext::new(&names, &identity.path, &identity.key);
+    let context = MessageContext::new(&names, &identity.path, &identity.key, max_message_bytes);
     let retry = RetryPolicy {
         attempts: config.publish_attempts,
         ..RetryPolicy::default()

@@ -24,15 +24,18 @@ pub struct MessageContext {
     pub source_file: String,
     /// The file's identity key: part of a rejection's dedup id, so a re-run does not repeat it.
     pub file_key: String,
+    /// The server's largest message (its `max_payload`): a bigger row is rejected, not published.
+    pub max_message_bytes: usize,
 }
 
 impl MessageContext {
-    pub fn new(names: &Names, source_file: &str, file_key: &str) -> Self {
+    pub fn new(names: &Names, source_file: &str, file_key: &str, max_message_bytes: usize) -> Self {
         MessageContext {
             ingest_subject: Subject::from(names.ingest_subject()),
             rejected_subject: Subject::from(names.rejected_subject()),
             source_file: source_file.to_owned(),
             file_key: file_key.to_owned(),
+            max_message_bytes,
         }
     }
 }
@@ -62,6 +65,22 @@ impl OutgoingMessage {
             .headers(self.headers.clone())
     }
 
+    /// Bytes the header block takes on the wire (`NATS/1.0`, `name: value` lines, blank line),
+    /// which count toward the server's `max_payload`.
+    pub fn headers_len(&self) -> usize {
+        let lines: usize = self
+            .headers
+            .iter()
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|value| AsRef::<[u8]>::as_ref(name).len() + 2 + value.as_str().len() + 2)
+                    .sum::<usize>()
+            })
+            .sum();
+        "NATS/1.0\r\n".len() + lines + 2
+    }
+
     pub fn message_id(&self) -> Option<&str> {
         self.headers.get(NATS_MESSAGE_ID).map(HeaderValue::as_str)
     }
@@ -84,10 +103,22 @@ pub fn row_message<'a>(
             Ok(record)
         }
     });
-    match parsed {
-        Ok(record) => customer_message(context, &record, line),
-        Err(rejection) => rejected_message(context, &rejection, raw_row_text(fields), line),
-    }
+    let rejection = match parsed {
+        Ok(record) => {
+            let message = customer_message(context, &record, line)?;
+            // The server would refuse it and the whole run would stop on one row.
+            let bytes = message.payload.len() + message.headers_len();
+            if bytes <= context.max_message_bytes {
+                return Ok(message);
+            }
+            RowRejection::RecordTooLarge {
+                bytes,
+                limit: context.max_message_bytes,
+            }
+        }
+        Err(rejection) => rejection,
+    };
+    rejected_message(context, &rejection, raw_row_text(fields), line)
 }
 
 /// The ingest message of a valid row. The row's id must not contain a line break.
@@ -180,7 +211,7 @@ mod tests {
     use super::*;
 
     fn context() -> MessageContext {
-        MessageContext::new(&Names::default(), "/data/in.csv", "file-abc")
+        MessageContext::new(&Names::default(), "/data/in.csv", "file-abc", 1024 * 1024)
     }
 
     fn layout() -> ColumnLayout {
@@ -230,6 +261,22 @@ mod tests {
         let message =
             row_message(&context(), &layout(), fields.iter().copied(), 5).expect("message");
         assert_eq!(message.kind, MessageKind::Rejected("control_character"));
+    }
+
+    #[test]
+    fn a_row_over_the_servers_message_limit_is_rejected_with_both_sizes() {
+        let mut small = context();
+        small.max_message_bytes = 300;
+        let tier = "g".repeat(200);
+        let fields = ["7", "Ann", "Lee", "a@b.io", tier.as_str()].map(str::as_bytes);
+        let message = row_message(&small, &layout(), fields.iter().copied(), 4).expect("message");
+        assert_eq!(message.kind, MessageKind::Rejected("record_too_large"));
+        let body: RejectedRow = serde_json::from_slice(&message.payload).expect("json body");
+        assert!(body.reason.contains("300-byte limit"), "{}", body.reason);
+        // The same row fits the default 1 MiB.
+        let fits = row_message(&context(), &layout(), fields.iter().copied(), 4).expect("message");
+        assert_eq!(fits.kind, MessageKind::Customer);
+        assert!(fits.payload.len() + fits.headers_len() > 300);
     }
 
     #[test]

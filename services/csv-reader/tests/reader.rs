@@ -458,6 +458,30 @@ async fn a_10_mb_field_is_rejected_and_an_endless_row_stops_the_run() -> anyhow:
 }
 
 #[tokio::test]
+async fn a_row_bigger_than_the_servers_max_payload_is_rejected_not_fatal() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    // Every field within its own limit, the row as a whole over the server's 1 MiB.
+    let extra = 1100;
+    let mut contents = b"id,first_name,last_name,email".to_vec();
+    for column in 0..extra {
+        contents.extend_from_slice(format!(",note{column}").as_bytes());
+    }
+    contents.push(b'\n');
+    let value = "v".repeat(1000);
+    for (id, wide) in [(1, false), (2, true), (3, false)] {
+        contents.extend_from_slice(format!("{id},Ann,Lee,a{id}@b.io").as_bytes());
+        let field = if wide { value.as_str() } else { "" };
+        contents.extend_from_slice(format!(",{field}").repeat(extra).as_bytes());
+        contents.push(b'\n');
+    }
+    let file = write_temp(&contents, ".csv")?;
+    let summary = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!((summary.published, summary.rejected), (2, 1));
+    assert_eq!(summary.rejected_by_kind.get("record_too_large"), Some(&1));
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
 async fn a_changed_file_is_refused_on_resume_unless_forced() -> anyhow::Result<()> {
     let pipeline = Pipeline::new().await?;
     let mut file = write_temp(b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n", ".csv")?;
