@@ -180,7 +180,12 @@ impl Pipeline {
         replicas: usize,
         integrator_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let log_dir = tempfile::tempdir()?;
+        // E2E_KEEP_LOGS=1 keeps the services' logs after the test, for a failure to be read.
+        let log_dir = tempfile::Builder::new()
+            .prefix("e2e-logs-")
+            .disable_cleanup(std::env::var_os("E2E_KEEP_LOGS").is_some())
+            .tempdir()?;
+        eprintln!("service logs: {}", log_dir.path().display());
         env.setup().await?;
         let port = free_port()?;
         let crm_url = format!("http://127.0.0.1:{port}");

@@ -26,8 +26,9 @@ pub struct TopologySettings {
     /// How long an integrator may hold a message before the server redelivers it. Integrators send
     /// ack-progress while they retry in-process, so this bounds only the silence of a dead replica.
     pub integrator_ack_wait: Duration,
-    /// Server-side delivery cap. The integrator dead-letters at its own `--max-deliver`, which must
-    /// stay below this so the server never silently stops delivering a message.
+    /// Server-side delivery cap: -1, none. The integrator ends every message itself (dead letter
+    /// at its own `--max-deliver` for failures); a cap here would make the server silently stop
+    /// delivering a message that is only waiting, NAK after NAK, for an older version's claim.
     pub integrator_max_deliver: i64,
     pub integrator_max_ack_pending: i64,
     pub persister_ack_wait: Duration,
@@ -42,7 +43,7 @@ impl Default for TopologySettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             dedup_window: Duration::from_secs(10 * 60),
             integrator_ack_wait: Duration::from_secs(30),
-            integrator_max_deliver: 50,
+            integrator_max_deliver: -1,
             integrator_max_ack_pending: 20_000,
             persister_ack_wait: Duration::from_secs(60),
             persister_max_ack_pending: 50_000,

@@ -37,8 +37,8 @@ pub struct Config {
     /// Deadline of one CRM request, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub request_timeout_ms: u64,
-    /// Deliveries after which a record that still fails goes to the dead subject. Keep it below
-    /// the consumer's server-side max_deliver (50).
+    /// Deliveries after which a record that still fails goes to the dead subject. (The consumer
+    /// has no server-side cap: deliveries spent waiting for an older version are not failures.)
     #[arg(long, default_value_t = 10)]
     pub max_deliver: u64,
     /// Address of /metrics, /healthz and /readyz (port 0 picks a free one).

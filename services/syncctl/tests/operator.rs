@@ -227,6 +227,18 @@ async fn setup_migrates_an_older_layout() -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
+    // Earlier layouts capped deliveries on the server, which could drop a record that was only
+    // waiting for an older version of its customer.
+    js.create_consumer_on_stream(
+        jetstream::consumer::pull::Config {
+            durable_name: Some(names.integrators_consumer().to_owned()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_deliver: 50,
+            ..Default::default()
+        },
+        names.ingest_stream(),
+    )
+    .await?;
 
     let outcome = syncctl::setup::run(&setup_config(&nats, Some(&db))).await?;
     let change_of = |object: &str| {
@@ -259,6 +271,22 @@ async fn setup_migrates_an_older_layout() -> anyhow::Result<()> {
         TopologySettings::default().dedup_window
     );
     assert_eq!(config.max_age, TopologySettings::default().retention);
+    assert_eq!(
+        change_of(&format!(
+            "consumer {}/{}",
+            names.ingest_stream(),
+            names.integrators_consumer()
+        )),
+        Some(Change::Updated),
+        "{outcome}"
+    );
+    let integrators = js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            names.integrators_consumer(),
+            names.ingest_stream(),
+        )
+        .await?;
+    assert_eq!(integrators.cached_info().config.max_deliver, -1);
     assert!(all_unchanged(
         &syncctl::setup::run(&setup_config(&nats, Some(&db))).await?
     ));
