@@ -859,6 +859,17 @@ async fn confirm(
     ack_synced(inbound, action).await
 }
 
+/// The dedup id of a message's one outcome. The stream sequence alone would do while sequences are
+/// never reused; the record's own dedup id beside it keeps an outcome from being dropped as a
+/// duplicate of another record's even if they ever are (a stream that lost its tail to a crash
+/// hands the same sequences out again).
+fn outcome_id(kind: &str, inbound: &Inbound) -> String {
+    format!(
+        "{kind}:{}:{}:{}",
+        inbound.stream_seq, inbound.customer_id, inbound.hash
+    )
+}
+
 fn outcome_headers(id: String) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
@@ -933,7 +944,7 @@ async fn publish_synced(
         integrator,
         inbound,
         integrator.names.synced_subject(),
-        format!("synced:{}", inbound.stream_seq),
+        outcome_id("synced", inbound),
         body,
     )
     .await?;
@@ -989,7 +1000,7 @@ async fn dead_letter(
         integrator,
         inbound,
         integrator.names.dead_subject(),
-        format!("dead:{}", inbound.stream_seq),
+        outcome_id("dead", inbound),
         body,
     )
     .await?;
