@@ -168,8 +168,8 @@ impl Limiter {
                 // they reach the CRM in any order. Our count runs ahead of the CRM's (it
                 // includes the answers' way back), so keep a small margin; taking the minimum
                 // (never compounding) keeps one burst of 429s from collapsing the ceiling.
-                let drew_429 = self.in_flight.load(Ordering::Acquire) as f64;
-                let ceiling = ((drew_429 * 0.97) as usize).max(self.min);
+                let still_in_flight = self.in_flight.load(Ordering::Acquire) as f64;
+                let ceiling = ((still_in_flight * 0.97) as usize).max(self.min);
                 let lower = state.ceiling.is_none_or(|(c, _)| ceiling < c);
                 if lower {
                     state.ceiling = Some((ceiling, now));

@@ -299,8 +299,8 @@ async fn settle(
                 claim_seq,
                 remaining_ms,
             } => {
-                // Growing with each delivery: every NAK counts toward the server's delivery cap,
-                // so a long wait must not burn through it.
+                // Growing with each delivery: every NAK is a redelivery the server makes and
+                // raises the delivery count `--max-deliver` reads, so a long wait stays cheap.
                 let backoff_ms = 100u64 << inbound.delivered.saturating_sub(1).min(6);
                 let delay = Duration::from_millis(
                     (remaining_ms.max(100) as u64).min(backoff_ms).min(5_000),

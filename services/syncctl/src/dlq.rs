@@ -15,7 +15,9 @@ use chrono::{DateTime, Utc};
 use customer_record::CustomerRecord;
 use serde::Serialize;
 use service_kit::NatsArgs;
-use sync_topology::{HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE};
+use sync_topology::{
+    HEADER_CONTENT_HASH, HEADER_REPLAY_OF, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE,
+};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -187,7 +189,7 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
         );
         headers.insert(HEADER_CONTENT_HASH, hash.as_str());
         if seq > 0 {
-            headers.insert(sync_topology::HEADER_REPLAY_OF, seq.to_string());
+            headers.insert(HEADER_REPLAY_OF, seq.to_string());
         }
         if let Some(file) = source_file {
             headers.insert(HEADER_SOURCE_FILE, file);

@@ -28,12 +28,9 @@ use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use serde::Deserialize;
 use service_kit::NatsArgs;
-use sync_topology::HEADER_FORCE_RESEND;
+use sync_topology::{HEADER_FORCE_RESEND, HEADER_REPLAY_OF};
 
 use crate::{CtlError, Pipeline, nats_error};
-
-/// Header naming the ingest sequence a replayed message copies.
-pub use sync_topology::HEADER_REPLAY_OF;
 
 /// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
 const ACK_WINDOW: usize = 256;

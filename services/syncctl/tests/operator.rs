@@ -444,7 +444,7 @@ async fn replay_by_sequence_republishes_exactly_the_range() -> anyhow::Result<()
             header(&source, HEADER_CONTENT_HASH)
         );
         assert_eq!(
-            header(&replayed, syncctl::replay::HEADER_REPLAY_OF),
+            header(&replayed, sync_topology::HEADER_REPLAY_OF),
             Some(original.to_string())
         );
         assert_eq!(header(&replayed, HEADER_FORCE_RESEND), None);
