@@ -12,6 +12,8 @@ pub const REQUIRED_COLUMNS: [&str; 4] = ["id", "first_name", "last_name", "email
 pub const PHONE_COLUMN: &str = "phone";
 /// A field longer than this is a bad row, not a customer.
 pub const MAX_FIELD_BYTES: usize = 1024;
+/// Longest customer id a row may have: ledger keys and message headers derive from the id.
+pub const MAX_ID_BYTES: usize = 256;
 
 /// One customer, normalised: fields trimmed, e-mail lower-cased, empty phone absent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +36,20 @@ pub struct ContentHash(String);
 impl ContentHash {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The same kind of digest over arbitrary bytes, for a message that is not a customer (it
+    /// still needs a stable name).
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        Self::from_digest(&blake3::hash(bytes))
+    }
+
+    fn from_digest(digest: &blake3::Hash) -> Self {
+        let mut hex = String::with_capacity(32);
+        for byte in &digest.as_bytes()[..16] {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+        ContentHash(hex)
     }
 
     /// Accepts a hash read back from a header, a ledger entry or a table.
@@ -96,41 +112,7 @@ impl CustomerRecord {
             feed(7, key);
             feed(8, value);
         }
-        let digest = hasher.finalize();
-        let mut hex = String::with_capacity(32);
-        for byte in &digest.as_bytes()[..16] {
-            hex.push_str(&format!("{byte:02x}"));
-        }
-        ContentHash(hex)
-    }
-
-    /// The JetStream dedup id: the same row read twice is one message, a changed row a new one.
-    pub fn dedup_id(&self, hash: &ContentHash) -> String {
-        format!("{}:{}", self.id, hash)
-    }
-
-    /// The key under which this customer is known in NATS KV: KV keys allow only
-    /// `[-/_=.a-zA-Z0-9]`, customer ids are arbitrary text, so ids outside that set are hex-escaped.
-    pub fn ledger_key(&self) -> String {
-        ledger_key(&self.id)
-    }
-}
-
-/// See [`CustomerRecord::ledger_key`].
-pub fn ledger_key(customer_id: &str) -> String {
-    let plain = !customer_id.is_empty()
-        && customer_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        && !customer_id.starts_with('x');
-    if plain {
-        customer_id.to_owned()
-    } else {
-        let mut key = String::from("x");
-        for byte in customer_id.as_bytes() {
-            key.push_str(&format!("{byte:02x}"));
-        }
-        key
+        ContentHash::from_digest(&hasher.finalize())
     }
 }
 
@@ -427,18 +409,6 @@ mod tests {
             rec.content_hash().as_str(),
             "8563861360243bd3a3ed5014c60af708",
             "changing the hash re-sends every customer: do it only with a migration plan"
-        );
-    }
-
-    #[test]
-    fn ledger_keys_are_valid_kv_keys_and_injective() {
-        assert_eq!(ledger_key("123"), "123");
-        assert_eq!(ledger_key("a.b"), "x612e62");
-        assert_ne!(ledger_key("x1"), "x1");
-        assert!(
-            ledger_key("élan/ä b")
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric())
         );
     }
 

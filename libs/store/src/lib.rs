@@ -18,7 +18,7 @@ mod embedded {
 }
 
 /// Newest schema version this build knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Arbitrary, fixed: serialises migrations when several processes start at once.
 const MIGRATION_LOCK_ID: i64 = 0x5359_4e43_4d49_4752;

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sync_topology::messages::{DeadLetter, RejectedRow, SyncedOutcome};
+use sync_topology::Version;
+use sync_topology::messages::{DeadLetter, RejectedRow, SupersededOutcome, SyncedOutcome};
 
 use crate::StoreError;
 
@@ -14,6 +15,9 @@ use crate::StoreError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Synced(SyncedOutcome),
+    /// Counted, never stored: a superseded version never reached the CRM, and `customers` holds
+    /// only what did.
+    Superseded(SupersededOutcome),
     Rejected(RejectedRow),
     Dead(DeadLetter),
     Poison(PoisonMessage),
@@ -41,6 +45,8 @@ pub struct BatchReport {
     /// Dead letters removed because a synced outcome of the same or a later version arrived.
     pub dead_letters_cleared: u64,
     pub poison_written: u64,
+    /// Superseded outcomes seen (nothing is written for them).
+    pub superseded: u64,
 }
 
 impl BatchReport {
@@ -51,6 +57,7 @@ impl BatchReport {
         self.dead_letters_written += other.dead_letters_written;
         self.dead_letters_cleared += other.dead_letters_cleared;
         self.poison_written += other.poison_written;
+        self.superseded += other.superseded;
     }
 }
 
@@ -76,8 +83,8 @@ pub async fn write_batch(
 /// Writes `outcomes` in one transaction and commits it.
 ///
 /// Order inside a batch does not matter, nor does the split of a stream into batches: of several
-/// versions of a customer the highest ingest sequence wins; a dead letter is stored only while no
-/// synced version at least as new exists, and removed once one arrives.
+/// versions of a customer the newest [`Version`] wins; a dead letter is stored only while no synced
+/// version at least as new exists, and removed once one arrives.
 pub async fn write_batch_with(
     client: &mut tokio_postgres::Client,
     outcomes: &[Outcome],
@@ -90,6 +97,7 @@ pub async fn write_batch_with(
         .map_err(StoreError::query("starting the batch transaction"))?;
     let mut report = BatchReport {
         outcomes: outcomes.len() as u64,
+        superseded: rows.superseded,
         ..BatchReport::default()
     };
     // Dead letters first: the synced outcomes of this same batch then clear the superseded ones.
@@ -115,40 +123,75 @@ pub async fn write_batch_with(
     Ok(report)
 }
 
+/// An outcome with the values its row needs as PostgreSQL `bigint`s, range-checked once.
+#[derive(Debug)]
+struct Row<'a, T> {
+    outcome: &'a T,
+    version: [i64; 3],
+    ingest_seq: i64,
+}
+
+// By hand: the derive would demand `T: Copy`, and only the reference is copied.
+impl<T> Clone for Row<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Row<'_, T> {}
+
 /// A batch regrouped by table, with the duplicates `ON CONFLICT DO UPDATE` cannot take collapsed,
 /// and sorted by key so concurrent writers lock rows in one order.
 #[derive(Debug, Default)]
 struct BatchRows<'a> {
-    synced: Vec<(&'a SyncedOutcome, i64)>,
-    dead: Vec<(&'a DeadLetter, i64)>,
+    synced: Vec<Row<'a, SyncedOutcome>>,
+    dead: Vec<Row<'a, DeadLetter>>,
     rejected: Vec<&'a RejectedRow>,
     poison: Vec<&'a PoisonMessage>,
+    superseded: u64,
+}
+
+fn version_columns(key: &str, version: Version) -> Result<[i64; 3], StoreError> {
+    version.to_i64s().ok_or_else(|| StoreError::InvalidData {
+        what: format!("version {version} of {key:?}: beyond PostgreSQL's bigint"),
+    })
 }
 
 impl<'a> BatchRows<'a> {
     fn collect(outcomes: &'a [Outcome]) -> Result<Self, StoreError> {
-        let mut synced: HashMap<&str, (&SyncedOutcome, i64)> = HashMap::new();
-        let mut dead: HashMap<(&str, &str), (&DeadLetter, i64)> = HashMap::new();
+        let mut synced: HashMap<&str, Row<'a, SyncedOutcome>> = HashMap::new();
+        let mut dead: HashMap<(&str, &str), Row<'a, DeadLetter>> = HashMap::new();
         let mut rejected: HashMap<(&str, u64), &RejectedRow> = HashMap::new();
         let mut poison: HashMap<(&str, u64), &PoisonMessage> = HashMap::new();
+        let mut superseded = 0;
         for outcome in outcomes {
             match outcome {
                 Outcome::Synced(s) => {
-                    let seq = to_i64("ingest_seq", &s.customer.id, s.ingest_seq)?;
-                    checked_i64("source_line", &s.customer.id, s.source_line)?;
-                    let slot = synced.entry(s.customer.id.as_str()).or_insert((s, seq));
-                    if seq > slot.1 {
-                        *slot = (s, seq);
+                    let id = s.customer.id.as_str();
+                    let row = Row {
+                        outcome: s,
+                        version: version_columns(id, s.version())?,
+                        ingest_seq: to_i64("ingest_seq", id, s.ingest_seq)?,
+                    };
+                    checked_i64("source_line", id, s.source_line)?;
+                    let slot = synced.entry(id).or_insert(row);
+                    if row.version > slot.version {
+                        *slot = row;
                     }
                 }
+                Outcome::Superseded(_) => superseded += 1,
                 Outcome::Dead(d) => {
-                    let seq = to_i64("ingest_seq", &d.customer_id, d.ingest_seq)?;
-                    to_i64("attempts", &d.customer_id, d.attempts)?;
-                    checked_i64("source_line", &d.customer_id, d.source_line)?;
-                    let key = (d.customer_id.as_str(), d.content_hash.as_str());
-                    let slot = dead.entry(key).or_insert((d, seq));
-                    if (seq, d.attempts) > (slot.1, slot.0.attempts) {
-                        *slot = (d, seq);
+                    let id = d.customer_id.as_str();
+                    let row = Row {
+                        outcome: d,
+                        version: version_columns(id, d.version())?,
+                        ingest_seq: to_i64("ingest_seq", id, d.ingest_seq)?,
+                    };
+                    to_i64("attempts", id, d.attempts)?;
+                    checked_i64("source_line", id, d.source_line)?;
+                    let slot = dead.entry((id, d.content_hash.as_str())).or_insert(row);
+                    if (row.version, d.attempts) > (slot.version, slot.outcome.attempts) {
+                        *slot = row;
                     }
                 }
                 Outcome::Rejected(r) => {
@@ -168,11 +211,13 @@ impl<'a> BatchRows<'a> {
             dead: dead.into_values().collect(),
             rejected: rejected.into_values().collect(),
             poison: poison.into_values().collect(),
+            superseded,
         };
         rows.synced
-            .sort_by(|a, b| a.0.customer.id.cmp(&b.0.customer.id));
+            .sort_by(|a, b| a.outcome.customer.id.cmp(&b.outcome.customer.id));
         rows.dead.sort_by(|a, b| {
-            (&a.0.customer_id, &a.0.content_hash).cmp(&(&b.0.customer_id, &b.0.content_hash))
+            (&a.outcome.customer_id, &a.outcome.content_hash)
+                .cmp(&(&b.outcome.customer_id, &b.outcome.content_hash))
         });
         rows.rejected
             .sort_by(|a, b| (&a.source_file, a.line).cmp(&(&b.source_file, b.line)));
@@ -206,81 +251,132 @@ fn attributes_json(record: &customer_record::CustomerRecord) -> String {
     serde_json::to_string(&record.attributes).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// The customer columns of synced outcomes, column by column, for `unnest` or `COPY`.
+struct CustomerColumns<'a> {
+    ids: Vec<&'a str>,
+    first_names: Vec<&'a str>,
+    last_names: Vec<&'a str>,
+    emails: Vec<&'a str>,
+    phones: Vec<Option<&'a str>>,
+    attributes: Vec<String>,
+    hashes: Vec<&'a str>,
+    stamps: Vec<i64>,
+    loads: Vec<i64>,
+    lines: Vec<i64>,
+    seqs: Vec<i64>,
+    crm_ids: Vec<Option<&'a str>>,
+    synced_ats: Vec<DateTime<Utc>>,
+    files: Vec<Option<&'a str>>,
+    source_lines: Vec<Option<i64>>,
+}
+
+impl<'a> CustomerColumns<'a> {
+    fn of(rows: &[Row<'a, SyncedOutcome>]) -> Self {
+        let n = rows.len();
+        let mut columns = CustomerColumns {
+            ids: Vec::with_capacity(n),
+            first_names: Vec::with_capacity(n),
+            last_names: Vec::with_capacity(n),
+            emails: Vec::with_capacity(n),
+            phones: Vec::with_capacity(n),
+            attributes: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            stamps: Vec::with_capacity(n),
+            loads: Vec::with_capacity(n),
+            lines: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(n),
+            crm_ids: Vec::with_capacity(n),
+            synced_ats: Vec::with_capacity(n),
+            files: Vec::with_capacity(n),
+            source_lines: Vec::with_capacity(n),
+        };
+        for row in rows {
+            let s = row.outcome;
+            let c = &s.customer;
+            columns.ids.push(c.id.as_str());
+            columns.first_names.push(c.first_name.as_str());
+            columns.last_names.push(c.last_name.as_str());
+            columns.emails.push(c.email.as_str());
+            columns.phones.push(c.phone.as_deref());
+            columns.attributes.push(attributes_json(c));
+            columns.hashes.push(s.content_hash.as_str());
+            let [stamp, load, line] = row.version;
+            columns.stamps.push(stamp);
+            columns.loads.push(load);
+            columns.lines.push(line);
+            columns.seqs.push(row.ingest_seq);
+            columns.crm_ids.push(s.crm_id.as_deref());
+            columns.synced_ats.push(s.synced_at);
+            columns.files.push(s.source_file.as_deref());
+            columns.source_lines.push(s.source_line.map(bigint));
+        }
+        columns
+    }
+}
+
+/// The columns of `customers` every write strategy fills, in this order.
+const CUSTOMER_COLUMNS: &str = "id, first_name, last_name, email, phone, attributes, content_hash, \
+     version_stamp, version_load, version_line, ingest_seq, crm_id, synced_at, source_file, \
+     source_line";
+
+/// The same list as it is selected from the incoming rows (attributes arrive as text).
+const CUSTOMER_SELECT: &str = "id, first_name, last_name, email, phone, attributes::jsonb, \
+     content_hash, version_stamp, version_load, version_line, ingest_seq, crm_id, synced_at, \
+     source_file, source_line";
+
 async fn write_customers(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[(&SyncedOutcome, i64)],
+    rows: &[Row<'_, SyncedOutcome>],
 ) -> Result<u64, StoreError> {
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut first_names = Vec::with_capacity(rows.len());
-    let mut last_names = Vec::with_capacity(rows.len());
-    let mut emails = Vec::with_capacity(rows.len());
-    let mut phones = Vec::with_capacity(rows.len());
-    let mut attributes = Vec::with_capacity(rows.len());
-    let mut hashes = Vec::with_capacity(rows.len());
-    let mut seqs = Vec::with_capacity(rows.len());
-    let mut crm_ids = Vec::with_capacity(rows.len());
-    let mut synced_ats = Vec::with_capacity(rows.len());
-    let mut files = Vec::with_capacity(rows.len());
-    let mut lines = Vec::with_capacity(rows.len());
-    for (s, seq) in rows {
-        let c = &s.customer;
-        ids.push(c.id.as_str());
-        first_names.push(c.first_name.as_str());
-        last_names.push(c.last_name.as_str());
-        emails.push(c.email.as_str());
-        phones.push(c.phone.as_deref());
-        attributes.push(attributes_json(c));
-        hashes.push(s.content_hash.as_str());
-        seqs.push(*seq);
-        crm_ids.push(s.crm_id.as_deref());
-        synced_ats.push(s.synced_at);
-        files.push(s.source_file.as_deref());
-        lines.push(s.source_line.map(bigint));
-    }
+    let c = CustomerColumns::of(rows);
     tx.execute(
         &format!(
-            "INSERT INTO customers (id, first_name, last_name, email, phone, attributes, content_hash, \
-                                ingest_seq, crm_id, synced_at, source_file, source_line) \
-         SELECT id, first_name, last_name, email, phone, attributes::jsonb, content_hash, \
-                ingest_seq, crm_id, synced_at, source_file, source_line \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                     $7::text[], $8::int8[], $9::text[], $10::timestamptz[], $11::text[], \
-                     $12::int8[]) \
-              AS t(id, first_name, last_name, email, phone, attributes, content_hash, \
-                   ingest_seq, crm_id, synced_at, source_file, source_line) \
-         {CUSTOMER_UPSERT_TAIL}"
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) \
+             SELECT {CUSTOMER_SELECT} \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                         $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], \
+                         $12::text[], $13::timestamptz[], $14::text[], $15::int8[]) \
+                  AS t({CUSTOMER_COLUMNS}) \
+             {CUSTOMER_UPSERT_TAIL}"
         ),
         &[
-            &ids,
-            &first_names,
-            &last_names,
-            &emails,
-            &phones,
-            &attributes,
-            &hashes,
-            &seqs,
-            &crm_ids,
-            &synced_ats,
-            &files,
-            &lines,
+            &c.ids,
+            &c.first_names,
+            &c.last_names,
+            &c.emails,
+            &c.phones,
+            &c.attributes,
+            &c.hashes,
+            &c.stamps,
+            &c.loads,
+            &c.lines,
+            &c.seqs,
+            &c.crm_ids,
+            &c.synced_ats,
+            &c.files,
+            &c.source_lines,
         ],
     )
     .await
     .map_err(StoreError::query("upserting customers"))
 }
 
+/// Newer versions replace older ones; an older or equal one (a redelivery, a late copy) changes
+/// nothing.
 const CUSTOMER_UPSERT_TAIL: &str = "ON CONFLICT (id) DO UPDATE SET \
      first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name, \
      email = EXCLUDED.email, phone = EXCLUDED.phone, attributes = EXCLUDED.attributes, \
-     content_hash = EXCLUDED.content_hash, ingest_seq = EXCLUDED.ingest_seq, \
-     crm_id = COALESCE(EXCLUDED.crm_id, customers.crm_id), \
+     content_hash = EXCLUDED.content_hash, version_stamp = EXCLUDED.version_stamp, \
+     version_load = EXCLUDED.version_load, version_line = EXCLUDED.version_line, \
+     ingest_seq = EXCLUDED.ingest_seq, crm_id = COALESCE(EXCLUDED.crm_id, customers.crm_id), \
      synced_at = EXCLUDED.synced_at, source_file = EXCLUDED.source_file, \
      source_line = EXCLUDED.source_line \
-     WHERE customers.ingest_seq < EXCLUDED.ingest_seq";
+     WHERE (customers.version_stamp, customers.version_load, customers.version_line) \
+         < (EXCLUDED.version_stamp, EXCLUDED.version_load, EXCLUDED.version_line)";
 
 async fn copy_merge_customers(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[(&SyncedOutcome, i64)],
+    rows: &[Row<'_, SyncedOutcome>],
 ) -> Result<u64, StoreError> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
     use tokio_postgres::types::Type;
@@ -288,17 +384,16 @@ async fn copy_merge_customers(
     tx.batch_execute(
         "CREATE TEMP TABLE IF NOT EXISTS customers_incoming ( \
              id text, first_name text, last_name text, email text, phone text, attributes text, \
-             content_hash text, ingest_seq int8, crm_id text, synced_at timestamptz, \
-             source_file text, source_line int8) ON COMMIT DELETE ROWS",
+             content_hash text, version_stamp int8, version_load int8, version_line int8, \
+             ingest_seq int8, crm_id text, synced_at timestamptz, source_file text, \
+             source_line int8) ON COMMIT DELETE ROWS",
     )
     .await
     .map_err(StoreError::query("creating the customers staging table"))?;
     let sink = tx
-        .copy_in(
-            "COPY customers_incoming (id, first_name, last_name, email, phone, attributes, \
-             content_hash, ingest_seq, crm_id, synced_at, source_file, source_line) \
-             FROM STDIN (FORMAT binary)",
-        )
+        .copy_in(&format!(
+            "COPY customers_incoming ({CUSTOMER_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
         .await
         .map_err(StoreError::query("starting COPY of customers"))?;
     let types = [
@@ -310,6 +405,9 @@ async fn copy_merge_customers(
         Type::TEXT,
         Type::TEXT,
         Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
         Type::TEXT,
         Type::TIMESTAMPTZ,
         Type::TEXT,
@@ -317,25 +415,26 @@ async fn copy_merge_customers(
     ];
     let writer = BinaryCopyInWriter::new(sink, &types);
     tokio::pin!(writer);
-    for (s, seq) in rows {
-        let c = &s.customer;
-        let attributes = attributes_json(c);
-        let line = s.source_line.map(bigint);
+    let c = CustomerColumns::of(rows);
+    for i in 0..rows.len() {
         writer
             .as_mut()
             .write(&[
-                &c.id,
-                &c.first_name,
-                &c.last_name,
-                &c.email,
-                &c.phone,
-                &attributes,
-                &s.content_hash.as_str(),
-                seq,
-                &s.crm_id,
-                &s.synced_at,
-                &s.source_file,
-                &line,
+                &c.ids[i],
+                &c.first_names[i],
+                &c.last_names[i],
+                &c.emails[i],
+                &c.phones[i],
+                &c.attributes[i],
+                &c.hashes[i],
+                &c.stamps[i],
+                &c.loads[i],
+                &c.lines[i],
+                &c.seqs[i],
+                &c.crm_ids[i],
+                &c.synced_ats[i],
+                &c.files[i],
+                &c.source_lines[i],
             ])
             .await
             .map_err(StoreError::query("copying customers"))?;
@@ -347,12 +446,8 @@ async fn copy_merge_customers(
         .map_err(StoreError::query("finishing COPY of customers"))?;
     tx.execute(
         &format!(
-            "INSERT INTO customers (id, first_name, last_name, email, phone, attributes, \
-                                    content_hash, ingest_seq, crm_id, synced_at, source_file, \
-                                    source_line) \
-             SELECT id, first_name, last_name, email, phone, attributes::jsonb, content_hash, \
-                    ingest_seq, crm_id, synced_at, source_file, source_line \
-             FROM customers_incoming {CUSTOMER_UPSERT_TAIL}"
+            "INSERT INTO customers ({CUSTOMER_COLUMNS}) \
+             SELECT {CUSTOMER_SELECT} FROM customers_incoming {CUSTOMER_UPSERT_TAIL}"
         ),
         &[],
     )
@@ -362,15 +457,21 @@ async fn copy_merge_customers(
 
 async fn clear_dead_letters(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[(&SyncedOutcome, i64)],
+    rows: &[Row<'_, SyncedOutcome>],
 ) -> Result<u64, StoreError> {
-    let ids: Vec<&str> = rows.iter().map(|(s, _)| s.customer.id.as_str()).collect();
-    let seqs: Vec<i64> = rows.iter().map(|(_, seq)| *seq).collect();
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r.outcome.customer.id.as_str())
+        .collect();
+    let [stamps, loads, lines] = version_arrays(rows);
     tx.execute(
         "DELETE FROM dead_letters d \
-         USING unnest($1::text[], $2::int8[]) AS s(customer_id, ingest_seq) \
-         WHERE d.customer_id = s.customer_id AND d.ingest_seq <= s.ingest_seq",
-        &[&ids, &seqs],
+         USING unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+               AS s(customer_id, version_stamp, version_load, version_line) \
+         WHERE d.customer_id = s.customer_id \
+           AND (d.version_stamp, d.version_load, d.version_line) \
+               <= (s.version_stamp, s.version_load, s.version_line)",
+        &[&ids, &stamps, &loads, &lines],
     )
     .await
     .map_err(StoreError::query(
@@ -378,25 +479,41 @@ async fn clear_dead_letters(
     ))
 }
 
+fn version_arrays<T>(rows: &[Row<'_, T>]) -> [Vec<i64>; 3] {
+    let mut columns = [
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+    ];
+    for row in rows {
+        for (column, value) in columns.iter_mut().zip(row.version) {
+            column.push(value);
+        }
+    }
+    columns
+}
+
 async fn write_dead_letters(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: &[(&DeadLetter, i64)],
+    rows: &[Row<'_, DeadLetter>],
 ) -> Result<u64, StoreError> {
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut hashes = Vec::with_capacity(rows.len());
-    let mut seqs = Vec::with_capacity(rows.len());
-    let mut reasons = Vec::with_capacity(rows.len());
-    let mut statuses = Vec::with_capacity(rows.len());
-    let mut bodies = Vec::with_capacity(rows.len());
-    let mut attempts = Vec::with_capacity(rows.len());
-    let mut records = Vec::with_capacity(rows.len());
-    let mut files = Vec::with_capacity(rows.len());
-    let mut lines = Vec::with_capacity(rows.len());
-    let mut dead_ats = Vec::with_capacity(rows.len());
-    for (d, seq) in rows {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    let mut seqs = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n);
+    let mut files = Vec::with_capacity(n);
+    let mut lines = Vec::with_capacity(n);
+    let mut dead_ats = Vec::with_capacity(n);
+    for row in rows {
+        let d = row.outcome;
         ids.push(d.customer_id.as_str());
         hashes.push(d.content_hash.as_str());
-        seqs.push(*seq);
+        seqs.push(row.ingest_seq);
         reasons.push(d.reason.as_str());
         statuses.push(d.crm_status.map(i32::from));
         bodies.push(d.crm_body.as_deref());
@@ -410,28 +527,50 @@ async fn write_dead_letters(
         lines.push(d.source_line.map(bigint));
         dead_ats.push(d.dead_at);
     }
+    let [stamps, loads, version_lines] = version_arrays(rows);
     tx.execute(
-        "INSERT INTO dead_letters (customer_id, content_hash, ingest_seq, reason, crm_status, \
-                                   crm_body, attempts, record, source_file, source_line, dead_at) \
-         SELECT t.customer_id, t.content_hash, t.ingest_seq, t.reason, t.crm_status, t.crm_body, \
-                t.attempts, t.record::jsonb, t.source_file, t.source_line, t.dead_at \
-         FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int4[], $6::text[], \
-                     $7::int8[], $8::text[], $9::text[], $10::int8[], $11::timestamptz[]) \
-              AS t(customer_id, content_hash, ingest_seq, reason, crm_status, crm_body, \
-                   attempts, record, source_file, source_line, dead_at) \
+        "INSERT INTO dead_letters (customer_id, content_hash, version_stamp, version_load, \
+                                   version_line, ingest_seq, reason, crm_status, crm_body, \
+                                   attempts, record, source_file, source_line, dead_at) \
+         SELECT t.customer_id, t.content_hash, t.version_stamp, t.version_load, t.version_line, \
+                t.ingest_seq, t.reason, t.crm_status, t.crm_body, t.attempts, t.record::jsonb, \
+                t.source_file, t.source_line, t.dead_at \
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
+                     $7::text[], $8::int4[], $9::text[], $10::int8[], $11::text[], $12::text[], \
+                     $13::int8[], $14::timestamptz[]) \
+              AS t(customer_id, content_hash, version_stamp, version_load, version_line, \
+                   ingest_seq, reason, crm_status, crm_body, attempts, record, source_file, \
+                   source_line, dead_at) \
          WHERE NOT EXISTS (SELECT 1 FROM customers c \
-                           WHERE c.id = t.customer_id AND c.ingest_seq >= t.ingest_seq) \
+                           WHERE c.id = t.customer_id \
+                             AND (c.version_stamp, c.version_load, c.version_line) \
+                                 >= (t.version_stamp, t.version_load, t.version_line)) \
          ON CONFLICT (customer_id, content_hash) DO UPDATE SET \
-             ingest_seq = EXCLUDED.ingest_seq, reason = EXCLUDED.reason, \
-             crm_status = EXCLUDED.crm_status, crm_body = EXCLUDED.crm_body, \
-             attempts = EXCLUDED.attempts, record = EXCLUDED.record, \
-             source_file = EXCLUDED.source_file, source_line = EXCLUDED.source_line, \
-             dead_at = EXCLUDED.dead_at \
-         WHERE (dead_letters.ingest_seq, dead_letters.attempts) \
-               < (EXCLUDED.ingest_seq, EXCLUDED.attempts)",
+             version_stamp = EXCLUDED.version_stamp, version_load = EXCLUDED.version_load, \
+             version_line = EXCLUDED.version_line, ingest_seq = EXCLUDED.ingest_seq, \
+             reason = EXCLUDED.reason, crm_status = EXCLUDED.crm_status, \
+             crm_body = EXCLUDED.crm_body, attempts = EXCLUDED.attempts, \
+             record = EXCLUDED.record, source_file = EXCLUDED.source_file, \
+             source_line = EXCLUDED.source_line, dead_at = EXCLUDED.dead_at \
+         WHERE (dead_letters.version_stamp, dead_letters.version_load, \
+                dead_letters.version_line, dead_letters.attempts) \
+             < (EXCLUDED.version_stamp, EXCLUDED.version_load, EXCLUDED.version_line, \
+                EXCLUDED.attempts)",
         &[
-            &ids, &hashes, &seqs, &reasons, &statuses, &bodies, &attempts, &records, &files,
-            &lines, &dead_ats,
+            &ids,
+            &hashes,
+            &stamps,
+            &loads,
+            &version_lines,
+            &seqs,
+            &reasons,
+            &statuses,
+            &bodies,
+            &attempts,
+            &records,
+            &files,
+            &lines,
+            &dead_ats,
         ],
     )
     .await
@@ -500,11 +639,12 @@ mod tests {
     use customer_record::CustomerRecord;
     use sync_topology::messages::SyncAction;
 
-    fn synced(id: &str, seq: u64) -> Outcome {
+    /// Version `(load, line)`, stored at ingest sequence `seq`.
+    fn synced(id: &str, load: u64, line: u64, seq: u64) -> Outcome {
         let customer = CustomerRecord::normalised(
             id,
             "Ada",
-            &format!("v{seq}"),
+            &format!("v{load}.{line}"),
             "ada@example.com",
             None,
             Default::default(),
@@ -512,6 +652,7 @@ mod tests {
         Outcome::Synced(SyncedOutcome {
             content_hash: customer.content_hash(),
             customer,
+            version: Some(Version::row(load, line)),
             ingest_seq: seq,
             crm_id: None,
             action: SyncAction::Created,
@@ -522,26 +663,38 @@ mod tests {
     }
 
     #[test]
-    fn versions_of_one_customer_collapse_to_the_highest_sequence() {
+    fn versions_of_one_customer_collapse_to_the_newest_whatever_the_stream_order() {
         let batch = [
-            synced("a", 5),
-            synced("b", 1),
-            synced("a", 9),
-            synced("a", 7),
+            synced("a", 1, 5, 10),
+            synced("b", 1, 1, 11),
+            // Stored later in the stream (a NATS restart reordered the publishes), yet older.
+            synced("a", 1, 3, 12),
+            synced("a", 2, 1, 9),
         ];
         let rows = BatchRows::collect(&batch).expect("valid batch");
-        let kept: Vec<(&str, i64)> = rows
+        let kept: Vec<(&str, [i64; 3])> = rows
             .synced
             .iter()
-            .map(|(s, seq)| (s.customer.id.as_str(), *seq))
+            .map(|r| (r.outcome.customer.id.as_str(), r.version))
             .collect();
-        assert_eq!(kept, vec![("a", 9), ("b", 1)]);
-        assert_eq!(rows.synced[0].0.customer.last_name, "v9");
+        assert_eq!(kept, vec![("a", [2, 2, 1]), ("b", [1, 1, 1])]);
+        assert_eq!(rows.synced[0].outcome.customer.last_name, "v2.1");
+    }
+
+    #[test]
+    fn outcomes_without_a_version_order_by_their_ingest_sequence() {
+        let mut old = synced("a", 0, 0, 7);
+        if let Outcome::Synced(s) = &mut old {
+            s.version = None;
+        }
+        let batch = [old, synced("a", 1, 1, 3)];
+        let rows = BatchRows::collect(&batch).expect("valid batch");
+        assert_eq!(rows.synced[0].version, [1, 1, 1], "any load beats legacy");
     }
 
     #[test]
     fn a_sequence_beyond_bigint_is_a_data_error() {
-        let err = BatchRows::collect(&[synced("a", u64::MAX)]).expect_err("out of range");
+        let err = BatchRows::collect(&[synced("a", 1, 1, u64::MAX)]).expect_err("out of range");
         assert!(err.is_data_error(), "{err}");
         assert!(err.to_string().contains("\"a\""), "{err}");
     }

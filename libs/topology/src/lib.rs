@@ -1,15 +1,30 @@
-//! The JetStream topology every service shares: names of streams, subjects, consumers and buckets
-//! for a namespace, the headers and message bodies that travel between services, the code that
-//! creates or updates the layout (`syncctl setup`), and a NATS connection that checks the server.
+//! The contract between the services, and the JetStream layout it lives in: names of streams,
+//! subjects, consumers and buckets for a namespace; the version that orders a customer's records;
+//! the ingest message's wire form; every message id and idempotency key; the ledger entry and its
+//! ordering rule; the outcome bodies; the code that creates or updates the layout (`syncctl
+//! setup`); and a NATS connection that checks the server. Every producer and consumer of these
+//! goes through this crate, so a format is written once.
 
+pub mod ids;
+pub mod ingest;
+pub mod ledger;
+pub mod loads;
 pub mod messages;
 mod names;
 mod nats;
+mod prune;
 mod setup;
+mod version;
 
+pub use ingest::{Decoded, IngestMessage, Malformed};
 pub use names::{InvalidNamespace, Names};
 pub use nats::{ConnectError, MIN_SERVER_VERSION, connect};
-pub use setup::{Change, SetupError, SetupReport, TopologySettings, ensure_topology};
+pub use prune::{PruneError, PruneReport, StreamPrune, prune_settled};
+pub use setup::{
+    Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
+    TopologySettings, ensure_topology,
+};
+pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version};
 
 /// Header carrying the path of the file a row came from.
 pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";
@@ -17,9 +32,11 @@ pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";
 pub const HEADER_SOURCE_LINE: &str = "Sync-Source-Line";
 /// Header carrying the content hash of the record in the body.
 pub const HEADER_CONTENT_HASH: &str = "Sync-Content-Hash";
+/// Header carrying the record's [`Version`] (`stamp.load.line`), which orders a customer's records.
+pub const HEADER_VERSION: &str = "Sync-Version";
 /// Header set on a copy `syncctl replay` or `syncctl dlq redrive` republishes: the ingest sequence
-/// of the version it copies. The integrator orders versions by it, not by the copy's own (newer)
-/// sequence, so a copy of an old version can never pass for the newest.
+/// of the message it copies, for tracing. The copy carries the original's version, so it can never
+/// pass for a newer one.
 pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
 /// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed.
 pub const HEADER_FORCE_RESEND: &str = "Sync-Force-Resend";

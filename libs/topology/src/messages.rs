@@ -1,8 +1,17 @@
-//! Bodies of the messages and KV entries that cross service boundaries, as JSON.
+//! Bodies of the outcome messages and KV entries that cross service boundaries, as JSON.
+//!
+//! Every ingest message gets exactly one outcome: `synced` (the CRM holds this version, or holds
+//! its content), `superseded` (a newer version of the customer is known, so this one was never
+//! sent) or `dead` (the CRM refused it for good, its sends kept failing, or the message is not a
+//! customer at all). Outcomes written before versions existed carry none; [`SyncedOutcome::version`]
+//! and [`DeadLetter::version`] then read as [`Version::legacy`] of their ingest sequence.
 
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use customer_record::{ContentHash, CustomerRecord};
 use serde::{Deserialize, Serialize};
+
+use crate::Version;
 
 /// How the integrator settled one ingest message when the CRM holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,9 +23,10 @@ pub enum SyncAction {
     Updated,
     /// The CRM already held exactly this content (found by lookup after a crash or a lost answer).
     AlreadyPresent,
-    /// The ledger had already confirmed this hash: nothing was sent.
+    /// The ledger had already confirmed this content: nothing was sent.
     SkippedConfirmed,
-    /// A newer version of this customer was already confirmed: this older one was not sent.
+    /// Written only by builds before the `superseded` outcome existed: a newer version was known
+    /// and this one was not sent. Read as superseded, never stored as synced.
     SkippedSuperseded,
 }
 
@@ -33,18 +43,42 @@ impl SyncAction {
     }
 }
 
-/// Published on `{ns}.synced`: the CRM holds this version of the customer (or a newer one).
+/// Published on `{ns}.synced`: the CRM holds this version of the customer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncedOutcome {
     pub customer: CustomerRecord,
     pub content_hash: ContentHash,
-    /// Sequence of the ingest message in the ingest stream: the version order of a customer.
+    /// The version the CRM holds; `customers` keeps the newest one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
+    /// Sequence of the ingest message in the ingest stream (where to find it again).
     pub ingest_seq: u64,
     pub crm_id: Option<String>,
     pub action: SyncAction,
     pub source_file: Option<String>,
     pub source_line: Option<u64>,
     pub synced_at: DateTime<Utc>,
+}
+
+impl SyncedOutcome {
+    pub fn version(&self) -> Version {
+        self.version.unwrap_or(Version::legacy(self.ingest_seq))
+    }
+}
+
+/// Published on `{ns}.superseded`: this version was not sent because a newer version of the same
+/// customer is known (confirmed, being sent, or failing). It is never stored as synced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupersededOutcome {
+    pub customer_id: String,
+    pub content_hash: ContentHash,
+    pub version: Version,
+    /// The newer version that made this one obsolete.
+    pub superseded_by: Version,
+    pub ingest_seq: u64,
+    pub source_file: Option<String>,
+    pub source_line: Option<u64>,
+    pub superseded_at: DateTime<Utc>,
 }
 
 /// Published on `{ns}.rejected` by the reader: a CSV row that is not a customer.
@@ -61,21 +95,62 @@ pub struct RejectedRow {
     pub rejected_at: DateTime<Utc>,
 }
 
-/// Published on `{ns}.dead`: the CRM refused this record for good, or retries were spent.
+/// Published on `{ns}.dead`: the CRM refused this record for good, its sends kept failing, or the
+/// ingest message is not a customer at all (`malformed`: then `customer_id` is empty and the raw
+/// body is kept).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub customer_id: String,
     pub content_hash: ContentHash,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
     pub ingest_seq: u64,
     pub reason: String,
     pub crm_status: Option<u16>,
     pub crm_body: Option<String>,
+    /// Failed sends of this version (0 for a record refused outright or malformed).
     pub attempts: u64,
     /// Kept so that `syncctl dlq redrive` can put the record back on the ingest path.
     pub customer: Option<CustomerRecord>,
     pub source_file: Option<String>,
     pub source_line: Option<u64>,
     pub dead_at: DateTime<Utc>,
+    /// The ingest message's body, base64, when it could not be read as a customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed_body_base64: Option<String>,
+}
+
+impl DeadLetter {
+    pub fn version(&self) -> Version {
+        self.version.unwrap_or(Version::legacy(self.ingest_seq))
+    }
+
+    /// A dead letter for an ingest message that is not a customer: no id, no version, the body
+    /// kept byte for byte.
+    pub fn malformed(ingest_seq: u64, reason: String, body: &[u8]) -> Self {
+        DeadLetter {
+            customer_id: String::new(),
+            content_hash: ContentHash::of_bytes(body),
+            version: None,
+            ingest_seq,
+            reason,
+            crm_status: None,
+            crm_body: None,
+            attempts: 0,
+            customer: None,
+            source_file: None,
+            source_line: None,
+            dead_at: Utc::now(),
+            malformed_body_base64: Some(base64::engine::general_purpose::STANDARD.encode(body)),
+        }
+    }
+
+    /// The raw body of a malformed ingest message (None for a customer's dead letter).
+    pub fn malformed_body(&self) -> Option<Result<Vec<u8>, base64::DecodeError>> {
+        self.malformed_body_base64
+            .as_ref()
+            .map(|text| base64::engine::general_purpose::STANDARD.decode(text))
+    }
 }
 
 /// Stored in the checkpoints bucket by the reader, keyed by the file's identity.
@@ -85,6 +160,10 @@ pub struct Checkpoint {
     pub size: u64,
     /// BLAKE3 (hex) of the file's first bytes: a replaced file with the same path is detected.
     pub head_hash: String,
+    /// The load number this content of the file was given: the `load` of its rows' versions. Every
+    /// run of the same content keeps it; 0 in checkpoints of builds before versions existed.
+    #[serde(default)]
+    pub load: u64,
     /// Every data row that starts at or before this line is acknowledged by the stream.
     pub line: u64,
     /// Data rows read, published (acked), deduplicated by the stream and rejected, up to `line`.

@@ -52,6 +52,11 @@ impl Names {
         format!("{}.synced", self.namespace)
     }
 
+    /// Outcomes of versions that were never sent because a newer version of the customer is known.
+    pub fn superseded_subject(&self) -> String {
+        format!("{}.superseded", self.namespace)
+    }
+
     pub fn rejected_subject(&self) -> String {
         format!("{}.rejected", self.namespace)
     }
@@ -102,6 +107,7 @@ mod tests {
         assert_eq!(n.results_stream(), "CUSTOMERS_RESULTS");
         assert_eq!(n.ingest_subject(), "customers.ingest");
         assert_eq!(n.synced_subject(), "customers.synced");
+        assert_eq!(n.superseded_subject(), "customers.superseded");
         assert_eq!(n.rejected_subject(), "customers.rejected");
         assert_eq!(n.dead_subject(), "customers.dead");
         assert_eq!(n.ledger_bucket(), "customers_ledger");

@@ -1,5 +1,6 @@
 //! Creates or updates, idempotently, every stream, consumer and bucket of a namespace.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -17,8 +18,15 @@ use crate::Names;
 /// cluster raises `replicas` to 3.
 #[derive(Debug, Clone)]
 pub struct TopologySettings {
-    /// How long messages stay in both streams, so a stream can be replayed.
+    /// How long a settled message stays in its stream (so it can be replayed) before `syncctl
+    /// prune` may remove it. Streams never expire messages by age themselves: an age limit would
+    /// delete an ingest message that never got its outcome (an outage longer than the limit).
     pub retention: Duration,
+    /// Size limit of each of the two streams (-1: none but the server's JetStream store). A full
+    /// stream refuses new messages (discard-new) rather than dropping old ones, so the reader stops
+    /// with a clear error instead of the stream losing rows; `syncctl status` warns as a stream, or
+    /// the server's store, fills.
+    pub max_stream_bytes: i64,
     /// The window in which the stream drops a message whose `Nats-Msg-Id` it has seen. Long enough to
     /// cover the reader's retries and a quick re-run of the same file; not longer, since the server
     /// keeps every id of the window in memory. Beyond it the ledger still prevents a second send.
@@ -37,10 +45,20 @@ pub struct TopologySettings {
     pub replicas: usize,
 }
 
+/// Stream metadata key holding the retention (seconds) `syncctl prune` applies by default.
+pub const RETENTION_METADATA: &str = "customer_sync.retention_secs";
+
+/// No limit of its own: JetStream reserves a stream's `max_bytes` in the server's store up front, so
+/// a fixed default would make several namespaces (and parallel tests) fail to fit. The server's
+/// store limit (`max_file_store` in nats.conf) still bounds the streams, and a full store refuses
+/// new messages, which is the discard-new behaviour wanted.
+pub const DEFAULT_MAX_STREAM_BYTES: i64 = -1;
+
 impl Default for TopologySettings {
     fn default() -> Self {
         TopologySettings {
             retention: Duration::from_secs(7 * 24 * 3600),
+            max_stream_bytes: DEFAULT_MAX_STREAM_BYTES,
             dedup_window: Duration::from_secs(10 * 60),
             integrator_ack_wait: Duration::from_secs(30),
             integrator_max_deliver: -1,
@@ -116,10 +134,11 @@ pub async fn ensure_topology(
             names.results_stream(),
             vec![
                 names.synced_subject(),
+                names.superseded_subject(),
                 names.rejected_subject(),
                 names.dead_subject(),
             ],
-            "outcomes: synced, rejected, dead",
+            "outcomes: synced, superseded, rejected, dead",
             settings,
         ),
     ];
@@ -217,9 +236,15 @@ fn stream_config(
         description: Some(description.to_owned()),
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
-        max_age: settings.retention,
+        max_age: Duration::ZERO,
+        max_bytes: settings.max_stream_bytes,
+        discard: stream::DiscardPolicy::New,
         duplicate_window: settings.dedup_window,
         num_replicas: settings.replicas,
+        metadata: HashMap::from([(
+            RETENTION_METADATA.to_owned(),
+            settings.retention.as_secs().to_string(),
+        )]),
         ..Default::default()
     }
 }
@@ -239,6 +264,10 @@ async fn ensure_stream(
                 .clone();
             let same = current.subjects == wanted.subjects
                 && current.max_age == wanted.max_age
+                && current.max_bytes == wanted.max_bytes
+                && current.discard == wanted.discard
+                && current.metadata.get(RETENTION_METADATA)
+                    == wanted.metadata.get(RETENTION_METADATA)
                 && current.duplicate_window == wanted.duplicate_window
                 && current.retention == wanted.retention
                 && current.storage == wanted.storage
@@ -247,10 +276,16 @@ async fn ensure_stream(
             if same {
                 return Ok(Change::Unchanged);
             }
-            // Keep what an operator tuned by hand and we do not manage (limits, placement).
+            // Keep what an operator tuned by hand and we do not manage (limits, placement), and
+            // the server's own metadata beside ours.
+            let mut metadata = current.metadata.clone();
+            metadata.extend(wanted.metadata);
             let updated = stream::Config {
+                metadata,
                 subjects: wanted.subjects,
                 max_age: wanted.max_age,
+                max_bytes: wanted.max_bytes,
+                discard: wanted.discard,
                 duplicate_window: wanted.duplicate_window,
                 num_replicas: wanted.num_replicas,
                 description: wanted.description,

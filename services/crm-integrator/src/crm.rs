@@ -24,8 +24,10 @@ pub enum CrmReply {
     NotFound,
     /// Worth retrying: timeouts, connection errors, 5xx, 408, 429, and 2xx bodies we cannot read.
     Transient(Transient),
-    /// The CRM refused the request for good (4xx other than 408/429).
+    /// The CRM refused the request for good (4xx other than 401/403/408/429).
     Refused { status: u16, body: String },
+    /// 401/403: the CRM refused our credentials. Not this record's fault, so never a dead letter.
+    Unauthorized { status: u16, body: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct Transient {
     pub maybe_applied: bool,
     /// A sign the CRM is overloaded rather than randomly failing: 429, client-side timeouts.
     pub congestion: bool,
+    /// No connection could be made: nothing was sent, and the CRM (not the record) is the problem.
+    pub unreachable: bool,
     pub detail: String,
 }
 
@@ -164,6 +168,7 @@ async fn classify(sent: Result<reqwest::Response, reqwest::Error>, is_write: boo
                 retry_after: None,
                 maybe_applied,
                 congestion: err.is_timeout(),
+                unreachable: err.is_connect(),
                 detail: describe_transport_error(&err),
             });
         }
@@ -178,6 +183,7 @@ async fn classify(sent: Result<reqwest::Response, reqwest::Error>, is_write: boo
                 retry_after,
                 maybe_applied: is_write,
                 congestion: err.is_timeout(),
+                unreachable: false,
                 detail: format!("answer body lost: {}", describe_transport_error(&err)),
             });
         }
@@ -246,6 +252,7 @@ pub fn classify_answer(
                 retry_after: None,
                 maybe_applied: is_write,
                 congestion: false,
+                unreachable: false,
                 detail: format!(
                     "2xx answer is not {{\"crm_id\",\"customer\"}} JSON ({err}): {}",
                     kept_body(body)
@@ -258,21 +265,15 @@ pub fn classify_answer(
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         // Our credentials, not this record: dead-lettering every record for a wrong token would
-        // empty the stream into the DLQ. Retried (and feeding the breaker) until fixed.
+        // empty the stream into the DLQ. Held back (and feeding the breaker) until fixed.
         tracing::error!(
             status = status.as_u16(),
             "the CRM refused our credentials: check CRM_API_TOKEN / --crm-token"
         );
-        return CrmReply::Transient(Transient {
-            status: Some(status.as_u16()),
-            retry_after: None,
-            maybe_applied: false,
-            congestion: false,
-            detail: format!(
-                "the CRM refused our credentials (check CRM_API_TOKEN): {}",
-                kept_body(body)
-            ),
-        });
+        return CrmReply::Unauthorized {
+            status: status.as_u16(),
+            body: kept_body(body),
+        };
     }
     let transient = status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
@@ -285,6 +286,7 @@ pub fn classify_answer(
             // 429 says "too much" outright; a 503 or 504 may be one broken backend among many, so
             // they feed the breaker but do not shrink the concurrency.
             congestion: status == StatusCode::TOO_MANY_REQUESTS,
+            unreachable: false,
             detail: kept_body(body),
         });
     }
@@ -329,11 +331,14 @@ mod tests {
     }
 
     #[test]
-    fn refused_credentials_are_retried_not_dead_lettered() {
+    fn refused_credentials_are_their_own_answer_not_a_refusal_of_the_record() {
         for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
             match classify_answer(status, None, b"{\"error\":\"no\"}", true) {
-                CrmReply::Transient(t) => assert!(t.detail.contains("credentials"), "{}", t.detail),
-                other => panic!("{status}: expected Transient, got {other:?}"),
+                CrmReply::Unauthorized { status: s, body } => {
+                    assert_eq!(s, status.as_u16());
+                    assert!(body.contains("no"), "{body}");
+                }
+                other => panic!("{status}: expected Unauthorized, got {other:?}"),
             }
         }
     }

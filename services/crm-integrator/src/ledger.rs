@@ -1,257 +1,305 @@
-//! The per-customer ledger entry kept in the ledger KV bucket, and the pure decision of what an
-//! ingest message should do given that entry. All writes are compare-and-set on the key's revision
-//! (see `process.rs`), so two replicas can never both believe they own a customer.
+//! The ledger as the integrator uses it: the KV bucket behind the rules in
+//! [`sync_topology::ledger`], and every change one message makes to its customer's entry, each a
+//! compare-and-set on the key's revision so two replicas can never both believe they own a
+//! customer.
 
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
 use customer_record::ContentHash;
-use serde::{Deserialize, Serialize};
+use sync_topology::Version;
+use sync_topology::ledger::{Claim, Confirmed, Failing, LedgerEntry};
 
-/// The ledger's memory of one customer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LedgerEntry {
-    /// The version the CRM is known to hold.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confirmed: Option<Confirmed>,
-    /// A version some replica is sending, or sent without learning the answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim: Option<Claim>,
+use crate::flow::now_ms;
+use crate::process::ProcessError;
+
+/// Compare-and-set conflicts tolerated on one key before giving up for this delivery.
+pub(crate) const MAX_CAS_CONFLICTS: u32 = 16;
+
+/// The ledger bucket and what this replica writes into claims.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    pub store: kv::Store,
+    /// This process's name in claims.
+    pub replica: String,
+    /// How long a claim lives without renewal: longer than an unacknowledged delivery and than one
+    /// request, so nobody takes over while our request may still land.
+    pub claim_lease: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Confirmed {
-    pub hash: ContentHash,
-    /// Ingest stream sequence of the confirmed version: the customer's version order.
-    pub seq: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub crm_id: Option<String>,
+/// A customer's entry as last read or written by one message's task. Revision 0: no entry.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Held {
+    pub entry: LedgerEntry,
+    pub revision: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claim {
-    pub hash: ContentHash,
-    pub seq: u64,
-    /// Replica that holds (or held) the claim; for operators reading the bucket.
-    pub owner: String,
-    /// Unix milliseconds until which the claim is live. A released claim has 0; a claim of a
-    /// replica that died expires by itself.
-    pub lease_until_ms: i64,
-    /// A request for this claim may have reached the CRM without us learning the answer (timeout,
-    /// lost connection, replica death): whoever sends next looks the customer up first.
-    #[serde(default)]
-    pub in_doubt: bool,
+/// Which version of which customer a message's task works on: the key of every ledger change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Subject<'a> {
+    pub key: &'a str,
+    pub version: Version,
+    pub hash: &'a ContentHash,
 }
 
-impl Claim {
-    pub fn is_live(&self, now_ms: i64) -> bool {
-        self.lease_until_ms > now_ms
-    }
-}
-
-/// What one ingest message (stream sequence `seq`, content `hash`) should do now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// The ledger already confirmed exactly this content.
-    SkipConfirmed { crm_id: Option<String> },
-    /// A newer version is confirmed or being sent: this one must never overwrite it.
-    SkipSuperseded { crm_id: Option<String> },
-    /// Another delivery holds a live claim on an older or the same version: come back later.
-    Wait { claim_seq: u64, remaining_ms: i64 },
-    /// Claim the customer and send. `look_up_first`: an earlier send may have landed unseen.
-    /// `create`: no version is confirmed, so the CRM is believed not to know the customer.
-    Send { look_up_first: bool, create: bool },
-}
-
-/// The ordering and dedup rules, in one place so they can be tested without NATS.
-pub fn decide(
-    entry: Option<&LedgerEntry>,
-    seq: u64,
-    hash: &ContentHash,
-    force_resend: bool,
-    now_ms: i64,
-) -> Decision {
-    let Some(entry) = entry else {
-        return Decision::Send {
-            look_up_first: false,
-            create: true,
+impl Ledger {
+    pub async fn read(&self, key: &str) -> Result<Option<Held>, ProcessError> {
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|err| ProcessError::ledger("read", key, err))?;
+        let Some(entry) = entry else {
+            return Ok(None);
         };
-    };
-    let crm_id = entry.confirmed.as_ref().and_then(|c| c.crm_id.clone());
-    if let Some(confirmed) = &entry.confirmed {
-        if confirmed.hash == *hash && !force_resend {
-            return Decision::SkipConfirmed { crm_id };
+        if entry.operation != kv::Operation::Put {
+            // Deleted by an operator: a fresh start, written over the tombstone's revision.
+            return Ok(Some(Held {
+                entry: LedgerEntry::default(),
+                revision: entry.revision,
+            }));
         }
-        if confirmed.seq > seq {
-            return Decision::SkipSuperseded { crm_id };
+        let parsed =
+            serde_json::from_slice(&entry.value).map_err(|source| ProcessError::LedgerEntry {
+                key: key.to_owned(),
+                source,
+            })?;
+        Ok(Some(Held {
+            entry: parsed,
+            revision: entry.revision,
+        }))
+    }
+
+    /// Compare-and-set: `Some(new revision)`, or `None` when someone else wrote first. Revision 0
+    /// expects no entry at all: the create of a new customer.
+    pub async fn write(
+        &self,
+        key: &str,
+        entry: &LedgerEntry,
+        revision: u64,
+    ) -> Result<Option<u64>, ProcessError> {
+        let body = serde_json::to_vec(entry)
+            .map(Bytes::from)
+            .map_err(|source| ProcessError::Encode {
+                what: "ledger entry",
+                source,
+            })?;
+        match self.store.update(key, body, revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(err) => Err(ProcessError::ledger("compare-and-set", key, err)),
         }
     }
-    if let Some(claim) = entry.claim.as_ref().filter(|c| c.is_live(now_ms)) {
-        if claim.seq > seq {
-            return Decision::SkipSuperseded { crm_id };
+
+    /// Applies `change` with compare-and-set, re-reading after conflicts. `change` returns false
+    /// when there is nothing (left) to write; so does this.
+    pub async fn update(
+        &self,
+        key: &str,
+        held: &mut Held,
+        mut change: impl FnMut(&mut LedgerEntry) -> bool,
+    ) -> Result<bool, ProcessError> {
+        for _ in 0..MAX_CAS_CONFLICTS {
+            let mut wanted = held.entry.clone();
+            if !change(&mut wanted) {
+                return Ok(false);
+            }
+            if let Some(revision) = self.write(key, &wanted, held.revision).await? {
+                *held = Held {
+                    entry: wanted,
+                    revision,
+                };
+                return Ok(true);
+            }
+            *held = self.read(key).await?.unwrap_or_default();
         }
-        return Decision::Wait {
-            claim_seq: claim.seq,
-            remaining_ms: claim.lease_until_ms - now_ms,
-        };
-    }
-    // A claim that is still here but not live either expired (its replica died mid-send) or was
-    // released in doubt; both may have reached the CRM.
-    let look_up_first = entry
-        .claim
-        .as_ref()
-        .is_some_and(|c| c.in_doubt || c.lease_until_ms > 0);
-    Decision::Send {
-        look_up_first,
-        create: entry.confirmed.is_none(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NOW: i64 = 1_000_000;
-
-    fn hash(n: u8) -> ContentHash {
-        ContentHash::from_hex(&format!("{n:032x}")).expect("valid hex")
-    }
-
-    fn confirmed(n: u8, seq: u64) -> Option<Confirmed> {
-        Some(Confirmed {
-            hash: hash(n),
-            seq,
-            crm_id: Some("crm-1".into()),
+        Err(ProcessError::Ledger {
+            action: "compare-and-set",
+            key: key.to_owned(),
+            message: format!("{MAX_CAS_CONFLICTS} conflicts in a row"),
         })
     }
 
-    fn claim(n: u8, seq: u64, lease_until_ms: i64, in_doubt: bool) -> Option<Claim> {
-        Some(Claim {
-            hash: hash(n),
-            seq,
-            owner: "r1".into(),
-            lease_until_ms,
+    fn claim_for(&self, subject: Subject<'_>, in_doubt: bool, lease: Duration) -> Claim {
+        Claim {
+            hash: subject.hash.clone(),
+            version: subject.version,
+            owner: self.replica.clone(),
+            lease_until_ms: now_ms() + lease.as_millis() as i64,
             in_doubt,
+        }
+    }
+
+    fn is_ours(&self, claim: Option<&Claim>, version: Version) -> bool {
+        claim.is_some_and(|c| c.version == version && c.owner == self.replica)
+    }
+
+    /// Writes our claim over `current` (the entry `decide` judged). `None`: someone wrote first,
+    /// decide again.
+    pub async fn claim(
+        &self,
+        subject: Subject<'_>,
+        current: Option<&Held>,
+        in_doubt: bool,
+    ) -> Result<Option<Held>, ProcessError> {
+        let mut entry = current.map(|h| h.entry.clone()).unwrap_or_default();
+        entry.claim = Some(self.claim_for(subject, in_doubt, self.claim_lease));
+        let revision = current.map_or(0, |h| h.revision);
+        Ok(self
+            .write(subject.key, &entry, revision)
+            .await?
+            .map(|revision| Held { entry, revision }))
+    }
+
+    /// Renews our claim so it stays live for at least `needed`. False when it is no longer ours.
+    pub async fn renew(
+        &self,
+        subject: Subject<'_>,
+        held: &mut Held,
+        in_doubt: bool,
+        needed: Duration,
+    ) -> Result<bool, ProcessError> {
+        let Some(claim) = held.entry.claim.as_ref() else {
+            return Ok(false);
+        };
+        let margin = needed.as_millis() as i64 + 1_000;
+        if claim.lease_until_ms - now_ms() > margin && claim.in_doubt == in_doubt {
+            return Ok(true);
+        }
+        let lease = self.claim_lease.max(needed + Duration::from_secs(1));
+        let mut still_ours = true;
+        let written = self
+            .update(subject.key, held, |entry| {
+                if !self.is_ours(entry.claim.as_ref(), subject.version) {
+                    still_ours = false;
+                    return false;
+                }
+                entry.claim = Some(self.claim_for(subject, in_doubt, lease));
+                true
+            })
+            .await?;
+        Ok(written && still_ours)
+    }
+
+    /// Gives the claim up, keeping the doubt for whoever sends next. `failed`: this delivery's
+    /// sends failed, and it counts toward `--max-deliver`.
+    pub async fn release(
+        &self,
+        subject: Subject<'_>,
+        held: &mut Held,
+        in_doubt: bool,
+        failed: bool,
+    ) -> Result<(), ProcessError> {
+        self.update(subject.key, held, |entry| {
+            let ours = self.is_ours(entry.claim.as_ref(), subject.version);
+            if ours {
+                release_claim(entry, in_doubt);
+            }
+            // A version something newer has overtaken will be superseded anyway: no count.
+            let counted = failed && entry.newest_known() <= Some(subject.version);
+            if counted {
+                entry.failing = Some(Failing {
+                    version: subject.version,
+                    failures: entry.failures_of(subject.version) + 1,
+                });
+            }
+            ours || counted
         })
+        .await?;
+        Ok(())
     }
 
-    #[test]
-    fn unknown_customer_is_created() {
-        assert_eq!(
-            decide(None, 5, &hash(1), false, NOW),
-            Decision::Send {
-                look_up_first: false,
-                create: true
+    /// The version was dead-lettered: release the claim and keep the version as the newest known
+    /// (older versions stay superseded by it), with the count reset so a redrive starts over.
+    pub async fn mark_dead(
+        &self,
+        subject: Subject<'_>,
+        held: &mut Held,
+        in_doubt: bool,
+    ) -> Result<(), ProcessError> {
+        self.update(subject.key, held, |entry| {
+            if self.is_ours(entry.claim.as_ref(), subject.version) {
+                release_claim(entry, in_doubt);
             }
-        );
+            if entry.newest_known() > Some(subject.version) {
+                return false;
+            }
+            entry.failing = Some(Failing {
+                version: subject.version,
+                failures: 0,
+            });
+            true
+        })
+        .await?;
+        Ok(())
     }
 
-    #[test]
-    fn same_confirmed_content_is_skipped_unless_forced() {
-        let entry = LedgerEntry {
-            confirmed: confirmed(1, 5),
-            claim: None,
-        };
-        assert!(matches!(
-            decide(Some(&entry), 9, &hash(1), false, NOW),
-            Decision::SkipConfirmed { .. }
-        ));
-        assert_eq!(
-            decide(Some(&entry), 9, &hash(1), true, NOW),
-            Decision::Send {
-                look_up_first: false,
-                create: false
+    /// The CRM holds this version: record it (unless a newer one is confirmed meanwhile) and drop
+    /// our claim and what failed before it.
+    pub async fn confirm(
+        &self,
+        subject: Subject<'_>,
+        held: &mut Held,
+        crm_id: Option<String>,
+    ) -> Result<(), ProcessError> {
+        self.update(subject.key, held, |entry| {
+            let newer_confirmed = entry
+                .confirmed
+                .as_ref()
+                .is_some_and(|c| c.version > subject.version);
+            if !newer_confirmed {
+                entry.confirmed = Some(Confirmed {
+                    hash: subject.hash.clone(),
+                    version: subject.version,
+                    crm_id: crm_id.clone(),
+                });
             }
-        );
+            if self.is_ours(entry.claim.as_ref(), subject.version) {
+                entry.claim = None;
+            }
+            if entry
+                .failing
+                .as_ref()
+                .is_some_and(|f| f.version <= subject.version)
+            {
+                entry.failing = None;
+            }
+            true
+        })
+        .await?;
+        Ok(())
     }
 
-    #[test]
-    fn older_versions_never_overwrite_newer_ones() {
-        let entry = LedgerEntry {
-            confirmed: confirmed(2, 10),
-            claim: None,
+    /// The CRM already holds this content from an older version: record this version as the
+    /// confirmed one. False when the entry changed since it was judged (decide again).
+    pub async fn advance(&self, subject: Subject<'_>, held: &Held) -> Result<bool, ProcessError> {
+        let mut entry = held.entry.clone();
+        let Some(confirmed) = entry.confirmed.as_mut() else {
+            return Ok(false);
         };
-        assert!(matches!(
-            decide(Some(&entry), 7, &hash(1), false, NOW),
-            Decision::SkipSuperseded { .. }
-        ));
-        assert!(matches!(
-            decide(Some(&entry), 7, &hash(1), true, NOW),
-            Decision::SkipSuperseded { .. }
-        ));
-        let in_flight = LedgerEntry {
-            confirmed: None,
-            claim: claim(2, 10, NOW + 5_000, false),
-        };
-        assert!(matches!(
-            decide(Some(&in_flight), 7, &hash(1), false, NOW),
-            Decision::SkipSuperseded { .. }
-        ));
+        confirmed.version = subject.version;
+        if entry
+            .failing
+            .as_ref()
+            .is_some_and(|f| f.version <= subject.version)
+        {
+            entry.failing = None;
+        }
+        Ok(self
+            .write(subject.key, &entry, held.revision)
+            .await?
+            .is_some())
     }
+}
 
-    #[test]
-    fn a_newer_version_waits_for_a_live_older_claim() {
-        let entry = LedgerEntry {
-            confirmed: None,
-            claim: claim(1, 3, NOW + 2_000, false),
-        };
-        assert_eq!(
-            decide(Some(&entry), 8, &hash(2), false, NOW),
-            Decision::Wait {
-                claim_seq: 3,
-                remaining_ms: 2_000
-            }
-        );
-        // The same message delivered twice (ack wait passed while a replica still works on it).
-        assert!(matches!(
-            decide(Some(&entry), 3, &hash(1), false, NOW),
-            Decision::Wait { .. }
-        ));
-    }
-
-    #[test]
-    fn expired_or_doubtful_claims_are_looked_up_before_sending() {
-        let expired = LedgerEntry {
-            confirmed: None,
-            claim: claim(1, 3, NOW - 1, false),
-        };
-        assert_eq!(
-            decide(Some(&expired), 3, &hash(1), false, NOW),
-            Decision::Send {
-                look_up_first: true,
-                create: true
-            }
-        );
-        let released_in_doubt = LedgerEntry {
-            confirmed: confirmed(1, 2),
-            claim: claim(2, 3, 0, true),
-        };
-        assert_eq!(
-            decide(Some(&released_in_doubt), 4, &hash(3), false, NOW),
-            Decision::Send {
-                look_up_first: true,
-                create: false
-            }
-        );
-        let released_cleanly = LedgerEntry {
-            confirmed: confirmed(1, 2),
-            claim: claim(2, 3, 0, false),
-        };
-        assert_eq!(
-            decide(Some(&released_cleanly), 3, &hash(2), false, NOW),
-            Decision::Send {
-                look_up_first: false,
-                create: false
-            }
-        );
-    }
-
-    #[test]
-    fn entry_json_round_trips_and_omits_empty_parts() {
-        let entry = LedgerEntry {
-            confirmed: confirmed(1, 2),
-            claim: None,
-        };
-        let json = serde_json::to_string(&entry).expect("serialise");
-        assert!(!json.contains("claim"), "{json}");
-        let back: LedgerEntry = serde_json::from_str(&json).expect("parse");
-        assert_eq!(back, entry);
+fn release_claim(entry: &mut LedgerEntry, in_doubt: bool) {
+    if in_doubt {
+        if let Some(claim) = entry.claim.as_mut() {
+            claim.lease_until_ms = 0;
+            claim.in_doubt = true;
+        }
+    } else {
+        entry.claim = None;
     }
 }

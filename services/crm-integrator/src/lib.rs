@@ -1,13 +1,15 @@
 //! crm-integrator: consumes customer records from the shared `integrators` consumer and syncs each
-//! to the CRM, never applying a customer's data twice. It owns the ledger protocol (claim with
-//! compare-and-set, confirm, look up when in doubt), retries and dead letters, the fleet-wide CRM
-//! pause, the circuit breaker and the request concurrency (fixed or adaptive).
+//! to the CRM, never applying a customer's data twice and never letting an older version overwrite
+//! a newer one. It owns the ledger protocol (claim with compare-and-set, confirm, look up when in
+//! doubt; the rules themselves live in `sync_topology::ledger`), retries and dead letters, the
+//! fleet-wide CRM pause, the circuit breaker and the request concurrency (fixed or adaptive).
 
 mod config;
 mod crm;
 mod fleet;
 mod flow;
 mod ledger;
+mod outcome;
 mod process;
 
 use std::net::SocketAddr;
@@ -27,7 +29,6 @@ pub use config::{Config, ConfigError};
 pub use crm::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
 pub use fleet::{PAUSE_KEY, PauseNotice};
 pub use flow::{Gate, Limiter};
-pub use ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
 pub use process::{Integrator, ProcessError, Settled, process_message};
 
 /// How long one pull request waits on the server for messages.
@@ -120,15 +121,17 @@ async fn connect_with_consumer(
     let integrator = Integrator {
         names,
         js,
-        ledger,
+        ledger: ledger::Ledger {
+            store: ledger,
+            replica,
+            claim_lease,
+        },
         crm,
         gate,
         fleet,
         limiter,
         rate,
-        replica,
         max_deliver: config.max_deliver,
-        claim_lease,
         request_timeout,
         max_inline_wait: config.max_inline_wait(),
         shutdown,

@@ -1,53 +1,47 @@
-//! The work for one ingest message: read the ledger, claim the customer with compare-and-set,
-//! send it to the CRM (looking it up first when an earlier send may have landed unseen), retry or
-//! hand it back, confirm in the ledger, publish exactly one outcome, then acknowledge.
+//! The work for one ingest message, as a few steps over one [`Task`]: read it (a message that is
+//! not a customer is dead-lettered with its body), judge it against the ledger (already
+//! confirmed, superseded by a newer version, wait for an older one, or claim the customer), send
+//! it to the CRM (looking it up first when an earlier send may have landed unseen), retry or hand
+//! it back, confirm in the ledger, publish exactly one outcome, acknowledge.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, kv};
+use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder as _, ExponentialBuilder};
-use bytes::Bytes;
-use customer_record::{ContentHash, CustomerRecord, ledger_key};
+use customer_record::{ContentHash, CustomerRecord};
 use governor::DefaultDirectRateLimiter;
-use serde::Serialize;
-use sync_topology::messages::{DeadLetter, SyncAction, SyncedOutcome};
-use sync_topology::{
-    HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_REPLAY_OF, HEADER_SOURCE_FILE,
-    HEADER_SOURCE_LINE, Names,
-};
+use sync_topology::ledger::{Decision, decide};
+use sync_topology::messages::SyncAction;
+use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio_util::sync::CancellationToken;
 
 use crate::crm::{CrmClient, CrmReply, Transient, Write};
 use crate::fleet::FleetPause;
 use crate::flow::{Admission, Gate, Limiter, Signal, now_ms};
-use crate::ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
+use crate::ledger::{Held, Ledger, MAX_CAS_CONFLICTS, Subject};
+use crate::outcome::{self, CrmAnswer};
 
 /// Retries of one delivery done in-process before the message is handed back with a NAK.
 const MAX_INLINE_ATTEMPTS: u32 = 4;
-/// Compare-and-set conflicts tolerated on one key before the message is handed back.
-const MAX_CAS_CONFLICTS: u32 = 16;
 
 /// Everything `process_message` needs, shared by every message task of a replica.
 pub struct Integrator {
     pub(crate) names: Names,
     pub(crate) js: jetstream::Context,
-    pub(crate) ledger: kv::Store,
+    pub(crate) ledger: Ledger,
     pub(crate) crm: CrmClient,
     pub(crate) gate: Arc<Gate>,
     pub(crate) fleet: FleetPause,
     pub(crate) limiter: Arc<Limiter>,
     pub(crate) rate: Option<DefaultDirectRateLimiter>,
-    /// This process's name in ledger claims and pause notices.
-    pub(crate) replica: String,
+    /// Failed deliveries of a version after which it is dead-lettered.
     pub(crate) max_deliver: u64,
-    pub(crate) claim_lease: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) max_inline_wait: Duration,
     pub(crate) shutdown: CancellationToken,
-    /// Messages this replica settled with an outcome (synced or dead), for tests and logs.
+    /// Messages this replica settled with an outcome (synced, superseded or dead).
     pub(crate) settled: AtomicU64,
 }
 
@@ -55,7 +49,7 @@ impl std::fmt::Debug for Integrator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Integrator")
             .field("namespace", &self.names.namespace())
-            .field("replica", &self.replica)
+            .field("replica", &self.ledger.replica)
             .field("crm", &self.crm)
             .finish_non_exhaustive()
     }
@@ -63,7 +57,7 @@ impl std::fmt::Debug for Integrator {
 
 impl Integrator {
     pub fn replica(&self) -> &str {
-        &self.replica
+        &self.ledger.replica
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -74,7 +68,7 @@ impl Integrator {
         &self.gate
     }
 
-    /// How many messages this replica settled with an outcome (synced or dead-lettered).
+    /// How many messages this replica settled with an outcome.
     pub fn settled_messages(&self) -> u64 {
         self.settled.load(Ordering::Relaxed)
     }
@@ -83,8 +77,10 @@ impl Integrator {
 /// How a message was settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
-    /// An outcome was published on the synced subject and the message acked.
+    /// Published on the synced subject and acked.
     Synced(SyncAction),
+    /// A newer version was known: published on the superseded subject and acked, never sent.
+    Superseded { by: Version },
     /// Published on the dead subject and acked.
     DeadLettered,
     /// Handed back with a delayed NAK: a transient failure, a pause, or an older version of the
@@ -126,90 +122,39 @@ pub enum ProcessError {
     },
 }
 
-/// One ingest message, read.
-struct Inbound {
-    message: jetstream::Message,
-    record: Option<CustomerRecord>,
-    customer_id: String,
-    hash: ContentHash,
-    /// The version of the customer this message carries: its ingest sequence, or for a copy made
-    /// by `syncctl replay`/`dlq redrive`, the sequence of the message it copies.
-    seq: u64,
-    /// The message's own place in the ingest stream: names its one outcome.
-    stream_seq: u64,
-    delivered: u64,
-    source_file: Option<String>,
-    source_line: Option<u64>,
-    force_resend: bool,
-    key: String,
-}
-
-impl Inbound {
-    fn read(message: jetstream::Message) -> Result<(Self, Option<String>), ProcessError> {
-        let info = message
-            .info()
-            .map_err(|err| ProcessError::Metadata(err.to_string()))?;
-        let stream_seq = info.stream_sequence;
-        let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let seq = header(HEADER_REPLAY_OF)
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|copied| *copied > 0 && *copied < stream_seq)
-            .unwrap_or(stream_seq);
-        let source_file = header(HEADER_SOURCE_FILE);
-        let source_line = header(HEADER_SOURCE_LINE).and_then(|l| l.parse().ok());
-        let header_hash = header(HEADER_CONTENT_HASH).and_then(|h| ContentHash::from_hex(&h));
-        let force_resend =
-            header(HEADER_FORCE_RESEND).is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let (record, unreadable) = match serde_json::from_slice::<CustomerRecord>(&message.payload)
-        {
-            Ok(record) => (Some(record), None),
-            Err(err) => (None, Some(format!("body is not a customer record: {err}"))),
-        };
-        let hash = match (&record, header_hash) {
-            (Some(record), header_hash) => {
-                let hash = record.content_hash();
-                if header_hash.as_ref().is_some_and(|h| *h != hash) {
-                    tracing::warn!(seq, id = %record.id, "content hash header differs from the body's; using the body's");
-                }
-                hash
-            }
-            (None, Some(header_hash)) => header_hash,
-            (None, None) => ContentHash::from_hex(&"0".repeat(32)).unwrap_or_else(|| {
-                CustomerRecord::normalised("", "", "", "", None, Default::default()).content_hash()
-            }),
-        };
-        let customer_id = record.as_ref().map(|r| r.id.clone()).unwrap_or_default();
-        let key = ledger_key(&customer_id);
-        Ok((
-            Inbound {
-                message,
-                record,
-                customer_id,
-                hash,
-                seq,
-                stream_seq,
-                delivered,
-                source_file,
-                source_line,
-                force_resend,
-                key,
-            },
-            unreadable,
-        ))
+impl ProcessError {
+    pub(crate) fn ledger(action: &'static str, key: &str, err: impl std::fmt::Display) -> Self {
+        ProcessError::Ledger {
+            action,
+            key: key.to_owned(),
+            message: err.to_string(),
+        }
     }
 }
 
-/// The ledger entry as last read or written by this task.
-struct Held {
-    entry: LedgerEntry,
-    revision: u64,
+/// One ingest message being worked on: the customer version it carries and where it came from.
+pub(crate) struct Task {
+    pub message: jetstream::Message,
+    pub record: CustomerRecord,
+    pub hash: ContentHash,
+    pub version: Version,
+    pub key: String,
+    /// The message's own place in the ingest stream: names its one outcome.
+    pub stream_seq: u64,
+    pub delivered: u64,
+    pub source_file: Option<String>,
+    pub source_line: Option<u64>,
+    pub force_resend: bool,
+}
+
+impl Task {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            key: &self.key,
+            version: self.version,
+            hash: &self.hash,
+        }
+    }
 }
 
 /// Handles one ingest message from start to settlement. Returns how it was settled; an error
@@ -218,166 +163,183 @@ pub async fn process_message(
     integrator: &Integrator,
     message: jetstream::Message,
 ) -> Result<Settled, ProcessError> {
-    let (inbound, unreadable) = Inbound::read(message)?;
-    let result = settle(integrator, &inbound, unreadable).await;
-    if let Ok(Settled::Synced(_) | Settled::DeadLettered) = &result {
-        integrator.settled.fetch_add(1, Ordering::Relaxed);
+    let info = message
+        .info()
+        .map_err(|err| ProcessError::Metadata(err.to_string()))?;
+    let stream_seq = info.stream_sequence;
+    let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+    let decoded =
+        match IngestMessage::decode(message.headers.as_ref(), &message.payload, stream_seq) {
+            Ok(decoded) => decoded,
+            Err(malformed) => {
+                let result =
+                    outcome::malformed(integrator, &message, stream_seq, malformed.to_string())
+                        .await;
+                return nak_on_error(&message, stream_seq, result).await;
+            }
+        };
+    if decoded.hash_header_mismatch {
+        tracing::warn!(seq = stream_seq, id = %decoded.message.record.id, "content hash header differs from the body's; using the body's");
     }
+    let message_fields = decoded.message;
+    let task = Task {
+        message,
+        record: message_fields.record,
+        hash: decoded.hash,
+        version: message_fields.version,
+        key: decoded.ledger_key,
+        stream_seq,
+        delivered,
+        source_file: message_fields.source_file,
+        source_line: message_fields.source_line,
+        force_resend: message_fields.force_resend,
+    };
+    let result = settle(integrator, &task).await;
+    nak_on_error(&task.message, stream_seq, result).await
+}
+
+/// After a NATS failure mid-way, hands the message back soon rather than after the whole ack
+/// wait; if even that fails, the ack wait brings it back.
+async fn nak_on_error(
+    message: &jetstream::Message,
+    seq: u64,
+    result: Result<Settled, ProcessError>,
+) -> Result<Settled, ProcessError> {
     if let Err(err) = &result {
-        // Hand it back soon rather than after the whole ack wait; if even that fails, the ack
-        // wait brings it back.
-        tracing::warn!(seq = inbound.seq, id = %inbound.customer_id, %err, "processing failed; handing the message back");
-        if let Err(nak) = inbound
-            .message
+        tracing::warn!(seq, %err, "processing failed; handing the message back");
+        if let Err(nak) = message
             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
             .await
         {
-            tracing::debug!(seq = inbound.seq, %nak, "nak after failure failed too");
+            tracing::debug!(seq, %nak, "nak after failure failed too");
         }
     }
     result
 }
 
-async fn settle(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    unreadable: Option<String>,
-) -> Result<Settled, ProcessError> {
-    let Some(record) = inbound.record.clone() else {
-        let reason = unreadable.unwrap_or_else(|| "unreadable body".to_owned());
-        return dead_letter(integrator, inbound, reason, None, None).await;
-    };
-    if inbound.force_resend {
-        tracing::warn!(
-            seq = inbound.seq,
-            id = %record.id,
-            hash = %inbound.hash,
-            "FORCED RESEND: sending even if the ledger has this content confirmed"
-        );
+async fn settle(integrator: &Integrator, task: &Task) -> Result<Settled, ProcessError> {
+    if task.force_resend {
+        tracing::warn!(seq = task.stream_seq, id = %task.record.id, version = %task.version, "FORCED RESEND: sending even if the ledger has this content confirmed");
     }
-    let mut conflicts = 0;
+    match judge(integrator, task).await? {
+        Judged::Settled(settled) => Ok(settled),
+        Judged::Claimed(claimed) => send(integrator, task, claimed).await,
+    }
+}
+
+/// What the ledger said about a message.
+enum Judged {
+    Settled(Settled),
+    Claimed(Claimed),
+}
+
+/// The customer is ours to send.
+struct Claimed {
+    held: Held,
+    /// An earlier send may have landed unseen: look the customer up before writing.
+    in_doubt: bool,
+    /// No version is confirmed: the CRM is believed not to know the customer.
+    create: bool,
+}
+
+/// Reads the ledger, decides, and claims the customer with compare-and-set (deciding again after
+/// a conflict). Everything but a claim ends the message here.
+async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessError> {
+    let started = Instant::now();
     // Most first deliveries are new customers: try the claim as a create straight away, which
     // saves the read; the create fails harmlessly when the customer is known.
-    let mut optimistic = inbound.delivered == 1;
-    let claim_started = Instant::now();
-    let (mut held, mut in_doubt, mut create) = loop {
-        let current = if optimistic {
-            optimistic = false;
+    let mut optimistic = task.delivered == 1;
+    for _ in 0..=MAX_CAS_CONFLICTS {
+        let current = if std::mem::take(&mut optimistic) {
             None
         } else {
-            read_entry(integrator, &inbound.key).await?
+            integrator.ledger.read(&task.key).await?
         };
-        let decision = decide(
-            current.as_ref().map(|h| &h.entry),
-            inbound.seq,
-            &inbound.hash,
-            inbound.force_resend,
-            now_ms(),
-        );
-        let (look_up_first, create) = match decision {
-            Decision::SkipConfirmed { crm_id } => {
-                return synced(
-                    integrator,
-                    inbound,
-                    &record,
-                    SyncAction::SkippedConfirmed,
-                    crm_id,
-                )
-                .await;
+        let entry = current.as_ref().map(|h| &h.entry);
+        let decision = decide(entry, task.version, &task.hash, task.force_resend, now_ms());
+        let settled = match decision {
+            Decision::AlreadyConfirmed { crm_id } => {
+                outcome::synced(integrator, task, SyncAction::SkippedConfirmed, crm_id).await?
             }
-            Decision::SkipSuperseded { crm_id } => {
-                return synced(
-                    integrator,
-                    inbound,
-                    &record,
-                    SyncAction::SkippedSuperseded,
-                    crm_id,
-                )
-                .await;
+            Decision::SameContent { crm_id } => {
+                let Some(held) = current.as_ref() else {
+                    continue;
+                };
+                if !integrator.ledger.advance(task.subject(), held).await? {
+                    continue;
+                }
+                outcome::synced(integrator, task, SyncAction::SkippedConfirmed, crm_id).await?
+            }
+            Decision::Superseded { by } => outcome::superseded(integrator, task, by).await?,
+            Decision::Conflict { confirmed_hash } => {
+                let reason = format!(
+                    "the ledger confirmed version {} with content {confirmed_hash}, this message \
+                     carries the same version with content {}: two records claim one version",
+                    task.version, task.hash
+                );
+                outcome::dead_letter(integrator, task, reason, CrmAnswer::default(), 0).await?
             }
             Decision::Wait {
-                claim_seq,
+                claim_version,
                 remaining_ms,
             } => {
-                // Growing with each delivery: every NAK is a redelivery the server makes and
-                // raises the delivery count `--max-deliver` reads, so a long wait stays cheap.
-                let backoff_ms = 100u64 << inbound.delivered.saturating_sub(1).min(6);
+                // Waiting is not failing: nothing is counted, and the wait grows with each
+                // delivery so a long one stays cheap.
+                let backoff_ms = 100u64 << task.delivered.saturating_sub(1).min(6);
                 let delay = Duration::from_millis(
                     (remaining_ms.max(100) as u64).min(backoff_ms).min(5_000),
                 );
-                let reason = format!("waiting for the claim of ingest message {claim_seq}");
-                return defer(inbound, delay, reason).await;
+                let reason = format!("waiting for the claim of version {claim_version}");
+                outcome::defer(task, delay, reason).await?
             }
             Decision::Send {
                 look_up_first,
                 create,
-            } => (look_up_first, create),
-        };
-        // No dead letter for a high delivery count here: deliveries spent waiting for an older
-        // version are not failures. `--max-deliver` is applied when a send fails.
-        let mut wanted = current
-            .as_ref()
-            .map(|h| h.entry.clone())
-            .unwrap_or_default();
-        wanted.claim = Some(Claim {
-            hash: inbound.hash.clone(),
-            seq: inbound.seq,
-            owner: integrator.replica.clone(),
-            lease_until_ms: now_ms() + integrator.claim_lease.as_millis() as i64,
-            in_doubt: look_up_first,
-        });
-        let revision = current.as_ref().map_or(0, |h| h.revision);
-        match write_entry(integrator, &inbound.key, &wanted, revision).await? {
-            Some(revision) => {
-                break (
-                    Held {
-                        entry: wanted,
-                        revision,
-                    },
-                    look_up_first,
+            } => {
+                let Some(held) = integrator
+                    .ledger
+                    .claim(task.subject(), current.as_ref(), look_up_first)
+                    .await?
+                else {
+                    continue;
+                };
+                time_phase("claim", started);
+                return Ok(Judged::Claimed(Claimed {
+                    held,
+                    in_doubt: look_up_first,
                     create,
-                );
+                }));
             }
-            None => {
-                conflicts += 1;
-                if conflicts > MAX_CAS_CONFLICTS {
-                    let reason = "ledger key keeps changing under us".to_owned();
-                    return defer(inbound, Duration::from_millis(200), reason).await;
-                }
-            }
-        }
-    };
+        };
+        return Ok(Judged::Settled(settled));
+    }
+    let reason = "ledger key keeps changing under us".to_owned();
+    Ok(Judged::Settled(
+        outcome::defer(task, Duration::from_millis(200), reason).await?,
+    ))
+}
 
-    time_phase("claim", claim_started);
+/// What to do after one CRM answer.
+enum Next {
+    Done(Settled),
+    /// Send again at once (the lookup told us what to write).
+    Again,
+    /// Wait this long in-process, then send again.
+    RetryAfter(Duration),
+}
+
+/// Sends the claimed version until the CRM holds it, refuses it, or the message is handed back.
+async fn send(
+    integrator: &Integrator,
+    task: &Task,
+    mut claimed: Claimed,
+) -> Result<Settled, ProcessError> {
     let mut attempt: u32 = 0;
     let mut fell_back_to_create = false;
     loop {
-        // Hold the request while the fleet is paused or the breaker is open.
-        let probe = loop {
-            match integrator.gate.admit() {
-                Admission::Go { probe } => break probe,
-                Admission::Wait(wait) if wait <= integrator.max_inline_wait => {
-                    if !wait_inline(integrator, inbound, &mut held, in_doubt, wait).await? {
-                        return hand_back(
-                            integrator,
-                            inbound,
-                            &mut held,
-                            in_doubt,
-                            wait,
-                            "shutting down",
-                        )
-                        .await;
-                    }
-                }
-                Admission::Wait(wait) => {
-                    let reason = if integrator.gate.paused_for().is_some() {
-                        "CRM asked the fleet to pause"
-                    } else {
-                        "circuit breaker open"
-                    };
-                    return hand_back(integrator, inbound, &mut held, in_doubt, wait, reason).await;
-                }
-            }
+        let probe = match admit(integrator, task, &mut claimed).await? {
+            Ok(probe) => probe,
+            Err(settled) => return Ok(settled),
         };
         if let Some(rate) = &integrator.rate {
             rate.until_ready().await;
@@ -386,186 +348,323 @@ async fn settle(
         let permit = integrator.limiter.acquire().await;
         time_phase("request_slot", permit_started);
         // The lease must outlive the request, or another replica could take over mid-send.
-        if !ensure_lease(
-            integrator,
-            inbound,
-            &mut held,
-            in_doubt,
-            integrator.request_timeout,
-        )
-        .await?
-        {
+        let renewed = integrator
+            .ledger
+            .renew(
+                task.subject(),
+                &mut claimed.held,
+                claimed.in_doubt,
+                integrator.request_timeout,
+            )
+            .await?;
+        if !renewed {
             drop(permit);
             let reason = "our claim was taken over".to_owned();
-            return defer(inbound, Duration::from_millis(200), reason).await;
+            return outcome::defer(task, Duration::from_millis(200), reason).await;
         }
-        let looking_up = in_doubt;
+        let looking_up = claimed.in_doubt;
         let request_started = Instant::now();
-        let reply = if looking_up {
-            integrator.crm.look_up(&record.id).await
-        } else {
-            let write = if create { Write::Create } else { Write::Update };
-            let key = idempotency_key(inbound);
-            integrator.crm.write(write, &record, &key).await
-        };
-        let signal = match &reply {
-            CrmReply::Transient(t) if t.status == Some(429) => Signal::RateLimited,
-            CrmReply::Transient(t) if t.congestion => Signal::Congested,
-            _ => Signal::Answered,
-        };
-        permit.finish(signal);
+        let reply = request(integrator, task, &claimed).await;
+        permit.finish(signal_of(&reply));
         time_phase("crm_request", request_started);
         count_reply(&reply, looking_up);
-        integrator.gate.record(match &reply {
-            CrmReply::Stored(_) | CrmReply::NotFound | CrmReply::Refused { .. } => Some(true),
-            CrmReply::Transient(t) if t.status == Some(429) => None,
-            CrmReply::Transient(_) => Some(false),
-        });
+        integrator.gate.record(health_of(&reply));
         if probe {
-            tracing::info!(seq = inbound.seq, "circuit breaker probe answered");
+            tracing::info!(seq = task.stream_seq, "circuit breaker probe answered");
         }
-        match reply {
+        let next = match reply {
             CrmReply::Stored(stored) if looking_up => {
-                if stored.customer == record {
-                    tracing::info!(seq = inbound.seq, id = %record.id, "CRM already holds this content: not resending");
-                    return confirm(
-                        integrator,
-                        inbound,
-                        &record,
-                        &mut held,
-                        SyncAction::AlreadyPresent,
-                        Some(stored.crm_id),
+                if stored.customer == task.record {
+                    tracing::info!(seq = task.stream_seq, id = %task.record.id, "CRM already holds this content: not resending");
+                    let crm_id = Some(stored.crm_id);
+                    Next::Done(
+                        confirm(
+                            integrator,
+                            task,
+                            &mut claimed,
+                            SyncAction::AlreadyPresent,
+                            crm_id,
+                        )
+                        .await?,
                     )
-                    .await;
+                } else {
+                    claimed.in_doubt = false;
+                    claimed.create = false;
+                    Next::Again
                 }
-                in_doubt = false;
-                create = false;
             }
             CrmReply::NotFound => {
-                in_doubt = false;
-                create = true;
+                claimed.in_doubt = false;
+                claimed.create = true;
+                Next::Again
             }
             CrmReply::Stored(stored) => {
-                let action = if create {
+                let action = if claimed.create {
                     SyncAction::Created
                 } else {
                     SyncAction::Updated
                 };
-                return confirm(
-                    integrator,
-                    inbound,
-                    &record,
-                    &mut held,
-                    action,
-                    Some(stored.crm_id),
-                )
-                .await;
+                let crm_id = Some(stored.crm_id);
+                Next::Done(confirm(integrator, task, &mut claimed, action, crm_id).await?)
             }
-            CrmReply::Refused { status: 404, .. } if !create && !fell_back_to_create => {
+            CrmReply::Refused { status: 404, .. } if !claimed.create && !fell_back_to_create => {
                 // The ledger believed the CRM knows this customer; the CRM says it does not.
-                tracing::warn!(seq = inbound.seq, id = %record.id, "update answered 404: creating instead");
+                tracing::warn!(seq = task.stream_seq, id = %task.record.id, "update answered 404: creating instead");
                 fell_back_to_create = true;
-                create = true;
+                claimed.create = true;
+                Next::Again
             }
             CrmReply::Refused { status, body } => {
                 let reason = format!("CRM refused the record with HTTP {status}");
-                return dead_letter_held(
-                    integrator,
-                    inbound,
-                    &mut held,
-                    in_doubt,
-                    reason,
-                    Some(status),
-                    Some(body),
+                let answer = CrmAnswer {
+                    status: Some(status),
+                    body: Some(body),
+                };
+                Next::Done(
+                    dead_letter_claimed(integrator, task, &mut claimed, reason, answer).await?,
                 )
-                .await;
+            }
+            CrmReply::Unauthorized { status, body } => {
+                // Our credentials, not this record: held back without counting a failure, so a
+                // wrong token empties nothing into the dead letters.
+                let reason = format!(
+                    "the CRM refused our credentials (HTTP {status}; check CRM_API_TOKEN): {body}"
+                );
+                let delay = integrator.request_timeout.max(Duration::from_secs(5));
+                Next::Done(hand_back(integrator, task, &mut claimed, delay, reason, false).await?)
             }
             CrmReply::Transient(failure) => {
-                in_doubt |= failure.maybe_applied;
                 attempt += 1;
-                metrics::counter!("crm_integrator_retries_total").increment(1);
-                if let Some(retry_after) = failure.retry_after
-                    && matches!(failure.status, Some(429 | 503))
-                    && !retry_after.is_zero()
-                {
-                    integrator
-                        .fleet
-                        .announce(
-                            retry_after,
-                            format!(
-                                "HTTP {} with Retry-After",
-                                failure.status.unwrap_or_default()
-                            ),
-                        )
-                        .await;
+                on_failure(integrator, task, &mut claimed, failure, attempt).await?
+            }
+        };
+        match next {
+            Next::Done(settled) => return Ok(settled),
+            Next::Again => {}
+            Next::RetryAfter(delay) => {
+                if !wait_inline(integrator, task, &mut claimed, delay).await? {
+                    let reason = "shutting down".to_owned();
+                    return hand_back(integrator, task, &mut claimed, delay, reason, false).await;
                 }
-                let delay = retry_delay(&failure, inbound.delivered, attempt);
-                tracing::debug!(seq = inbound.seq, id = %record.id, attempt, ?delay, %failure, "CRM request failed");
-                if delay <= integrator.max_inline_wait && attempt < MAX_INLINE_ATTEMPTS {
-                    if !wait_inline(integrator, inbound, &mut held, in_doubt, delay).await? {
-                        return hand_back(
-                            integrator,
-                            inbound,
-                            &mut held,
-                            in_doubt,
-                            delay,
-                            "shutting down",
-                        )
-                        .await;
-                    }
-                    continue;
-                }
-                if inbound.delivered >= integrator.max_deliver {
-                    let reason = format!(
-                        "CRM still failing after {} deliveries: {failure}",
-                        inbound.delivered
-                    );
-                    return dead_letter_held(
-                        integrator,
-                        inbound,
-                        &mut held,
-                        in_doubt,
-                        reason,
-                        failure.status,
-                        Some(failure.detail),
-                    )
-                    .await;
-                }
-                return hand_back(
-                    integrator,
-                    inbound,
-                    &mut held,
-                    in_doubt,
-                    delay,
-                    &failure.to_string(),
-                )
-                .await;
             }
         }
     }
 }
 
+/// Holds the request while the fleet is paused or the breaker is open: in-process for short
+/// holds, by handing the message back for long ones. `Ok(probe)` when the request may go.
+async fn admit(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+) -> Result<Result<bool, Settled>, ProcessError> {
+    loop {
+        match integrator.gate.admit() {
+            Admission::Go { probe } => return Ok(Ok(probe)),
+            Admission::Wait(wait) if wait <= integrator.max_inline_wait => {
+                if !wait_inline(integrator, task, claimed, wait).await? {
+                    let reason = "shutting down".to_owned();
+                    let settled = hand_back(integrator, task, claimed, wait, reason, false).await?;
+                    return Ok(Err(settled));
+                }
+            }
+            Admission::Wait(wait) => {
+                let reason = if integrator.gate.paused_for().is_some() {
+                    "CRM asked the fleet to pause"
+                } else {
+                    "circuit breaker open"
+                };
+                let settled =
+                    hand_back(integrator, task, claimed, wait, reason.to_owned(), false).await?;
+                return Ok(Err(settled));
+            }
+        }
+    }
+}
+
+/// One request: a lookup when in doubt, otherwise the write with the version's idempotency key.
+async fn request(integrator: &Integrator, task: &Task, claimed: &Claimed) -> CrmReply {
+    if claimed.in_doubt {
+        return integrator.crm.look_up(&task.record.id).await;
+    }
+    let write = if claimed.create {
+        Write::Create
+    } else {
+        Write::Update
+    };
+    let key = if task.force_resend {
+        ids::forced_idempotency_key(&task.version, &task.hash, task.stream_seq)
+    } else {
+        ids::idempotency_key(&task.version, &task.hash)
+    };
+    integrator.crm.write(write, &task.record, &key).await
+}
+
+fn signal_of(reply: &CrmReply) -> Signal {
+    match reply {
+        CrmReply::Transient(t) if t.status == Some(429) => Signal::RateLimited,
+        CrmReply::Transient(t) if t.congestion => Signal::Congested,
+        _ => Signal::Answered,
+    }
+}
+
+/// For the breaker: `Some(true)` the CRM works, `Some(false)` it may not (5xx, timeouts, refused
+/// credentials), `None` neither (429).
+fn health_of(reply: &CrmReply) -> Option<bool> {
+    match reply {
+        CrmReply::Stored(_) | CrmReply::NotFound | CrmReply::Refused { .. } => Some(true),
+        CrmReply::Unauthorized { .. } => Some(false),
+        CrmReply::Transient(t) if t.status == Some(429) => None,
+        CrmReply::Transient(_) => Some(false),
+    }
+}
+
+/// A transient failure: retry in-process while the wait is short, otherwise hand the message
+/// back, counting the failed delivery; dead-letter once `--max-deliver` deliveries failed.
+async fn on_failure(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+    failure: Transient,
+    attempt: u32,
+) -> Result<Next, ProcessError> {
+    claimed.in_doubt |= failure.maybe_applied;
+    metrics::counter!("crm_integrator_retries_total").increment(1);
+    if let Some(retry_after) = failure.retry_after
+        && matches!(failure.status, Some(429 | 503))
+        && !retry_after.is_zero()
+    {
+        let cause = format!(
+            "HTTP {} with Retry-After",
+            failure.status.unwrap_or_default()
+        );
+        integrator.fleet.announce(retry_after, cause).await;
+    }
+    let failures_before = claimed.held.entry.failures_of(task.version);
+    let delay = retry_delay(&failure, failures_before, attempt);
+    tracing::debug!(seq = task.stream_seq, id = %task.record.id, attempt, ?delay, %failure, "CRM request failed");
+    if delay <= integrator.max_inline_wait && attempt < MAX_INLINE_ATTEMPTS {
+        return Ok(Next::RetryAfter(delay));
+    }
+    // A CRM we cannot reach is the breaker's business, not this record's.
+    let counts = !failure.unreachable;
+    if counts && failures_before + 1 >= integrator.max_deliver {
+        let reason = format!(
+            "CRM still failing after {} failed deliveries: {failure}",
+            failures_before + 1
+        );
+        let answer = CrmAnswer {
+            status: failure.status,
+            body: Some(failure.detail),
+        };
+        return Ok(Next::Done(
+            dead_letter_claimed(integrator, task, claimed, reason, answer).await?,
+        ));
+    }
+    let reason = failure.to_string();
+    Ok(Next::Done(
+        hand_back(integrator, task, claimed, delay, reason, counts).await?,
+    ))
+}
+
+/// The CRM holds the version: confirm it in the ledger and publish the outcome together (one round
+/// trip of latency instead of two; safe in either order of failure: an outcome without its
+/// confirmation leaves our claim, which the redelivery resolves by lookup under the same outcome
+/// dedup id), then acknowledge.
+async fn confirm(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+    action: SyncAction,
+    crm_id: Option<String>,
+) -> Result<Settled, ProcessError> {
+    let ledger_crm_id = crm_id.clone();
+    let confirm = async {
+        let started = Instant::now();
+        integrator
+            .ledger
+            .confirm(task.subject(), &mut claimed.held, ledger_crm_id)
+            .await?;
+        time_phase("confirm", started);
+        Ok(())
+    };
+    tokio::try_join!(
+        confirm,
+        outcome::publish_synced(integrator, task, action, crm_id)
+    )?;
+    outcome::ack_synced(integrator, task, action).await
+}
+
+async fn dead_letter_claimed(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+    reason: String,
+    answer: CrmAnswer,
+) -> Result<Settled, ProcessError> {
+    let attempts = claimed.held.entry.failures_of(task.version) + 1;
+    integrator
+        .ledger
+        .mark_dead(task.subject(), &mut claimed.held, claimed.in_doubt)
+        .await?;
+    outcome::dead_letter(integrator, task, reason, answer, attempts).await
+}
+
+/// Releases the claim (keeping any doubt; `failed` counts this delivery toward `--max-deliver`)
+/// and hands the message back.
+async fn hand_back(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+    delay: Duration,
+    reason: String,
+    failed: bool,
+) -> Result<Settled, ProcessError> {
+    let released = integrator
+        .ledger
+        .release(task.subject(), &mut claimed.held, claimed.in_doubt, failed)
+        .await;
+    if let Err(err) = released {
+        // The lease runs out by itself; until then a newer version of the customer waits.
+        tracing::warn!(seq = task.stream_seq, %err, "cannot release the ledger claim");
+    }
+    outcome::defer(task, delay, reason).await
+}
+
+/// Waits `wait` with the message kept alive (ack progress, claim lease). False on shutdown.
+async fn wait_inline(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &mut Claimed,
+    wait: Duration,
+) -> Result<bool, ProcessError> {
+    if let Err(err) = task.message.ack_with(AckKind::Progress).await {
+        tracing::debug!(seq = task.stream_seq, %err, "ack progress failed");
+    }
+    let needed = wait + integrator.request_timeout;
+    let renewed = integrator
+        .ledger
+        .renew(task.subject(), &mut claimed.held, claimed.in_doubt, needed)
+        .await?;
+    if !renewed {
+        return Ok(false);
+    }
+    tokio::select! {
+        () = integrator.shutdown.cancelled() => Ok(false),
+        () = tokio::time::sleep(wait) => Ok(true),
+    }
+}
+
 /// Where a record's time goes, for profiling: `crm_integrator_phase_seconds{phase}`.
-fn time_phase(phase: &'static str, started: Instant) {
+pub(crate) fn time_phase(phase: &'static str, started: Instant) {
     metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase)
         .record(started.elapsed().as_secs_f64());
 }
 
-fn idempotency_key(inbound: &Inbound) -> String {
-    if inbound.force_resend {
-        // The plain key would be answered from the CRM's memory, defeating the forced resend.
-        format!(
-            "{}:{}:resend-{}",
-            inbound.customer_id, inbound.hash, inbound.stream_seq
-        )
-    } else {
-        format!("{}:{}", inbound.customer_id, inbound.hash)
-    }
-}
-
-/// Exponential backoff with full jitter, never shorter than the CRM's `Retry-After`.
-fn retry_delay(failure: &Transient, delivered: u64, attempt: u32) -> Duration {
-    let step = (delivered.saturating_sub(1) as usize).saturating_add(attempt as usize);
+/// Exponential backoff with full jitter, growing with the version's failed deliveries and this
+/// delivery's attempts, never shorter than the CRM's `Retry-After`.
+fn retry_delay(failure: &Transient, failed_deliveries: u64, attempt: u32) -> Duration {
+    let step = (failed_deliveries as usize).saturating_add(attempt as usize);
     let ceiling = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_factor(2.0)
@@ -586,7 +685,9 @@ fn count_reply(reply: &CrmReply, looking_up: bool) {
     let status = match reply {
         CrmReply::Stored(_) => "2xx".to_owned(),
         CrmReply::NotFound => "404".to_owned(),
-        CrmReply::Refused { status, .. } => status.to_string(),
+        CrmReply::Refused { status, .. } | CrmReply::Unauthorized { status, .. } => {
+            status.to_string()
+        }
         CrmReply::Transient(t) => t
             .status
             .map_or_else(|| "no_answer".to_owned(), |s| s.to_string()),
@@ -594,420 +695,6 @@ fn count_reply(reply: &CrmReply, looking_up: bool) {
     let kind = if looking_up { "lookup" } else { "write" };
     metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind)
         .increment(1);
-}
-
-async fn read_entry(integrator: &Integrator, key: &str) -> Result<Option<Held>, ProcessError> {
-    let entry = integrator
-        .ledger
-        .entry(key)
-        .await
-        .map_err(|err| ProcessError::Ledger {
-            action: "read",
-            key: key.to_owned(),
-            message: err.to_string(),
-        })?;
-    let Some(entry) = entry else {
-        return Ok(None);
-    };
-    if entry.operation != kv::Operation::Put {
-        // Deleted by an operator: a fresh start, written over the tombstone's revision.
-        return Ok(Some(Held {
-            entry: LedgerEntry::default(),
-            revision: entry.revision,
-        }));
-    }
-    let parsed =
-        serde_json::from_slice(&entry.value).map_err(|source| ProcessError::LedgerEntry {
-            key: key.to_owned(),
-            source,
-        })?;
-    Ok(Some(Held {
-        entry: parsed,
-        revision: entry.revision,
-    }))
-}
-
-/// Compare-and-set: `Some(new revision)`, or `None` when someone else wrote first.
-async fn write_entry(
-    integrator: &Integrator,
-    key: &str,
-    entry: &LedgerEntry,
-    revision: u64,
-) -> Result<Option<u64>, ProcessError> {
-    let body = encode(entry, "ledger entry")?;
-    // Revision 0 expects no entry at all: the create of a new customer.
-    match integrator.ledger.update(key, body, revision).await {
-        Ok(revision) => Ok(Some(revision)),
-        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-        Err(err) => Err(ProcessError::Ledger {
-            action: "compare-and-set",
-            key: key.to_owned(),
-            message: err.to_string(),
-        }),
-    }
-}
-
-fn encode(value: &impl Serialize, what: &'static str) -> Result<Bytes, ProcessError> {
-    serde_json::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|source| ProcessError::Encode { what, source })
-}
-
-fn is_our_claim(claim: Option<&Claim>, inbound: &Inbound, replica: &str) -> bool {
-    claim.is_some_and(|c| c.seq == inbound.seq && c.owner == replica)
-}
-
-/// Applies `change` to the entry with compare-and-set, re-reading after conflicts. `change`
-/// returns false when there is nothing (left) to write.
-async fn update_held(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    mut change: impl FnMut(&mut LedgerEntry) -> bool,
-) -> Result<bool, ProcessError> {
-    for _ in 0..MAX_CAS_CONFLICTS {
-        let mut wanted = held.entry.clone();
-        if !change(&mut wanted) {
-            return Ok(false);
-        }
-        if let Some(revision) =
-            write_entry(integrator, &inbound.key, &wanted, held.revision).await?
-        {
-            held.entry = wanted;
-            held.revision = revision;
-            return Ok(true);
-        }
-        match read_entry(integrator, &inbound.key).await? {
-            Some(current) => *held = current,
-            None => {
-                held.entry = LedgerEntry::default();
-                held.revision = 0;
-            }
-        }
-    }
-    Err(ProcessError::Ledger {
-        action: "compare-and-set",
-        key: inbound.key.clone(),
-        message: format!("{MAX_CAS_CONFLICTS} conflicts in a row"),
-    })
-}
-
-/// Renews our claim so it stays live for at least `needed`. False when the claim is no longer ours.
-async fn ensure_lease(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    in_doubt: bool,
-    needed: Duration,
-) -> Result<bool, ProcessError> {
-    let Some(claim) = held.entry.claim.as_ref() else {
-        return Ok(false);
-    };
-    let now = now_ms();
-    let margin = needed.as_millis() as i64 + 1_000;
-    if claim.lease_until_ms - now > margin && claim.in_doubt == in_doubt {
-        return Ok(true);
-    }
-    let lease = integrator.claim_lease.max(needed + Duration::from_secs(1));
-    let replica = integrator.replica.clone();
-    let mut still_ours = true;
-    let written = update_held(integrator, inbound, held, |entry| {
-        match entry.claim.as_mut() {
-            Some(claim) if claim.seq == inbound.seq && claim.owner == replica => {
-                claim.lease_until_ms = now_ms() + lease.as_millis() as i64;
-                claim.in_doubt = in_doubt;
-                true
-            }
-            _ => {
-                still_ours = false;
-                false
-            }
-        }
-    })
-    .await?;
-    Ok(written && still_ours)
-}
-
-/// Waits `wait` with the message kept alive (ack progress, claim lease). False on shutdown.
-async fn wait_inline(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    in_doubt: bool,
-    wait: Duration,
-) -> Result<bool, ProcessError> {
-    if let Err(err) = inbound.message.ack_with(AckKind::Progress).await {
-        tracing::debug!(seq = inbound.seq, %err, "ack progress failed");
-    }
-    if !ensure_lease(
-        integrator,
-        inbound,
-        held,
-        in_doubt,
-        wait + integrator.request_timeout,
-    )
-    .await?
-    {
-        return Ok(false);
-    }
-    tokio::select! {
-        () = integrator.shutdown.cancelled() => Ok(false),
-        () = tokio::time::sleep(wait) => Ok(true),
-    }
-}
-
-/// Gives the claim up, keeping the doubt for whoever sends next.
-async fn release_claim(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    in_doubt: bool,
-) {
-    let replica = integrator.replica.clone();
-    let released = update_held(integrator, inbound, held, |entry| {
-        if !is_our_claim(entry.claim.as_ref(), inbound, &replica) {
-            return false;
-        }
-        if in_doubt {
-            if let Some(claim) = entry.claim.as_mut() {
-                claim.lease_until_ms = 0;
-                claim.in_doubt = true;
-            }
-        } else {
-            entry.claim = None;
-        }
-        true
-    })
-    .await;
-    if let Err(err) = released {
-        // The lease runs out by itself; until then a newer version of the customer waits.
-        tracing::warn!(seq = inbound.seq, %err, "cannot release the ledger claim");
-    }
-}
-
-async fn hand_back(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    in_doubt: bool,
-    delay: Duration,
-    reason: &str,
-) -> Result<Settled, ProcessError> {
-    release_claim(integrator, inbound, held, in_doubt).await;
-    defer(inbound, delay, reason.to_owned()).await
-}
-
-async fn defer(
-    inbound: &Inbound,
-    delay: Duration,
-    reason: String,
-) -> Result<Settled, ProcessError> {
-    tracing::debug!(seq = inbound.seq, id = %inbound.customer_id, ?delay, %reason, "handing the message back");
-    inbound
-        .message
-        .ack_with(AckKind::Nak(Some(delay)))
-        .await
-        .map_err(|err| ProcessError::Ack {
-            seq: inbound.seq,
-            kind: "nak",
-            message: err.to_string(),
-        })?;
-    metrics::counter!("crm_integrator_deferred_total").increment(1);
-    Ok(Settled::Deferred { delay, reason })
-}
-
-async fn confirm(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    record: &CustomerRecord,
-    held: &mut Held,
-    action: SyncAction,
-    crm_id: Option<String>,
-) -> Result<Settled, ProcessError> {
-    let replica = integrator.replica.clone();
-    let ledger_crm_id = crm_id.clone();
-    let confirm = async {
-        let started = Instant::now();
-        update_held(integrator, inbound, held, |entry| {
-            let newer_known = entry
-                .confirmed
-                .as_ref()
-                .is_some_and(|c| c.seq > inbound.seq);
-            if !newer_known {
-                entry.confirmed = Some(Confirmed {
-                    hash: inbound.hash.clone(),
-                    seq: inbound.seq,
-                    crm_id: ledger_crm_id.clone(),
-                });
-            }
-            if is_our_claim(entry.claim.as_ref(), inbound, &replica) {
-                entry.claim = None;
-            }
-            true
-        })
-        .await?;
-        time_phase("confirm", started);
-        Ok(())
-    };
-    // The ledger write and the outcome go out together: one round trip of latency instead of
-    // two. Safe in either order of failure: an outcome without its confirmation leaves our claim,
-    // which the redelivery resolves by lookup (AlreadyPresent) under the same outcome dedup id.
-    tokio::try_join!(
-        confirm,
-        publish_synced(integrator, inbound, record, action, crm_id)
-    )?;
-    ack_synced(inbound, action).await
-}
-
-/// The dedup id of a message's one outcome. The stream sequence alone would do while sequences are
-/// never reused; the record's own dedup id beside it keeps an outcome from being dropped as a
-/// duplicate of another record's even if they ever are (a stream that lost its tail to a crash
-/// hands the same sequences out again).
-fn outcome_id(kind: &str, inbound: &Inbound) -> String {
-    format!(
-        "{kind}:{}:{}:{}",
-        inbound.stream_seq, inbound.customer_id, inbound.hash
-    )
-}
-
-fn outcome_headers(id: String) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-    headers
-}
-
-async fn publish(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    subject: String,
-    msg_id: String,
-    body: Bytes,
-) -> Result<(), ProcessError> {
-    let failed = |err: &dyn std::fmt::Display| ProcessError::Publish {
-        seq: inbound.seq,
-        subject: subject.clone(),
-        message: err.to_string(),
-    };
-    let ack = integrator
-        .js
-        .publish_with_headers(subject.clone(), outcome_headers(msg_id), body)
-        .await
-        .map_err(|e| failed(&e))?;
-    ack.await.map_err(|e| failed(&e))?;
-    Ok(())
-}
-
-async fn double_ack(inbound: &Inbound) -> Result<(), ProcessError> {
-    inbound
-        .message
-        .double_ack()
-        .await
-        .map_err(|err| ProcessError::Ack {
-            seq: inbound.seq,
-            kind: "ack",
-            message: err.to_string(),
-        })
-}
-
-/// Publishes the synced outcome (awaiting the stream's ack), then acknowledges the message.
-async fn synced(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    record: &CustomerRecord,
-    action: SyncAction,
-    crm_id: Option<String>,
-) -> Result<Settled, ProcessError> {
-    publish_synced(integrator, inbound, record, action, crm_id).await?;
-    ack_synced(inbound, action).await
-}
-
-async fn publish_synced(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    record: &CustomerRecord,
-    action: SyncAction,
-    crm_id: Option<String>,
-) -> Result<(), ProcessError> {
-    let outcome = SyncedOutcome {
-        customer: record.clone(),
-        content_hash: inbound.hash.clone(),
-        ingest_seq: inbound.seq,
-        crm_id,
-        action,
-        source_file: inbound.source_file.clone(),
-        source_line: inbound.source_line,
-        synced_at: chrono::Utc::now(),
-    };
-    let body = encode(&outcome, "synced outcome")?;
-    let started = Instant::now();
-    publish(
-        integrator,
-        inbound,
-        integrator.names.synced_subject(),
-        outcome_id("synced", inbound),
-        body,
-    )
-    .await?;
-    time_phase("publish_outcome", started);
-    Ok(())
-}
-
-async fn ack_synced(inbound: &Inbound, action: SyncAction) -> Result<Settled, ProcessError> {
-    let started = Instant::now();
-    double_ack(inbound).await?;
-    time_phase("ack", started);
-    metrics::counter!("crm_integrator_records_total", "outcome" => "synced", "action" => action.as_str())
-        .increment(1);
-    Ok(Settled::Synced(action))
-}
-
-async fn dead_letter_held(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    held: &mut Held,
-    in_doubt: bool,
-    reason: String,
-    crm_status: Option<u16>,
-    crm_body: Option<String>,
-) -> Result<Settled, ProcessError> {
-    release_claim(integrator, inbound, held, in_doubt).await;
-    dead_letter(integrator, inbound, reason, crm_status, crm_body).await
-}
-
-async fn dead_letter(
-    integrator: &Integrator,
-    inbound: &Inbound,
-    reason: String,
-    crm_status: Option<u16>,
-    crm_body: Option<String>,
-) -> Result<Settled, ProcessError> {
-    tracing::warn!(seq = inbound.seq, id = %inbound.customer_id, status = ?crm_status, %reason, "dead-lettering the record");
-    let letter = DeadLetter {
-        customer_id: inbound.customer_id.clone(),
-        content_hash: inbound.hash.clone(),
-        ingest_seq: inbound.seq,
-        reason,
-        crm_status,
-        crm_body,
-        attempts: inbound.delivered,
-        customer: inbound.record.clone(),
-        source_file: inbound.source_file.clone(),
-        source_line: inbound.source_line,
-        dead_at: chrono::Utc::now(),
-    };
-    let body = encode(&letter, "dead letter")?;
-    publish(
-        integrator,
-        inbound,
-        integrator.names.dead_subject(),
-        outcome_id("dead", inbound),
-        body,
-    )
-    .await?;
-    double_ack(inbound).await?;
-    metrics::counter!("crm_integrator_records_total", "outcome" => "dead", "action" => "dead_lettered")
-        .increment(1);
-    Ok(Settled::DeadLettered)
 }
 
 #[cfg(test)]
@@ -1020,6 +707,7 @@ mod tests {
             retry_after,
             maybe_applied: false,
             congestion: false,
+            unreachable: false,
             detail: String::new(),
         }
     }
@@ -1027,11 +715,11 @@ mod tests {
     #[test]
     fn backoff_grows_with_attempts_and_honours_retry_after() {
         for _ in 0..100 {
-            assert!(retry_delay(&failure(None), 1, 1) <= Duration::from_millis(50));
-            assert!(retry_delay(&failure(None), 3, 2) <= Duration::from_millis(400));
+            assert!(retry_delay(&failure(None), 0, 1) <= Duration::from_millis(50));
+            assert!(retry_delay(&failure(None), 2, 2) <= Duration::from_millis(400));
             assert!(retry_delay(&failure(None), 40, 9) <= Duration::from_secs(30));
             assert!(
-                retry_delay(&failure(Some(Duration::from_secs(2))), 1, 1) >= Duration::from_secs(2)
+                retry_delay(&failure(Some(Duration::from_secs(2))), 0, 1) >= Duration::from_secs(2)
             );
         }
     }

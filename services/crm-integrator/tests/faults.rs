@@ -67,7 +67,7 @@ async fn a_changed_customer_becomes_one_update() -> anyhow::Result<()> {
     let changed = customer("c1", "Adelaide");
     pipeline.publish(&changed, 3).await?;
     // The same row read again: the stream drops it by its dedup id, so still two messages.
-    pipeline.publish_with(&changed, 3, false).await?;
+    pipeline.publish(&changed, 3).await?;
     let outcomes = pipeline
         .wait_for_outcomes(2, Duration::from_secs(20))
         .await?;

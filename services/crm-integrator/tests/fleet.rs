@@ -11,6 +11,7 @@ use crm_integrator::{PAUSE_KEY, PauseNotice, Settled};
 use crm_mock::CrmMockConfig;
 use futures::StreamExt as _;
 use sync_topology::messages::SyncAction;
+use sync_topology::{IngestMessage, Version, ids};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,10 +100,10 @@ async fn versions_processed_out_of_order_leave_the_newest_in_the_crm() -> anyhow
         Settled::Synced(SyncAction::Created)
     );
     for older in messages {
-        assert_eq!(
+        assert!(matches!(
             crm_integrator::process_message(&integrator, older).await?,
-            Settled::Synced(SyncAction::SkippedSuperseded)
-        );
+            Settled::Superseded { .. }
+        ));
     }
     assert_eq!(
         common::crm_holds(&mock, "o1").await?,
@@ -118,9 +119,12 @@ async fn versions_processed_out_of_order_leave_the_newest_in_the_crm() -> anyhow
     }
     let mut newest = Vec::new();
     for round in 0..8 {
-        for id in ["r1", "r2", "r3"] {
+        for (n, id) in ["r1", "r2", "r3"].into_iter().enumerate() {
             let version = customer(id, &format!("Round{round}"));
-            pipeline.publish(&version, round + 10).await?;
+            // One row per line, as in a file: line numbers make the versions.
+            pipeline
+                .publish(&version, 10 + round * 3 + n as u64)
+                .await?;
             if round == 7 {
                 newest.push(version);
             }
@@ -157,36 +161,24 @@ async fn a_replayed_copy_of_an_old_version_never_passes_for_the_newest() -> anyh
         .await?;
     assert_eq!(common::crm_holds(&mock, "p1").await?, Some(new.clone()));
 
-    // `syncctl replay` republishes the old version: a newer stream sequence, but it copies seq 1.
-    let hash = old.content_hash();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, "replay:1:test");
-    headers.insert(sync_topology::HEADER_CONTENT_HASH, hash.as_str());
-    headers.insert(
-        sync_topology::HEADER_REPLAY_OF,
-        seqs[0].to_string().as_str(),
-    );
-    pipeline
-        .js
-        .publish_with_headers(
-            pipeline.names.ingest_subject(),
-            headers,
-            serde_json::to_vec(&old)?.into(),
-        )
-        .await?
+    // `syncctl replay` republishes the old version: a newer stream sequence, but it keeps the
+    // version it copies (line 2 of the test's load).
+    let copy = IngestMessage::from_row(old.clone(), Version::row(pipeline.load, 2), "test.csv", 2)
+        .copy(Some(seqs[0]), false);
+    let id = ids::ingest_copy(ids::CopyKind::Replay, &copy.version, "test");
+    let copy_seq = pipeline.publish_message(&copy, &id).await?;
+    let outcomes = pipeline
+        .wait_for_outcomes(3, Duration::from_secs(30))
         .await?;
-    // The copy's outcome carries the version it copies (seq 1), so count outcomes, not sequences.
-    let outcomes = e2e::wait_for("the copy's outcome", Duration::from_secs(30), || async {
-        let outcomes = pipeline.outcomes().await.ok()?;
-        (outcomes.synced.len() + outcomes.dead.len() >= 3).then_some(outcomes)
-    })
-    .await?;
     assert!(
-        outcomes
-            .synced
-            .iter()
-            .any(|o| o.action == SyncAction::SkippedSuperseded && o.customer == old),
-        "the copy is skipped as superseded: {outcomes:?}"
+        outcomes.superseded.iter().any(|o| o.ingest_seq == copy_seq
+            && o.version == copy.version
+            && o.superseded_by == Version::row(pipeline.load, 3)),
+        "the copy is recorded as superseded by the newer version: {outcomes:?}"
+    );
+    assert!(
+        outcomes.synced.iter().all(|o| o.customer == new),
+        "only the newest version is ever synced: {outcomes:?}"
     );
     assert_eq!(common::crm_holds(&mock, "p1").await?, Some(new));
     assert_eq!(mock.stats().duplicate_effects, 0);

@@ -18,29 +18,47 @@ pub struct Counters {
     pub rejected: u64,
 }
 
-/// Where a run starts: after `line`, with the counters of the rows before it.
+/// Where a run starts: after `line`, with the counters of the rows before it, under which load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StartPoint {
     pub line: u64,
     pub counters: Counters,
     /// An earlier run acknowledged the whole (unchanged) file: there is nothing left to read.
     pub complete: bool,
+    /// The load this content of the file already has; None: allocate a new one.
+    pub load: Option<u64>,
 }
 
-/// Decides where to start from the stored checkpoint. Without `resume` the file is read from the
-/// top (the stream's dedup drops what was already sent). With it, a file that is no longer the one
-/// checkpointed is refused unless `force`.
+/// How the operator asked to read the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadMode {
+    /// Continue after the checkpointed line.
+    pub resume: bool,
+    /// With `resume`: continue even though the file changed.
+    pub force: bool,
+    /// Read the whole file again as a new load, making its rows the newest versions.
+    pub reload: bool,
+}
+
+/// Decides where to start and under which load, from the stored checkpoint.
+///
+/// The load belongs to the file's content: every run of the same, unchanged file keeps it, so its
+/// rows keep their versions (the stream's dedup and the ledger then make a re-run harmless), and a
+/// file read completely is not read again. A changed file, a file never seen and `--reload` get a
+/// new load, whose rows are newer than every row read before. Without `resume` the file is read
+/// from the top; with it, a changed file is refused unless `force` (then reading continues after
+/// the checkpointed line, under a new load).
 pub fn start_point(
     identity: &FileIdentity,
     stored: Option<&Checkpoint>,
-    resume: bool,
-    force: bool,
+    mode: ReadMode,
 ) -> Result<StartPoint, ReaderError> {
-    let (true, Some(stored)) = (resume, stored) else {
+    let stored = stored.filter(|s| s.load > 0 && !mode.reload);
+    let Some(stored) = stored else {
         return Ok(StartPoint::default());
     };
     let changed = stored.size != identity.size || stored.head_hash != identity.head_hash;
-    if changed && !force {
+    if changed && mode.resume && !mode.force {
         return Err(ReaderError::FileChanged {
             path: identity.path.clone(),
             detail: if stored.size != identity.size {
@@ -51,20 +69,44 @@ pub fn start_point(
             line: stored.line,
         });
     }
+    if changed && !mode.resume {
+        return Ok(StartPoint::default());
+    }
+    let load = (!changed).then_some(stored.load);
+    if stored.complete && !changed {
+        return Ok(StartPoint {
+            line: stored.line,
+            counters: counters_of(stored),
+            complete: true,
+            load,
+        });
+    }
+    if !mode.resume {
+        return Ok(StartPoint {
+            load,
+            ..StartPoint::default()
+        });
+    }
     Ok(StartPoint {
         line: stored.line,
-        complete: stored.complete && !changed,
-        counters: Counters {
-            rows_read: stored.rows_read,
-            published: stored.published,
-            deduplicated: stored.deduplicated,
-            rejected: stored.rejected,
-        },
+        counters: counters_of(stored),
+        complete: false,
+        load,
     })
+}
+
+fn counters_of(stored: &Checkpoint) -> Counters {
+    Counters {
+        rows_read: stored.rows_read,
+        published: stored.published,
+        deduplicated: stored.deduplicated,
+        rejected: stored.rejected,
+    }
 }
 
 pub fn checkpoint(
     identity: &FileIdentity,
+    load: u64,
     line: u64,
     counters: Counters,
     complete: bool,
@@ -73,6 +115,7 @@ pub fn checkpoint(
         path: identity.path.clone(),
         size: identity.size,
         head_hash: identity.head_hash.clone(),
+        load,
         line,
         rows_read: counters.rows_read,
         published: counters.published,
@@ -129,6 +172,25 @@ impl CheckpointStore {
             .map_err(|e| failed(format!("stored value is not a checkpoint: {e}")))
     }
 
+    /// The load this run publishes under: the file's own when it has one, otherwise a new one,
+    /// saved at once with the start line so that a run killed before its first checkpoint keeps
+    /// it when it runs again.
+    pub async fn load_for(
+        &self,
+        identity: &FileIdentity,
+        start: &StartPoint,
+    ) -> Result<u64, ReaderError> {
+        if let Some(load) = start.load {
+            return Ok(load);
+        }
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let load = sync_topology::loads::allocate_load(&self.store, now_ms).await?;
+        tracing::info!(file = %identity.path, load, "new load");
+        let first = checkpoint(identity, load, start.line, start.counters, false);
+        self.save(&identity.key, &first).await?;
+        Ok(load)
+    }
+
     pub async fn save(&self, key: &str, checkpoint: &Checkpoint) -> Result<(), ReaderError> {
         let failed = |message: String| ReaderError::Checkpoint {
             action: "write",
@@ -165,43 +227,89 @@ mod tests {
             deduplicated: 1,
             rejected: 2,
         };
-        checkpoint(&identity(100, "h"), 12, counters, false)
+        checkpoint(&identity(100, "h"), 55, 12, counters, false)
+    }
+
+    fn mode(resume: bool, force: bool, reload: bool) -> ReadMode {
+        ReadMode {
+            resume,
+            force,
+            reload,
+        }
     }
 
     #[test]
-    fn resume_continues_after_the_checkpoint_with_its_counters() {
-        let start = start_point(&identity(100, "h"), Some(&stored()), true, false).expect("start");
+    fn resume_continues_after_the_checkpoint_with_its_counters_and_load() {
+        let start = start_point(
+            &identity(100, "h"),
+            Some(&stored()),
+            mode(true, false, false),
+        )
+        .expect("start");
         assert_eq!(start.line, 12);
         assert_eq!(start.counters.published, 7);
+        assert_eq!(start.load, Some(55));
         assert!(!start.complete);
+    }
+
+    #[test]
+    fn a_file_read_completely_is_not_read_again_unless_reloaded() {
         let done = Checkpoint {
             complete: true,
             ..stored()
         };
-        let start = start_point(&identity(100, "h"), Some(&done), true, false).expect("start");
-        assert!(start.complete);
+        for resume in [false, true] {
+            let start = start_point(&identity(100, "h"), Some(&done), mode(resume, false, false))
+                .expect("start");
+            assert!(start.complete);
+        }
+        let reload =
+            start_point(&identity(100, "h"), Some(&done), mode(false, false, true)).expect("start");
+        assert_eq!(reload, StartPoint::default(), "a new load, from the top");
     }
 
     #[test]
-    fn without_resume_or_checkpoint_start_from_the_top() {
+    fn a_rerun_of_an_unfinished_file_keeps_its_load_from_the_top() {
+        let start = start_point(
+            &identity(100, "h"),
+            Some(&stored()),
+            mode(false, false, false),
+        )
+        .expect("start");
+        assert_eq!(start.line, 0);
+        assert_eq!(start.load, Some(55));
         assert_eq!(
-            start_point(&identity(100, "h"), Some(&stored()), false, false).expect("start"),
-            StartPoint::default()
-        );
-        assert_eq!(
-            start_point(&identity(100, "h"), None, true, false).expect("start"),
+            start_point(&identity(100, "h"), None, mode(true, false, false)).expect("start"),
             StartPoint::default()
         );
     }
 
     #[test]
-    fn changed_file_is_refused_unless_forced() {
+    fn a_changed_file_is_a_new_load_and_refused_on_resume_unless_forced() {
         for changed in [identity(101, "h"), identity(100, "other")] {
-            let err = start_point(&changed, Some(&stored()), true, false).expect_err("refused");
+            let fresh = start_point(&changed, Some(&stored()), mode(false, false, false))
+                .expect("read from the top");
+            assert_eq!(fresh, StartPoint::default());
+            let err = start_point(&changed, Some(&stored()), mode(true, false, false))
+                .expect_err("refused");
             assert_eq!(err.exit_code(), 2);
             assert!(err.to_string().contains("--force"), "{err}");
-            let forced = start_point(&changed, Some(&stored()), true, true).expect("forced");
+            let forced =
+                start_point(&changed, Some(&stored()), mode(true, true, false)).expect("forced");
             assert_eq!(forced.line, 12);
+            assert_eq!(forced.load, None, "the changed rest is a new load");
         }
+    }
+
+    #[test]
+    fn checkpoints_of_builds_before_loads_start_over() {
+        let old = Checkpoint {
+            load: 0,
+            ..stored()
+        };
+        assert_eq!(
+            start_point(&identity(100, "h"), Some(&old), mode(true, false, false)).expect("start"),
+            StartPoint::default()
+        );
     }
 }

@@ -54,6 +54,10 @@ pub struct ReaderConfig {
     /// With --resume: continue even though the file changed since its checkpoint.
     #[arg(long, requires = "resume")]
     pub force: bool,
+    /// Read the file again as a new load, even if it was read completely before: its rows become
+    /// the newest versions of their customers (how an older file is deliberately loaded again).
+    #[arg(long, conflicts_with = "resume")]
+    pub reload: bool,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     pub summary_json: bool,
@@ -84,6 +88,7 @@ impl ReaderConfig {
             publish_window: DEFAULT_PUBLISH_WINDOW,
             resume: false,
             force: false,
+            reload: false,
             summary_json: false,
             progress: ProgressMode::Off,
             checkpoint_interval: Duration::from_secs(2),
@@ -140,6 +145,8 @@ pub enum ReaderError {
         object: String,
         message: String,
     },
+    #[error(transparent)]
+    Load(#[from] sync_topology::loads::LoadError),
     #[error("cannot {action} checkpoint {key}: {message}")]
     Checkpoint {
         action: &'static str,
@@ -162,6 +169,11 @@ pub enum ReaderError {
         line: u64,
         source: serde_json::Error,
     },
+    #[error("line {line}: cannot encode the ingest message: {source}")]
+    Ingest {
+        line: u64,
+        source: sync_topology::ingest::EncodeError,
+    },
 }
 
 impl ReaderError {
@@ -183,9 +195,11 @@ impl ReaderError {
             | ReaderError::TopologyMissing { .. }
             | ReaderError::JetStream { .. }
             | ReaderError::Checkpoint { .. }
+            | ReaderError::Load(_)
             | ReaderError::Publish { .. }
             | ReaderError::Header { .. }
-            | ReaderError::Encode { .. } => 1,
+            | ReaderError::Encode { .. }
+            | ReaderError::Ingest { .. } => 1,
         }
     }
 }
@@ -309,14 +323,26 @@ pub async fn run(
     } else {
         checkpoints.load(&identity.key).await?
     };
-    let start = checkpoint::start_point(&identity, stored.as_ref(), config.resume, config.force)?;
+    let mode = checkpoint::ReadMode {
+        resume: config.resume,
+        force: config.force,
+        reload: config.reload,
+    };
+    let start = checkpoint::start_point(&identity, stored.as_ref(), mode)?;
+    let load = checkpoints.load_for(&identity, &start).await?;
     if start.complete {
-        tracing::info!(file = %identity.path, "the checkpoint says this file was read completely: nothing to do");
+        tracing::info!(file = %identity.path, load, "the checkpoint says this file was read completely: nothing to do (--reload reads it again as the newest data)");
     } else if config.resume && start.line > 0 {
-        tracing::info!(file = %identity.path, line = start.line, "resuming after the checkpointed line");
+        tracing::info!(file = %identity.path, line = start.line, load, "resuming after the checkpointed line");
     }
 
-    let context = MessageContext::new(&names, &identity.path, &identity.key, max_message_bytes);
+    let context = MessageContext::new(
+        &names,
+        &identity.path,
+        &identity.key,
+        load,
+        max_message_bytes,
+    );
     let retry = RetryPolicy {
         attempts: config.publish_attempts,
         ..RetryPolicy::default()
@@ -404,7 +430,7 @@ pub async fn run(
             let saved = checkpoints
                 .save(
                     &identity.key,
-                    &checkpoint::checkpoint(&identity, tally.acked_line, tally.total, false),
+                    &checkpoint::checkpoint(&identity, load, tally.acked_line, tally.total, false),
                 )
                 .await;
             if let Err(err) = saved {
@@ -438,7 +464,7 @@ pub async fn run(
         identity.size = opened.bytes_read.load(Ordering::Relaxed);
     }
     let final_checkpoint =
-        checkpoint::checkpoint(&identity, tally.acked_line, tally.total, complete);
+        checkpoint::checkpoint(&identity, load, tally.acked_line, tally.total, complete);
     let saved = checkpoints.save(&identity.key, &final_checkpoint).await;
     if let Some(err) = failure {
         if let Err(save_err) = saved {

@@ -7,7 +7,7 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use customer_record::{ColumnLayout, CustomerRecord, RowRejection, raw_row_text};
 use sync_topology::messages::RejectedRow;
-use sync_topology::{HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names};
+use sync_topology::{HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, IngestMessage, Names, Version, ids};
 
 use crate::ReaderError;
 
@@ -24,17 +24,26 @@ pub struct MessageContext {
     pub source_file: String,
     /// The file's identity key: part of a rejection's dedup id, so a re-run does not repeat it.
     pub file_key: String,
+    /// The load number of this run: with the line, the version of each row.
+    pub load: u64,
     /// The server's largest message (its `max_payload`): a bigger row is rejected, not published.
     pub max_message_bytes: usize,
 }
 
 impl MessageContext {
-    pub fn new(names: &Names, source_file: &str, file_key: &str, max_message_bytes: usize) -> Self {
+    pub fn new(
+        names: &Names,
+        source_file: &str,
+        file_key: &str,
+        load: u64,
+        max_message_bytes: usize,
+    ) -> Self {
         MessageContext {
             ingest_subject: Subject::from(names.ingest_subject()),
             rejected_subject: Subject::from(names.rejected_subject()),
             source_file: source_file.to_owned(),
             file_key: file_key.to_owned(),
+            load,
             max_message_bytes,
         }
     }
@@ -121,30 +130,21 @@ pub fn row_message<'a>(
     rejected_message(context, &rejection, raw_row_text(fields), line)
 }
 
-/// The ingest message of a valid row. The row's id must not contain a line break.
+/// The ingest message of a valid row: version `(load, line)`, in the contract's wire form.
 pub fn customer_message(
     context: &MessageContext,
     record: &CustomerRecord,
     line: u64,
 ) -> Result<OutgoingMessage, ReaderError> {
-    let hash = record.content_hash();
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        NATS_MESSAGE_ID,
-        header_value(&record.dedup_id(&hash), line)?,
-    );
-    headers.insert(
-        HEADER_SOURCE_FILE,
-        header_value(&context.source_file, line)?,
-    );
-    headers.insert(HEADER_SOURCE_LINE, header_value(&line.to_string(), line)?);
-    headers.insert(HEADER_CONTENT_HASH, header_value(hash.as_str(), line)?);
-    let payload =
-        serde_json::to_vec(record).map_err(|source| ReaderError::Encode { line, source })?;
+    let version = Version::row(context.load, line);
+    let message = IngestMessage::from_row(record.clone(), version, &context.source_file, line);
+    let (headers, payload) = message
+        .encode(&ids::ingest_row(&version))
+        .map_err(|source| ReaderError::Ingest { line, source })?;
     Ok(OutgoingMessage {
         subject: context.ingest_subject.clone(),
         headers,
-        payload: Bytes::from(payload),
+        payload,
         line,
         kind: MessageKind::Customer,
     })
@@ -168,7 +168,7 @@ pub fn rejected_message(
         rejected_at: chrono::Utc::now(),
     };
     let mut headers = HeaderMap::new();
-    let id = format!("rejected:{}:{line}", context.file_key);
+    let id = ids::rejected_row(&context.file_key, line);
     headers.insert(NATS_MESSAGE_ID, header_value(&id, line)?);
     headers.insert(
         HEADER_SOURCE_FILE,
@@ -211,7 +211,13 @@ mod tests {
     use super::*;
 
     fn context() -> MessageContext {
-        MessageContext::new(&Names::default(), "/data/in.csv", "file-abc", 1024 * 1024)
+        MessageContext::new(
+            &Names::default(),
+            "/data/in.csv",
+            "file-abc",
+            7,
+            1024 * 1024,
+        )
     }
 
     fn layout() -> ColumnLayout {
@@ -228,13 +234,13 @@ mod tests {
             row_message(&context(), &layout(), fields.iter().copied(), 12).expect("message");
         assert_eq!(message.subject.as_str(), "customers.ingest");
         assert_eq!(message.kind, MessageKind::Customer);
-        let record: CustomerRecord = serde_json::from_slice(&message.payload).expect("json body");
-        let hash = record.content_hash();
-        assert_eq!(message.message_id(), Some(record.dedup_id(&hash).as_str()));
-        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
-        assert_eq!(header(HEADER_SOURCE_LINE).as_deref(), Some("12"));
-        assert_eq!(header(HEADER_SOURCE_FILE).as_deref(), Some("/data/in.csv"));
-        assert_eq!(header(HEADER_CONTENT_HASH).as_deref(), Some(hash.as_str()));
+        let decoded =
+            IngestMessage::decode(Some(&message.headers), &message.payload, 1).expect("decodes");
+        let record = decoded.message.record;
+        assert_eq!(message.message_id(), Some("row:7:12"));
+        assert_eq!(decoded.message.version, Version::row(7, 12));
+        assert_eq!(decoded.message.source_line, Some(12));
+        assert_eq!(decoded.message.source_file.as_deref(), Some("/data/in.csv"));
         assert_eq!(
             record.attributes.get("tier").map(String::as_str),
             Some("gold")

@@ -78,7 +78,7 @@ async fn read_back(csv_bytes: Vec<u8>) -> (CustomerRecord, String) {
             .expect("row read")
     );
     let line = 2;
-    let context = MessageContext::new(&Names::default(), "/in.csv", "file-x", 1024 * 1024);
+    let context = MessageContext::new(&Names::default(), "/in.csv", "file-x", 1, 1024 * 1024);
     let message = row_message(&context, &layout, record.iter(), line).expect("message");
     assert_eq!(message.kind, MessageKind::Customer);
     let hash = message

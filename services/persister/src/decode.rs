@@ -3,6 +3,7 @@
 use chrono::Utc;
 use sync_store::{Outcome, PoisonMessage};
 use sync_topology::Names;
+use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncAction, SyncedOutcome};
 
 /// Where a message came from: enough to key its poison row and to find it in the stream again.
 #[derive(Debug, Clone, Copy)]
@@ -13,25 +14,64 @@ pub struct Origin<'a> {
 }
 
 /// Decodes by subject. Never fails: what cannot be decoded becomes [`Outcome::Poison`], so one bad
-/// message is stored for inspection and acked instead of being redelivered forever.
+/// message is stored for inspection and acked instead of being redelivered forever. A dead letter
+/// of an ingest message that was not a customer becomes poison too, keyed by its place in the
+/// ingest stream and keeping its raw body.
 pub fn decode(names: &Names, origin: Origin<'_>, body: &[u8]) -> Outcome {
     let subject = origin.subject;
     let decoded = if subject == names.synced_subject() {
         serde_json::from_slice(body)
-            .map(Outcome::Synced)
+            .map(synced_or_old_superseded)
             .map_err(|err| format!("body is not a SyncedOutcome: {err}"))
+    } else if subject == names.superseded_subject() {
+        serde_json::from_slice(body)
+            .map(Outcome::Superseded)
+            .map_err(|err| format!("body is not a SupersededOutcome: {err}"))
+    } else if subject == names.dead_subject() {
+        serde_json::from_slice::<DeadLetter>(body)
+            .map_err(|err| format!("body is not a DeadLetter: {err}"))
+            .and_then(|letter| dead_or_malformed(names, letter))
     } else if subject == names.rejected_subject() {
         serde_json::from_slice(body)
             .map(Outcome::Rejected)
             .map_err(|err| format!("body is not a RejectedRow: {err}"))
-    } else if subject == names.dead_subject() {
-        serde_json::from_slice(body)
-            .map(Outcome::Dead)
-            .map_err(|err| format!("body is not a DeadLetter: {err}"))
     } else {
         Err(format!("unknown outcome subject {subject:?}"))
     };
     decoded.unwrap_or_else(|reason| poison(origin, reason, body))
+}
+
+/// Builds before the `superseded` subject sent skipped older versions as synced; they never
+/// reached the CRM, so they must not reach `customers` either.
+fn synced_or_old_superseded(outcome: SyncedOutcome) -> Outcome {
+    if outcome.action != SyncAction::SkippedSuperseded {
+        return Outcome::Synced(outcome);
+    }
+    Outcome::Superseded(SupersededOutcome {
+        customer_id: outcome.customer.id.clone(),
+        content_hash: outcome.content_hash.clone(),
+        version: outcome.version(),
+        superseded_by: outcome.version(),
+        ingest_seq: outcome.ingest_seq,
+        source_file: outcome.source_file,
+        source_line: outcome.source_line,
+        superseded_at: outcome.synced_at,
+    })
+}
+
+fn dead_or_malformed(names: &Names, letter: DeadLetter) -> Result<Outcome, String> {
+    let Some(body) = letter.malformed_body() else {
+        return Ok(Outcome::Dead(letter));
+    };
+    let body = body.map_err(|err| format!("malformed_body_base64 is not base64: {err}"))?;
+    Ok(Outcome::Poison(PoisonMessage {
+        stream: names.ingest_stream(),
+        stream_seq: letter.ingest_seq,
+        subject: names.ingest_subject(),
+        reason: letter.reason,
+        body,
+        received_at: letter.dead_at,
+    }))
 }
 
 pub fn poison(origin: Origin<'_>, reason: String, body: &[u8]) -> Outcome {
@@ -78,6 +118,30 @@ mod tests {
         let names = Names::default();
         let outcome = decode(&names, origin("customers.other"), b"{}");
         assert!(matches!(outcome, Outcome::Poison(p) if p.reason.contains("customers.other")));
+    }
+
+    #[test]
+    fn a_malformed_ingest_message_is_kept_as_poison_of_the_ingest_stream() {
+        let names = Names::default();
+        let letter = DeadLetter::malformed(41, "body is not a customer".to_owned(), b"\xff{x");
+        let body = serde_json::to_vec(&letter).expect("json");
+        let outcome = decode(&names, origin("customers.dead"), &body);
+        let Outcome::Poison(p) = outcome else {
+            panic!("expected poison, got {outcome:?}");
+        };
+        assert_eq!((p.stream.as_str(), p.stream_seq), ("CUSTOMERS", 41));
+        assert_eq!(p.subject, "customers.ingest");
+        assert_eq!(p.body, b"\xff{x");
+    }
+
+    #[test]
+    fn a_skipped_older_version_of_an_old_build_is_superseded_not_synced() {
+        let names = Names::default();
+        let body = br#"{"customer":{"id":"1","first_name":"A","last_name":"B","email":"a@b.io"},"content_hash":"00000000000000000000000000000001","ingest_seq":3,"crm_id":null,"action":"skipped_superseded","source_file":null,"source_line":null,"synced_at":"2026-01-01T00:00:00Z"}"#;
+        assert!(matches!(
+            decode(&names, origin("customers.synced"), body),
+            Outcome::Superseded(_)
+        ));
     }
 
     #[test]

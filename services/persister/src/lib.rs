@@ -354,6 +354,7 @@ fn partition(outcome: &Outcome, writers: usize) -> usize {
     let mut hasher = DefaultHasher::new();
     match outcome {
         Outcome::Synced(s) => s.customer.id.hash(&mut hasher),
+        Outcome::Superseded(s) => s.customer_id.hash(&mut hasher),
         Outcome::Dead(d) => d.customer_id.hash(&mut hasher),
         Outcome::Rejected(r) => (&r.source_file, r.line).hash(&mut hasher),
         Outcome::Poison(p) => p.stream_seq.hash(&mut hasher),
@@ -430,6 +431,7 @@ mod tests {
         let dead = Outcome::Dead(DeadLetter {
             customer_id: customer.id.clone(),
             content_hash: customer.content_hash(),
+            version: None,
             ingest_seq: 1,
             reason: "refused".to_owned(),
             crm_status: Some(422),
@@ -439,10 +441,12 @@ mod tests {
             source_file: None,
             source_line: None,
             dead_at: chrono::Utc::now(),
+            malformed_body_base64: None,
         });
         let synced = Outcome::Synced(sync_topology::messages::SyncedOutcome {
             content_hash: customer.content_hash(),
             customer,
+            version: None,
             ingest_seq: 2,
             crm_id: None,
             action: sync_topology::messages::SyncAction::Created,

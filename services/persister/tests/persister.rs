@@ -11,8 +11,8 @@ use customer_record::CustomerRecord;
 use e2e::{PrivatePostgres, TestDatabase, wait_for};
 use persister::{Outcome, PersisterConfig, RunReport};
 use service_kit::NatsArgs;
-use sync_topology::Names;
 use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
+use sync_topology::{Names, Version};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +107,7 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("outcomes serialise")
 }
 
+/// The outcome of version `(1, seq)`, stored at ingest sequence `seq`.
 fn synced(id: &str, seq: u64, first_name: &str) -> SyncedOutcome {
     let mut attributes = BTreeMap::new();
     attributes.insert("tier".to_owned(), "gold".to_owned());
@@ -121,6 +122,7 @@ fn synced(id: &str, seq: u64, first_name: &str) -> SyncedOutcome {
     SyncedOutcome {
         content_hash: customer.content_hash(),
         customer,
+        version: Some(Version::row(1, seq)),
         ingest_seq: seq,
         crm_id: Some(format!("crm-{id}")),
         action: SyncAction::Created,
@@ -136,6 +138,7 @@ fn dead(id: &str, seq: u64) -> DeadLetter {
     DeadLetter {
         customer_id: id.to_owned(),
         content_hash: customer.content_hash(),
+        version: Some(Version::row(1, seq)),
         ingest_seq: seq,
         reason: "CRM refused: 422".to_owned(),
         crm_status: Some(422),
@@ -145,6 +148,7 @@ fn dead(id: &str, seq: u64) -> DeadLetter {
         source_file: Some("customers.csv".to_owned()),
         source_line: Some(seq + 1),
         dead_at: Utc::now(),
+        malformed_body_base64: None,
     }
 }
 

@@ -1,23 +1,21 @@
 //! `syncctl dlq`: what the CRM refused for good (from the `dead_letters` table), and putting those
 //! records back on the ingest path once the cause is fixed.
 //!
-//! A redriven record is republished onto the ingest subject exactly as the reader publishes a row
-//! (JSON `CustomerRecord` body, source and content-hash headers) with a fresh
-//! `Nats-Msg-Id` `redrive:{id}:{hash}:{nonce}` so the stream's dedup window does not drop it. It
-//! leaves the table when the persister writes its synced outcome; a record that fails again is
-//! dead-lettered again. A dead letter whose customer the ledger already holds at a later version
-//! with other content is not redriven (it would take the CRM back to old data) but named.
+//! A redriven record is republished onto the ingest subject as a copy of the version that died
+//! (see `sync_topology::ingest`: same body, source and `Sync-Version`) with a fresh `Nats-Msg-Id`
+//! `redrive:{version}:{nonce}` so the stream's dedup window does not drop it. It leaves the table
+//! when the persister writes its synced outcome; a record that fails again is dead-lettered again.
+//! A dead letter whose customer the ledger knows at a newer version is not redriven (it would only
+//! be recorded as superseded) but named.
 
 use std::fmt;
 
-use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 use customer_record::CustomerRecord;
 use serde::Serialize;
 use service_kit::NatsArgs;
-use sync_topology::{
-    HEADER_CONTENT_HASH, HEADER_REPLAY_OF, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE,
-};
+use sync_topology::ids::{self, CopyKind};
+use sync_topology::{IngestMessage, Version};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -134,9 +132,10 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
     // Fail with "run setup" before publishing into a subject nothing stores.
     pipeline.stream(&pipeline.names.ingest_stream()).await?;
     let ledger = crate::replay::open_ledger(&pipeline).await?;
-    let query = "SELECT customer_id, content_hash, record, source_file, source_line, ingest_seq \
+    let query = "SELECT customer_id, content_hash, record, source_file, source_line, ingest_seq, \
+                        version_stamp, version_load, version_line \
                  FROM dead_letters WHERE $1::text IS NULL OR customer_id = $1 \
-                 ORDER BY ingest_seq";
+                 ORDER BY version_stamp, version_load, version_line";
     let customer = match &config.selection {
         RedriveSelection::Customer(id) => Some(id.as_str()),
         RedriveSelection::All => None,
@@ -163,6 +162,7 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
         let source_file: Option<String> = row.get(3);
         let source_line: Option<i64> = row.get(4);
         let ingest_seq: i64 = row.get(5);
+        let version = Version::from_i64s(row.get(6), row.get(7), row.get(8));
         let Some(record) = record else {
             outcome.without_record.push(customer_id);
             continue;
@@ -172,35 +172,27 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
                 what: format!("stored record of dead letter {customer_id}/{stored_hash}"),
                 source,
             })?;
-        let hash = record.content_hash();
-        let body = serde_json::to_vec(&record).map_err(|source| CtlError::Json {
-            what: format!("record of dead letter {customer_id}/{stored_hash}"),
-            source,
-        })?;
-        let seq = u64::try_from(ingest_seq).unwrap_or(0);
-        if crate::replay::superseded(&ledger, &body, seq).await? {
+        let message = IngestMessage {
+            record,
+            version,
+            source_file,
+            source_line: source_line.and_then(|l| u64::try_from(l).ok()),
+            copy_of: u64::try_from(ingest_seq).ok(),
+            force_resend: false,
+        };
+        let action = || format!("redriving dead letter {customer_id}/{stored_hash}");
+        let (headers, body) = message
+            .encode(&ids::ingest_copy(CopyKind::Redrive, &version, &nonce))
+            .map_err(|e| nats_error(action(), e))?;
+        let decoded =
+            IngestMessage::decode(Some(&headers), &body, 0).map_err(|e| nats_error(action(), e))?;
+        if crate::replay::superseded(&ledger, &decoded).await? {
             outcome.superseded.push(customer_id);
             continue;
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("redrive:{customer_id}:{stored_hash}:{nonce}"),
-        );
-        headers.insert(HEADER_CONTENT_HASH, hash.as_str());
-        if seq > 0 {
-            headers.insert(HEADER_REPLAY_OF, seq.to_string());
-        }
-        if let Some(file) = source_file {
-            headers.insert(HEADER_SOURCE_FILE, file);
-        }
-        if let Some(line) = source_line {
-            headers.insert(HEADER_SOURCE_LINE, line.to_string());
-        }
-        let action = || format!("redriving dead letter {customer_id}/{stored_hash}");
         pipeline
             .js
-            .publish_with_headers(subject.clone(), headers, body.into())
+            .publish_with_headers(subject.clone(), headers, body)
             .await
             .map_err(|e| nats_error(action(), e))?
             .await

@@ -1,34 +1,35 @@
 //! `syncctl replay`: reprocesses part of the ingest stream through the normal integrator path.
 //!
 //! Chosen design: republishing. The selected messages are read with an ephemeral consumer
-//! (no acks) and published again onto the ingest subject with their original headers and body, a
-//! fresh `Nats-Msg-Id` (`replay:{original seq}:{nonce}`, so the stream's dedup window does not drop
-//! them) and `Sync-Replay-Of: {original seq}`. The running integrators pick them up from their one
-//! durable consumer: no second consumer to point replicas at, no flag to remember to remove, and
-//! the usual guarantees apply (the ledger skips a customer already confirmed with the same hash).
-//! `--force` adds `Sync-Force-Resend: true`, which makes the integrators send even confirmed
-//! records again, for example after the CRM lost data.
+//! (no acks) and published again onto the ingest subject as copies of the same version (see
+//! `sync_topology::ingest`): same body, source and `Sync-Version`, a fresh `Nats-Msg-Id`
+//! (`replay:{version}:{nonce}`, so the stream's dedup window does not drop them) and
+//! `Sync-Replay-Of: {original seq}`. The running integrators pick them up from their one durable
+//! consumer: no second consumer to point replicas at, no flag to remember to remove, and the usual
+//! guarantees apply (the ledger skips a version it already confirmed). `--force` adds
+//! `Sync-Force-Resend: true`, which makes the integrators send even confirmed records again, for
+//! example after the CRM lost data.
 //!
 //! The range is read up to the stream's last sequence when the replay starts, so the replay never
 //! reads its own republished copies.
 //!
-//! Integrators order a customer's versions by ingest sequence, and a copy gets a new, higher one.
-//! So a message whose customer the ledger already holds at a *later* version with *other* content
-//! is not republished (counted as superseded), with or without `--force`: replaying it would make
-//! the CRM go back to old data. A newer version still pending in the stream is not visible to this
-//! check; replay ranges that end at the stream's tail, or wait for the pipeline to drain first.
+//! A copy keeps its version, so it can never pass for a newer one: the integrators would record it
+//! as superseded. Such messages (the ledger knows a newer version of the customer) are left out
+//! here already, with or without `--force`, and counted.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use customer_record::CustomerRecord;
 use futures::StreamExt as _;
-use serde::Deserialize;
 use service_kit::NatsArgs;
-use sync_topology::{HEADER_FORCE_RESEND, HEADER_REPLAY_OF};
+use sync_topology::ids::{self, CopyKind};
+use sync_topology::ledger::{Decision, LedgerEntry, decide};
+use sync_topology::{Decoded, IngestMessage, Version};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -203,8 +204,13 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
                     })?;
                     (info.stream_sequence, info.published)
                 };
-                let superseded = superseded(&ledger, &message.payload, seq).await?;
-                Ok::<_, CtlError>((message, seq, published, superseded))
+                let decoded =
+                    IngestMessage::decode(message.headers.as_ref(), &message.payload, seq).ok();
+                let superseded = match &decoded {
+                    Some(decoded) => superseded(&ledger, decoded).await?,
+                    None => false,
+                };
+                Ok::<_, CtlError>((message, seq, published, decoded, superseded))
             }
         })
         .buffered(LEDGER_LOOKAHEAD);
@@ -215,7 +221,7 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
             // Silence: the rest of the range was deleted; nothing more to read.
             Ok(None) | Err(_) => break,
         };
-        let (message, seq, published, superseded) = next?;
+        let (message, seq, published, decoded, superseded) = next?;
         if seq > upper_seq || until.is_some_and(|until| published > until) {
             break;
         }
@@ -226,18 +232,10 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
             }
             continue;
         }
-        let mut headers = message.headers.clone().unwrap_or_default();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("replay:{seq}:{nonce}"),
-        );
-        headers.insert(HEADER_REPLAY_OF, seq.to_string());
-        if config.force {
-            headers.insert(HEADER_FORCE_RESEND, "true");
-        }
+        let (headers, body) = copy_of(&message, seq, decoded.as_ref(), config.force, &nonce)?;
         let ack = pipeline
             .js
-            .publish_with_headers(subject.clone(), headers, message.payload.clone())
+            .publish_with_headers(subject.clone(), headers, body)
             .await
             .map_err(|e| nats_error(format!("republishing {stream_name} message {seq}"), e))?;
         acks.push_back((seq, ack));
@@ -257,17 +255,29 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
     Ok(outcome)
 }
 
-/// The part of a ledger entry (written by crm-integrator) that orders versions.
-#[derive(Debug, Deserialize)]
-struct LedgerVersions {
-    confirmed: Option<LedgerVersion>,
-    claim: Option<LedgerVersion>,
-}
-
-#[derive(Debug, Deserialize)]
-struct LedgerVersion {
-    hash: String,
+/// The copy of one stored ingest message: the same version, marked as a copy. A message that is
+/// not a customer is copied byte for byte under a fresh id: the integrators dead-letter it again,
+/// with its body, which is what a replay of it can do.
+fn copy_of(
+    message: &jetstream::Message,
     seq: u64,
+    decoded: Option<&Decoded>,
+    force: bool,
+    nonce: &str,
+) -> Result<(HeaderMap, Bytes), CtlError> {
+    match decoded {
+        Some(decoded) => {
+            let copy = decoded.message.copy(Some(seq), force);
+            copy.encode(&ids::ingest_copy(CopyKind::Replay, &copy.version, nonce))
+                .map_err(|e| nats_error(format!("encoding the copy of ingest message {seq}"), e))
+        }
+        None => {
+            let mut headers = message.headers.clone().unwrap_or_default();
+            let id = ids::ingest_copy(CopyKind::Replay, &Version::legacy(seq), nonce);
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            Ok((headers, message.payload.clone()))
+        }
+    }
 }
 
 pub(crate) async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlError> {
@@ -283,33 +293,29 @@ pub(crate) async fn open_ledger(pipeline: &Pipeline) -> Result<kv::Store, CtlErr
     }
 }
 
-/// True when the ledger holds this customer at a later version with other content.
-pub(crate) async fn superseded(
-    ledger: &kv::Store,
-    payload: &[u8],
-    seq: u64,
-) -> Result<bool, CtlError> {
-    // A body that is not a customer is replayed as is: the integrator dead-letters it with a reason.
-    let Ok(record) = serde_json::from_slice::<CustomerRecord>(payload) else {
-        return Ok(false);
-    };
-    let key = record.ledger_key();
-    let Some(entry) = ledger
-        .get(&key)
+/// True when the ledger knows a newer version of this customer: the copy would only be recorded
+/// as superseded.
+pub(crate) async fn superseded(ledger: &kv::Store, decoded: &Decoded) -> Result<bool, CtlError> {
+    let key = &decoded.ledger_key;
+    let Some(value) = ledger
+        .get(key)
         .await
         .map_err(|e| nats_error(format!("reading ledger entry {key}"), e))?
     else {
         return Ok(false);
     };
-    let Ok(versions) = serde_json::from_slice::<LedgerVersions>(&entry) else {
+    let Ok(entry) = serde_json::from_slice::<LedgerEntry>(&value) else {
         tracing::warn!(%key, "ledger entry not understood; replaying without the version check");
         return Ok(false);
     };
-    let hash = record.content_hash();
-    Ok([versions.confirmed, versions.claim]
-        .into_iter()
-        .flatten()
-        .any(|newer| newer.seq > seq && newer.hash != hash.as_str()))
+    let decision = decide(
+        Some(&entry),
+        decoded.message.version,
+        &decoded.hash,
+        false,
+        chrono::Utc::now().timestamp_millis(),
+    );
+    Ok(matches!(decision, Decision::Superseded { .. }))
 }
 
 async fn await_ack(

@@ -6,8 +6,10 @@
 //!
 //! 1. reader (checkpoints bucket, summed over files):
 //!    `rows_read = published + deduplicated + rejected`
-//! 2. ingest (NATS): every ingest message yields exactly one outcome on `synced` (skips included)
-//!    or `dead`, so `ingest messages = synced outcomes + dead outcomes + integrators pending`,
+//! 2. ingest (NATS): every ingest message yields exactly one outcome on `synced` (skips of a
+//!    version the CRM already holds included), `superseded` (a newer version was known, so it was
+//!    never sent) or `dead`, so
+//!    `ingest messages = synced + superseded + dead outcomes + integrators pending`,
 //!    where pending is the consumer's `num_pending + num_ack_pending`.
 //! 3. rejects (NATS): `rejected outcomes >= rejected (checkpoints)`: equal once every file is
 //!    complete, more while a reader is past its checkpoint or when a file was read again after the
@@ -127,6 +129,7 @@ impl CheckpointTotals {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OutcomeCounts {
     pub synced: u64,
+    pub superseded: u64,
     pub rejected: u64,
     pub dead: u64,
 }
@@ -198,15 +201,17 @@ pub fn reconcile(
         equality(
             "ingest",
             format!(
-                "ingest messages {} = synced {} + dead {} + integrators pending {} + in flight {}",
+                "ingest messages {} = synced {} + superseded {} + dead {} + integrators pending {} \
+                 + in flight {}",
                 ingest_messages,
                 outcomes.synced,
+                outcomes.superseded,
                 outcomes.dead,
                 integrators.num_pending,
                 integrators.num_ack_pending
             ),
             ingest_messages,
-            outcomes.synced + outcomes.dead + integrators.unsettled(),
+            outcomes.synced + outcomes.superseded + outcomes.dead + integrators.unsettled(),
         ),
     ];
     let reading = c.files - c.complete_files;
@@ -364,6 +369,7 @@ async fn outcome_counts(
     let count = |subject: String| per_subject.get(&subject).copied().unwrap_or(0) as u64;
     Ok(OutcomeCounts {
         synced: count(names.synced_subject()),
+        superseded: count(names.superseded_subject()),
         rejected: count(names.rejected_subject()),
         dead: count(names.dead_subject()),
     })
@@ -390,6 +396,9 @@ async fn checkpoint_totals(pipeline: &Pipeline) -> Result<CheckpointTotals, CtlE
         .map_err(|e| nats_error(format!("listing keys of {bucket}"), e))?;
     let mut totals = CheckpointTotals::default();
     for key in keys {
+        if !sync_topology::loads::is_checkpoint_key(&key) {
+            continue;
+        }
         let Some(value) = store
             .get(&key)
             .await
@@ -444,8 +453,8 @@ impl fmt::Display for Status {
         let o = &self.outcomes;
         writeln!(
             f,
-            "outcomes: synced {}  rejected {}  dead {}",
-            o.synced, o.rejected, o.dead
+            "outcomes: synced {}  superseded {}  rejected {}  dead {}",
+            o.synced, o.superseded, o.rejected, o.dead
         )?;
         let c = &self.checkpoints;
         writeln!(
@@ -515,6 +524,7 @@ mod tests {
     fn a_finished_run_reconciles() {
         let outcomes = OutcomeCounts {
             synced: 8,
+            superseded: 0,
             rejected: 2,
             dead: 1,
         };
@@ -538,6 +548,7 @@ mod tests {
     fn pending_work_is_not_a_difference_but_a_lost_outcome_is() {
         let outcomes = OutcomeCounts {
             synced: 5,
+            superseded: 0,
             rejected: 2,
             dead: 0,
         };
@@ -566,6 +577,7 @@ mod tests {
     fn rows_the_persister_still_holds_are_allowed_for() {
         let outcomes = OutcomeCounts {
             synced: 0,
+            superseded: 0,
             rejected: 5,
             dead: 0,
         };
@@ -598,6 +610,7 @@ mod tests {
         // 10 rows, 2 bad, read twice: the second run's 8 rows and 2 rejects are new messages.
         let outcomes = OutcomeCounts {
             synced: 16,
+            superseded: 0,
             rejected: 4,
             dead: 0,
         };
@@ -623,6 +636,7 @@ mod tests {
         reading.complete_files = 0;
         let outcomes = OutcomeCounts {
             synced: 3,
+            superseded: 0,
             rejected: 2,
             dead: 0,
         };

@@ -5,17 +5,17 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use chrono::Utc;
 use customer_record::CustomerRecord;
 use e2e::TestDatabase;
 use futures::StreamExt as _;
 use service_kit::NatsArgs;
+use sync_topology::ledger::ledger_key;
 use sync_topology::messages::Checkpoint;
 use sync_topology::{
-    Change, HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE,
-    Names, TopologySettings,
+    Change, HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_LINE, HEADER_VERSION,
+    IngestMessage, Names, RETENTION_METADATA, TopologySettings, Version, ids,
 };
 use syncctl::setup::{SetupConfig, SetupOutcome};
 use syncctl::{CtlError, Pipeline};
@@ -46,25 +46,22 @@ fn customer(id: &str, email: &str) -> CustomerRecord {
     CustomerRecord::normalised(id, "Ada", "Lovelace", email, None, Default::default())
 }
 
-/// Publishes a row the way csv-reader does; returns its stream sequence.
+/// The load number of the rows these tests publish.
+const LOAD: u64 = 7;
+
+/// Publishes a row the way csv-reader does (line `line` of load [`LOAD`]); returns its stream
+/// sequence.
 async fn publish_row(
     pipeline: &Pipeline,
     record: &CustomerRecord,
     line: u64,
 ) -> anyhow::Result<u64> {
-    let hash = record.content_hash();
-    let mut headers = HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, record.dedup_id(&hash));
-    headers.insert(HEADER_SOURCE_FILE, "customers.csv");
-    headers.insert(HEADER_SOURCE_LINE, line.to_string());
-    headers.insert(HEADER_CONTENT_HASH, hash.as_str());
+    let version = Version::row(LOAD, line);
+    let message = IngestMessage::from_row(record.clone(), version, "customers.csv", line);
+    let (headers, body) = message.encode(&ids::ingest_row(&version))?;
     let ack = pipeline
         .js
-        .publish_with_headers(
-            pipeline.names.ingest_subject(),
-            headers,
-            serde_json::to_vec(record)?.into(),
-        )
+        .publish_with_headers(pipeline.names.ingest_subject(), headers, body)
         .await?
         .await?;
     Ok(ack.sequence)
@@ -129,6 +126,7 @@ fn checkpoint(rows_read: u64, published: u64, deduplicated: u64, rejected: u64) 
         path: "customers.csv".to_owned(),
         size: 1234,
         head_hash: "00".repeat(16),
+        load: LOAD,
         line: rows_read + 1,
         rows_read,
         published,
@@ -270,7 +268,13 @@ async fn setup_migrates_an_older_layout() -> anyhow::Result<()> {
         config.duplicate_window,
         TopologySettings::default().dedup_window
     );
-    assert_eq!(config.max_age, TopologySettings::default().retention);
+    // No age limit any more (it would delete messages that never got their outcome); the
+    // retention is what `syncctl prune` applies to settled messages.
+    assert_eq!(config.max_age, Duration::ZERO);
+    assert_eq!(
+        config.metadata.get(RETENTION_METADATA),
+        Some(&TopologySettings::default().retention.as_secs().to_string())
+    );
     assert_eq!(
         change_of(&format!(
             "consumer {}/{}",
@@ -434,11 +438,14 @@ async fn replay_by_sequence_republishes_exactly_the_range() -> anyhow::Result<()
         let replayed = ingest_message(&pipeline, copy).await?;
         let source = ingest_message(&pipeline, original).await?;
         assert_eq!(replayed.payload, source.payload);
+        // The copy keeps the original's version (line = original sequence + 1 here).
+        let version = Version::row(LOAD, original + 1).to_string();
         let msg_id = header(&replayed, "Nats-Msg-Id").context("msg id")?;
         assert!(
-            msg_id.starts_with(&format!("replay:{original}:")),
+            msg_id.starts_with(&format!("replay:{version}:")),
             "{msg_id}"
         );
+        assert_eq!(header(&replayed, HEADER_VERSION), Some(version));
         assert_eq!(
             header(&replayed, HEADER_CONTENT_HASH),
             header(&source, HEADER_CONTENT_HASH)
@@ -514,10 +521,11 @@ async fn insert_dead_letter(
     let dead_at = Utc::now() - chrono::Duration::minutes(minutes_ago);
     client
         .execute(
-            "INSERT INTO dead_letters (customer_id, content_hash, ingest_seq, reason, crm_status, \
-             crm_body, attempts, record, source_file, source_line, dead_at) \
-             VALUES ($1, $2, 7, 'CRM refused: invalid phone', 422, '{\"error\":\"phone\"}', 3, $3, \
-             'customers.csv', 12, $4)",
+            "INSERT INTO dead_letters (customer_id, content_hash, version_stamp, version_load, \
+             version_line, ingest_seq, reason, crm_status, crm_body, attempts, record, \
+             source_file, source_line, dead_at) \
+             VALUES ($1, $2, 1, 1, 12, 7, 'CRM refused: invalid phone', 422, \
+             '{\"error\":\"phone\"}', 3, $3, 'customers.csv', 12, $4)",
             &[&id, &hash, &record_json, &dead_at],
         )
         .await?;
@@ -562,11 +570,9 @@ async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
     assert_eq!(body, refused);
     assert_eq!(header(&message, HEADER_CONTENT_HASH), Some(hash.clone()));
     assert_eq!(header(&message, HEADER_SOURCE_LINE).as_deref(), Some("12"));
+    assert_eq!(header(&message, HEADER_VERSION).as_deref(), Some("1.1.12"));
     let msg_id = header(&message, "Nats-Msg-Id").context("msg id")?;
-    assert!(
-        msg_id.starts_with(&format!("redrive:d1:{hash}:")),
-        "{msg_id}"
-    );
+    assert!(msg_id.starts_with("redrive:1.1.12:"), "{msg_id}");
 
     // Again (say the first redrive failed too): a fresh message id, not dropped as a duplicate.
     let all = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::All)).await?;
@@ -578,16 +584,19 @@ async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
         .await?;
     assert_eq!(stream.info().await?.state.messages, 2);
 
-    // Once the ledger holds a later, different version of d1, redriving d1 would regress the CRM.
+    // Once the ledger holds a newer version of d1, redriving d1 would only be superseded.
     let ledger = pipeline
         .js
         .get_key_value(pipeline.names.ledger_bucket())
         .await?;
     let newer = serde_json::json!({
-        "confirmed": { "hash": customer("d1", "fixed@x.io").content_hash(), "seq": 99 }
+        "confirmed": {
+            "hash": customer("d1", "fixed@x.io").content_hash(),
+            "version": Version::row(2, 1),
+        }
     });
     ledger
-        .put(refused.ledger_key(), serde_json::to_vec(&newer)?.into())
+        .put(ledger_key(&refused.id)?, serde_json::to_vec(&newer)?.into())
         .await?;
     let held_back = syncctl::dlq::redrive(&redrive(syncctl::dlq::RedriveSelection::Customer(
         "d1".to_owned(),
@@ -617,18 +626,23 @@ async fn replay_leaves_out_versions_the_ledger_has_superseded() -> anyhow::Resul
         .get_key_value(pipeline.names.ledger_bucket())
         .await?;
     let newer_hash = customer("v1", "new@x.io").content_hash();
-    let entry = |hash: String, seq: u64| serde_json::json!({ "confirmed": { "hash": hash, "seq": seq, "crm_id": "x" } });
+    let entry = |hash: String, line: u64| {
+        serde_json::json!({
+            "confirmed": { "hash": hash, "version": Version::row(LOAD, line), "crm_id": "x" }
+        })
+    };
+    // v1 has a newer version (line 40) confirmed: a copy of line 2 would only be superseded.
     ledger
         .put(
-            old.ledger_key(),
+            ledger_key(&old.id)?,
             serde_json::to_vec(&entry(newer_hash.to_string(), 40))?.into(),
         )
         .await?;
-    // Same content confirmed later (a re-run): replaying it is harmless, and is done.
+    // v2 is confirmed at the very version replayed: resending it (forced) is what was asked.
     ledger
         .put(
-            unchanged.ledger_key(),
-            serde_json::to_vec(&entry(unchanged.content_hash().to_string(), 41))?.into(),
+            ledger_key(&unchanged.id)?,
+            serde_json::to_vec(&entry(unchanged.content_hash().to_string(), 3))?.into(),
         )
         .await?;
 

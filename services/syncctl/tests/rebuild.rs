@@ -6,23 +6,26 @@ use chrono::Utc;
 use customer_record::CustomerRecord;
 use e2e::TestDatabase;
 use service_kit::NatsArgs;
-use sync_topology::TopologySettings;
 use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
+use sync_topology::{TopologySettings, Version};
 use syncctl::Pipeline;
 
 fn customer(id: &str, email: &str) -> CustomerRecord {
     CustomerRecord::normalised(id, "Grace", "Hopper", email, None, Default::default())
 }
 
-fn synced(record: CustomerRecord, ingest_seq: u64) -> SyncedOutcome {
+/// The outcome of line `line` of load 1 (stored at an arbitrary ingest sequence).
+fn synced(record: CustomerRecord, line: u64) -> SyncedOutcome {
+    let ingest_seq = 100 - line;
     SyncedOutcome {
         content_hash: record.content_hash(),
         customer: record,
+        version: Some(Version::row(1, line)),
         ingest_seq,
         crm_id: Some(format!("crm-{ingest_seq}")),
         action: SyncAction::Created,
         source_file: Some("customers.csv".to_owned()),
-        source_line: Some(ingest_seq + 1),
+        source_line: Some(line),
         synced_at: Utc::now(),
     }
 }
@@ -45,7 +48,7 @@ async fn dump(db: &TestDatabase) -> anyhow::Result<Vec<String>> {
     let client = db.client().await?;
     let mut rows = Vec::new();
     for query in [
-        "SELECT id || ' ' || content_hash || ' ' || ingest_seq || ' ' || email FROM customers ORDER BY id",
+        "SELECT id || ' ' || content_hash || ' ' || version_load || '.' || version_line || ' ' || email FROM customers ORDER BY id",
         "SELECT source_file || ':' || line || ' ' || kind || ' ' || reason FROM rejected_rows ORDER BY line",
         "SELECT customer_id || ' ' || content_hash || ' ' || reason FROM dead_letters ORDER BY customer_id",
     ] {
@@ -75,7 +78,8 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
         &synced(customer("c2", "new@x.io"), 5),
     )
     .await?;
-    // An older version arriving later must not win, in the rebuild as in the live run.
+    // An older version (an earlier line) arriving later must not win, in the rebuild as in the
+    // live run.
     publish(
         &pipeline,
         names.synced_subject(),
@@ -95,6 +99,7 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
         &DeadLetter {
             customer_id: refused.id.clone(),
             content_hash: refused.content_hash(),
+            version: Some(Version::row(1, 4)),
             ingest_seq: 3,
             reason: "CRM refused: 422".to_owned(),
             crm_status: Some(422),
@@ -104,6 +109,7 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
             source_file: Some("customers.csv".to_owned()),
             source_line: Some(4),
             dead_at: Utc::now(),
+            malformed_body_base64: None,
         },
     )
     .await?;

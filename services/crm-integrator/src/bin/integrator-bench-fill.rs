@@ -6,15 +6,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use clap::Parser as _;
 use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
-use sync_topology::{
-    HEADER_CONTENT_HASH, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names, TopologySettings,
-};
+use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
 
 #[derive(Debug, clap::Parser)]
 #[command(about = "Fill, drain-wait or delete a benchmark namespace of crm-integrator")]
@@ -69,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let subject = names.ingest_subject();
     let mut acks = FuturesUnordered::new();
+    // One load per fill: a fill of another namespace, or another run, never collides.
+    let load = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1);
     for n in 0..args.count {
         let record = CustomerRecord::normalised(
             &format!("{}{n}", args.prefix),
@@ -78,18 +77,11 @@ async fn main() -> anyhow::Result<()> {
             Some("+1 555 0100"),
             BTreeMap::from([("segment".to_owned(), "b".to_owned())]),
         );
-        let hash = record.content_hash();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            record.dedup_id(&hash).as_str(),
-        );
-        headers.insert(HEADER_SOURCE_FILE, "bench.csv");
-        headers.insert(HEADER_SOURCE_LINE, (n + 2).to_string().as_str());
-        headers.insert(HEADER_CONTENT_HASH, hash.as_str());
-        let body = serde_json::to_vec(&record)?;
+        let message =
+            IngestMessage::from_row(record, Version::row(load, n + 2), "bench.csv", n + 2);
+        let (headers, body) = message.encode(&ids::ingest_row(&message.version))?;
         let ack = js
-            .publish_with_headers(subject.clone(), headers, body.into())
+            .publish_with_headers(subject.clone(), headers, body)
             .await
             .with_context(|| format!("publishing record {n}"))?;
         acks.push(ack.into_future());

@@ -7,16 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
 use crm_integrator::Config;
 use crm_mock::{CrmMockConfig, RunningMock};
 use customer_record::CustomerRecord;
-use sync_topology::messages::{DeadLetter, SyncedOutcome};
-use sync_topology::{
-    HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, Names,
-    TopologySettings,
-};
+use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncedOutcome};
+use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
 use tokio_util::sync::CancellationToken;
 
 /// Short so a message held by a killed replica comes back within a test's patience.
@@ -26,6 +22,8 @@ pub struct Pipeline {
     pub names: Names,
     pub js: jetstream::Context,
     pub nats_url: String,
+    /// The load number of the records this test publishes: their versions are `(load, line)`.
+    pub load: u64,
 }
 
 impl Pipeline {
@@ -45,6 +43,7 @@ impl Pipeline {
             names,
             js,
             nats_url,
+            load: 1_000,
         })
     }
 
@@ -60,33 +59,45 @@ impl Pipeline {
         Ok(config)
     }
 
-    /// Publishes one ingest message as csv-reader does; returns its stream sequence.
+    /// Publishes one ingest message as csv-reader does, as line `line` of this test's load;
+    /// returns its stream sequence.
     pub async fn publish(&self, record: &CustomerRecord, line: u64) -> anyhow::Result<u64> {
-        self.publish_with(record, line, false).await
+        let message = IngestMessage::from_row(
+            record.clone(),
+            Version::row(self.load, line),
+            "test.csv",
+            line,
+        );
+        self.publish_message(&message, &ids::ingest_row(&message.version))
+            .await
     }
 
-    pub async fn publish_with(
-        &self,
-        record: &CustomerRecord,
-        line: u64,
-        force: bool,
-    ) -> anyhow::Result<u64> {
-        let hash = record.content_hash();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            record.dedup_id(&hash).as_str(),
+    /// Publishes a forced copy of line `line` (what `syncctl replay --force` makes).
+    pub async fn publish_forced(&self, record: &CustomerRecord, line: u64) -> anyhow::Result<u64> {
+        let message = IngestMessage::from_row(
+            record.clone(),
+            Version::row(self.load, line),
+            "test.csv",
+            line,
+        )
+        .copy(None, true);
+        let id = ids::ingest_copy(
+            ids::CopyKind::Replay,
+            &message.version,
+            &e2e::unique_namespace(),
         );
-        headers.insert(HEADER_SOURCE_FILE, "test.csv");
-        headers.insert(HEADER_SOURCE_LINE, line.to_string().as_str());
-        headers.insert(HEADER_CONTENT_HASH, hash.as_str());
-        if force {
-            headers.insert(HEADER_FORCE_RESEND, "true");
-        }
-        let body = serde_json::to_vec(record)?;
+        self.publish_message(&message, &id).await
+    }
+
+    pub async fn publish_message(
+        &self,
+        message: &IngestMessage,
+        message_id: &str,
+    ) -> anyhow::Result<u64> {
+        let (headers, body) = message.encode(message_id)?;
         let ack = self
             .js
-            .publish_with_headers(self.names.ingest_subject(), headers, body.into())
+            .publish_with_headers(self.names.ingest_subject(), headers, body)
             .await
             .context("publishing an ingest message")?
             .await
@@ -122,6 +133,10 @@ impl Pipeline {
             } else if message.subject.as_str() == self.names.dead_subject() {
                 outcomes
                     .dead
+                    .push(serde_json::from_slice(&message.payload)?);
+            } else if message.subject.as_str() == self.names.superseded_subject() {
+                outcomes
+                    .superseded
                     .push(serde_json::from_slice(&message.payload)?);
             }
         }
@@ -163,6 +178,7 @@ impl Pipeline {
 #[derive(Debug, Default)]
 pub struct Outcomes {
     pub synced: Vec<SyncedOutcome>,
+    pub superseded: Vec<SupersededOutcome>,
     pub dead: Vec<DeadLetter>,
 }
 
@@ -173,6 +189,7 @@ impl Outcomes {
             .synced
             .iter()
             .map(|o| o.ingest_seq)
+            .chain(self.superseded.iter().map(|s| s.ingest_seq))
             .chain(self.dead.iter().map(|d| d.ingest_seq))
             .collect();
         seqs.sort_unstable();

@@ -181,7 +181,7 @@ async fn raw(
     let mut rows = reader.byte_records();
     let header = rows.next().context("sample has a header")??;
     let layout = ColumnLayout::from_header(header.iter())?;
-    let context = MessageContext::new(&names, "/bench/customers.csv", "file-bench", 1024 * 1024);
+    let context = MessageContext::new(&names, "/bench/customers.csv", "file-bench", 1, 1024 * 1024);
     let mut pool = Vec::new();
     for (index, row) in rows.enumerate() {
         let record = layout.parse_row(row?.iter())?;

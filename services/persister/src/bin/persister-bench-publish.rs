@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use customer_record::CustomerRecord;
 use service_kit::NatsArgs;
-use sync_topology::Names;
 use sync_topology::messages::{SyncAction, SyncedOutcome};
+use sync_topology::{Names, Version};
 
 #[derive(Debug, Parser)]
 #[command(about = "Publishes a backlog of synced outcomes for the persister benchmark")]
@@ -130,6 +130,7 @@ fn outcome(seq: u64, synced_at: DateTime<Utc>) -> SyncedOutcome {
         content_hash: customer.content_hash(),
         crm_id: Some(format!("crm-{seq}")),
         customer,
+        version: Some(Version::row(1, seq + 1)),
         ingest_seq: seq,
         action: SyncAction::Created,
         source_file: Some("bench.csv".to_owned()),
@@ -138,7 +139,8 @@ fn outcome(seq: u64, synced_at: DateTime<Utc>) -> SyncedOutcome {
     }
 }
 
-/// The `customers` columns in table order, as the persister would store them.
+/// The `customers` columns in table order (the version columns came last, with schema version 4),
+/// as the persister would store them.
 fn csv_row(o: &SyncedOutcome) -> anyhow::Result<Vec<String>> {
     let c = &o.customer;
     Ok(vec![
@@ -154,6 +156,9 @@ fn csv_row(o: &SyncedOutcome) -> anyhow::Result<Vec<String>> {
         o.synced_at.to_rfc3339(),
         o.source_file.clone().unwrap_or_default(),
         o.source_line.map(|l| l.to_string()).unwrap_or_default(),
+        o.version().stamp.to_string(),
+        o.version().load.to_string(),
+        o.version().line.to_string(),
     ])
 }
 
