@@ -205,6 +205,22 @@ pub fn ledger_key(customer_id: &str) -> Result<String, UnkeyableId> {
     Ok(key)
 }
 
+/// The customer id a ledger key stands for: the inverse of [`ledger_key`], for tools that read the
+/// whole bucket. None for a key `ledger_key` never makes.
+pub fn customer_id_of(key: &str) -> Option<String> {
+    let Some(hex) = key.strip_prefix('x') else {
+        return Some(key.to_owned());
+    };
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +459,10 @@ mod tests {
             ledger_key(&"a".repeat(MAX_ID_BYTES + 1)),
             Err(UnkeyableId::TooLong { .. })
         ));
+        for id in ["123", "a.b", "x1", "élan/ä b", "-_"] {
+            let key = ledger_key(id).expect("keyable");
+            assert_eq!(customer_id_of(&key).as_deref(), Some(id));
+        }
+        assert_eq!(customer_id_of("xz1"), None);
     }
 }

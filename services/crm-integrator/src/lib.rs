@@ -5,7 +5,6 @@
 //! fleet-wide CRM pause, the circuit breaker and the request concurrency (fixed or adaptive).
 
 mod config;
-mod crm;
 mod fleet;
 mod flow;
 mod ledger;
@@ -26,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, ConfigError};
-pub use crm::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
+pub use crm_client::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
 pub use fleet::{PAUSE_KEY, PauseNotice};
 pub use flow::{Gate, Limiter};
 pub use process::{Integrator, ProcessError, Settled, process_message};

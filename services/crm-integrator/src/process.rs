@@ -17,11 +17,11 @@ use sync_topology::messages::SyncAction;
 use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio_util::sync::CancellationToken;
 
-use crate::crm::{CrmClient, CrmReply, Transient, Write};
 use crate::fleet::FleetPause;
 use crate::flow::{Admission, Gate, Limiter, Signal, now_ms};
 use crate::ledger::{Held, Ledger, MAX_CAS_CONFLICTS, Subject};
 use crate::outcome::{self, CrmAnswer};
+use crm_client::{CrmClient, CrmReply, Transient, Write};
 
 /// Retries of one delivery done in-process before the message is handed back with a NAK.
 const MAX_INLINE_ATTEMPTS: u32 = 4;

@@ -1,5 +1,7 @@
-//! The CRM's HTTP API as the integrator sees it: create, update and look up a customer, and the
-//! classification of every answer into success, "try again" and "refused for good".
+//! The CRM's HTTP API as this product sees it: create, update and look up a customer, and the
+//! classification of every answer into success, "try again", "refused for good" and "refused our
+//! credentials". The integrator sends through it; `syncctl verify --crm` reads through it; the
+//! benchmark's reference driver sends the same requests through it.
 
 use std::fmt;
 use std::time::Duration;
