@@ -7,7 +7,8 @@ use std::fmt;
 use std::time::Duration;
 
 use customer_record::CustomerRecord;
-use reqwest::{StatusCode, Url, header};
+pub use reqwest::Url;
+use reqwest::{StatusCode, header};
 use serde::Deserialize;
 
 /// The body a CRM write or lookup answers with.

@@ -1,14 +1,16 @@
-//! The operator's CLI as a library: one module per subcommand (`setup`, `status`, `wait`, `replay`,
-//! `rebuild` for `replay --results`, `dlq`, `gen_csv`), each a plain async fn taking a typed config
+//! The operator's CLI as a library: one module per subcommand (`setup`, `status`, `wait`, `verify`,
+//! `replay`, `rebuild` for `replay --results`, `dlq`, `prune`, `gen_csv`), each a plain async fn taking a typed config
 //! and returning a typed result, so tests drive them in-process and `main.rs` only parses flags and
 //! prints.
 
 pub mod dlq;
 pub mod gen_csv;
+pub mod prune;
 pub mod rebuild;
 pub mod replay;
 pub mod setup;
 pub mod status;
+pub mod verify;
 pub mod wait;
 
 use async_nats::jetstream;
@@ -147,6 +149,53 @@ impl Pipeline {
             )),
         }
     }
+}
+
+/// A one-pass, in-order read of (part of) a stream, with an ephemeral consumer that takes no acks
+/// and pulls in large batches: what replay, verify and prune read with.
+pub(crate) struct StreamRead {
+    pub messages: jetstream::consumer::pull::Stream,
+    /// Messages the consumer had to deliver when it was created: a read that counts this many is
+    /// at its end, without waiting for a silence.
+    pub pending_at_start: u64,
+}
+
+/// Messages asked for per pull request.
+const READ_BATCH: usize = 1000;
+
+pub(crate) async fn read_stream(
+    pipeline: &Pipeline,
+    stream_name: &str,
+    filter_subject: String,
+    deliver_policy: jetstream::consumer::DeliverPolicy,
+    purpose: &str,
+) -> Result<StreamRead, CtlError> {
+    use jetstream::consumer::{AckPolicy, pull};
+    let stream = pipeline.stream(stream_name).await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject,
+            deliver_policy,
+            ack_policy: AckPolicy::None,
+            description: Some(format!("syncctl {purpose}: reads once")),
+            inactive_threshold: std::time::Duration::from_secs(60),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error(format!("creating a {purpose} consumer on {stream_name}"), e))?;
+    let pending_at_start = consumer.cached_info().num_pending;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(READ_BATCH)
+        .messages()
+        .await
+        .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+    Ok(StreamRead {
+        messages,
+        pending_at_start,
+    })
 }
 
 /// Connects to PostgreSQL with a single connection (the CLI never needs more), driving the

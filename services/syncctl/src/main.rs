@@ -42,6 +42,13 @@ enum Command {
     /// Block until nothing is pending or in flight on the integrators' and the persister's
     /// consumers (stable over 3 polls). Exit 1 on timeout, naming what is still pending.
     Wait(WaitArgs),
+    /// Check content, not counts: every customer's newest version against `customers`, the ledger
+    /// and (with --crm) the CRM. Names every customer that differs; exit 1 unless all agree.
+    #[command(long_about = VERIFY_HELP)]
+    Verify(VerifyArgs),
+    /// Remove settled messages older than the retention from both streams (streams never expire
+    /// messages by age: a message without its outcome is never removed).
+    Prune(PruneArgs),
     /// Reprocess part of the ingest stream through the integrators, or rebuild the database from the
     /// results stream (--results).
     #[command(long_about = REPLAY_HELP)]
@@ -71,6 +78,17 @@ shown with its difference; `difference` is the sum of their absolute values, 0 w
 Outcome counts are per subject of the results stream. --json prints the same as one JSON object \
 with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not.";
 
+const VERIFY_HELP: &str = "\
+For every customer: the newest version the pipeline knows (the newest in the ingest stream, or the \
+ledger's confirmed version when that is newer, e.g. after a prune) against the row in `customers` \
+(version, content hash, and the hash recomputed from the row's fields) and against the ledger. A \
+customer whose newest version is dead-lettered is counted as such (its `customers` row must still \
+match the ledger). With --crm, also asks the CRM (GET /customers/{id}) for every customer, or for a \
+random --sample of them, and compares its content with what the ledger confirmed.
+
+Exit 0 when every customer agrees and nothing is pending; 1 otherwise (each differing customer is \
+named). Run it after `syncctl wait`: while work is pending, unsettled customers count as pending.";
+
 const REPLAY_HELP: &str = "\
 Reprocess part of the ingest stream (by --from-seq/--to-seq or --since/--until) through the \
 normal integrator path, by REPUBLISHING the selected messages onto the ingest subject with their \
@@ -99,9 +117,14 @@ struct SetupArgs {
     /// Window in which the ingest stream drops a repeated Nats-Msg-Id.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     dedup_window: Duration,
-    /// How long streams keep messages (so they can be replayed).
+    /// How long streams keep settled messages (so they can be replayed) before `syncctl prune`
+    /// removes them. Messages without their outcome are kept however old.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// Size limit of each stream in bytes (-1: only the server's JetStream store limit). A full
+    /// stream refuses new messages; it never drops old ones.
+    #[arg(long, default_value_t = sync_topology::DEFAULT_MAX_STREAM_BYTES, allow_hyphen_values = true)]
+    max_stream_bytes: i64,
     /// How long an integrator may hold a message unacknowledged before redelivery.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ack_wait: Duration,
@@ -127,6 +150,41 @@ struct WaitArgs {
     nats: NatsArgs,
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Also ask the CRM what it holds for each customer.
+    #[arg(long)]
+    crm: bool,
+    /// Base URL of the CRM API.
+    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
+    crm_url: crm_client::Url,
+    /// Bearer token for the CRM API.
+    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
+    crm_token: Option<String>,
+    /// With --crm: check this many customers chosen at random instead of all.
+    #[arg(long)]
+    sample: Option<usize>,
+    /// With --crm: requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    crm_concurrency: usize,
+    /// One JSON object on stdout, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Remove settled messages older than this (default: the retention `setup` stored).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -255,6 +313,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 replicas: args.replicas,
                 dedup_window: args.dedup_window,
                 retention: args.retention,
+                max_stream_bytes: args.max_stream_bytes,
                 integrator_ack_wait: args.ack_wait,
                 ..TopologySettings::default()
             };
@@ -286,6 +345,15 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 "drained: nothing pending or in flight (waited {:.1}s)",
                 drained.waited.as_secs_f64()
             );
+        }
+        Command::Verify(args) => return verify(args).await,
+        Command::Prune(args) => {
+            let report = syncctl::prune::run(&syncctl::prune::PruneConfig {
+                nats: args.nats,
+                older_than: args.older_than,
+            })
+            .await?;
+            print!("{}", syncctl::prune::Printed(&report));
         }
         Command::Replay(args) => return replay(args).await,
         Command::Dlq(DlqCommand::List(args)) => {
@@ -362,6 +430,31 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {
+    let crm = args.crm.then(|| syncctl::verify::CrmCheck {
+        url: args.crm_url,
+        token: args.crm_token,
+        sample: args.sample,
+        concurrency: args.crm_concurrency,
+    });
+    let report = syncctl::verify::run(&syncctl::verify::VerifyConfig {
+        nats: args.nats,
+        database_url: args.database.database_url,
+        crm,
+    })
+    .await?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn replay(args: ReplayArgs) -> Result<ExitCode, CtlError> {

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -35,9 +35,6 @@ use crate::{CtlError, Pipeline, nats_error};
 
 /// Publish acks awaited at most this many at a time: bounds memory and keeps the server busy.
 const ACK_WINDOW: usize = 256;
-
-/// Messages asked for per pull request.
-const READ_BATCH: usize = 1000;
 
 /// Ledger look-ups in flight at once.
 const LEDGER_LOOKAHEAD: usize = 256;
@@ -159,26 +156,15 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         return Ok(outcome);
     }
 
-    // An ephemeral consumer without acks: the range is read once, in stream order, in large pulls.
-    let consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: names.ingest_subject(),
-            deliver_policy,
-            ack_policy: AckPolicy::None,
-            description: Some("syncctl replay: reads the selected range once".to_owned()),
-            inactive_threshold: Duration::from_secs(60),
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_error(format!("creating a replay consumer on {stream_name}"), e))?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(READ_BATCH)
-        .messages()
-        .await
-        .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+    let messages = crate::read_stream(
+        &pipeline,
+        &stream_name,
+        names.ingest_subject(),
+        deliver_policy,
+        "replay",
+    )
+    .await?
+    .messages;
 
     if config.force {
         tracing::warn!(
