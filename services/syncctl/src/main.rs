@@ -433,7 +433,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {
-    let crm = args.crm.then(|| syncctl::verify::CrmCheck {
+    let crm = args.crm.then_some(syncctl::verify::CrmCheck {
         url: args.crm_url,
         token: args.crm_token,
         sample: args.sample,
