@@ -17,6 +17,8 @@ pub struct PipelineEnv {
     pub database_url: String,
     pub namespace: String,
     pub crm_token: String,
+    /// Extra flags of every `syncctl setup` this pipeline runs (say, a short dedup window).
+    pub setup_args: Vec<String>,
 }
 
 impl PipelineEnv {
@@ -26,6 +28,7 @@ impl PipelineEnv {
             database_url: database_url.to_owned(),
             namespace: unique_namespace(),
             crm_token: format!("token-{:08x}", rand::random::<u32>()),
+            setup_args: Vec::new(),
         }
     }
 
@@ -54,11 +57,27 @@ impl PipelineEnv {
 
     /// `syncctl setup`, failing the test with its output if it fails.
     pub async fn setup(&self) -> anyhow::Result<()> {
-        let out = self.run("syncctl", &["setup"]).await?;
+        let mut args = vec!["setup"];
+        args.extend(self.setup_args.iter().map(String::as_str));
+        let out = self.run("syncctl", &args).await?;
         if !out.status.success() {
             bail!("syncctl setup failed: {}", describe(&out));
         }
         Ok(())
+    }
+
+    /// `syncctl verify --json` (with `--crm` against `crm_url` when given): the report, or an
+    /// error with the whole report when anything differs or is pending.
+    pub async fn verify(&self, crm_url: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let mut args = vec!["verify", "--json"];
+        if let Some(url) = crm_url {
+            args.extend(["--crm", "--crm-url", url]);
+        }
+        let out = self.run("syncctl", &args).await?;
+        if !out.status.success() {
+            bail!("syncctl verify found differences: {}", describe(&out));
+        }
+        serde_json::from_slice(&out.stdout).context("parsing syncctl verify --json")
     }
 
     /// `syncctl status --json`.
@@ -298,6 +317,12 @@ impl Pipeline {
             .await
             .context("parsing crm-mock /stats")?;
         Ok(stats)
+    }
+
+    /// `syncctl verify --crm` against this pipeline's crm-mock: every customer's newest version in
+    /// `customers`, the ledger and the CRM.
+    pub async fn verify(&self) -> anyhow::Result<serde_json::Value> {
+        self.env.verify(Some(&self.crm_url)).await
     }
 
     /// `syncctl wait` until nothing is pending or in flight, failing with the services' logs.

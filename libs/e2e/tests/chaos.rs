@@ -161,6 +161,7 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
     let status = env.status().await?;
     assert_eq!(status["reconciled"], true, "{status:#}");
     assert_eq!(status["difference"], 0, "{status:#}");
+    pipeline.verify().await?;
     pipeline.stop().await
 }
 

@@ -63,6 +63,12 @@ async fn assert_reconciled(pipeline: &Pipeline) -> anyhow::Result<()> {
         stats["duplicate_effects"], 0,
         "no customer applied twice: {stats:#}"
     );
+    // Content, not counts: every customer's newest version in customers, the ledger and the CRM.
+    let verified = pipeline.verify().await?;
+    assert_eq!(
+        verified["crm"]["checked"], verified["customers"],
+        "{verified:#}"
+    );
     Ok(())
 }
 
@@ -120,7 +126,7 @@ async fn a_generated_file_with_bad_rows_repeats_and_changes_syncs_exactly() -> a
     assert_database_matches(&db, &expected).await?;
     assert_reconciled(&pipeline).await?;
 
-    // Reading the same file again publishes nothing new and changes nothing.
+    // Reading the same file again (it was read completely) publishes nothing and changes nothing.
     sync_file(&pipeline, &file).await?;
     assert_database_matches(&db, &expected).await?;
     assert_reconciled(&pipeline).await?;
