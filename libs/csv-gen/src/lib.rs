@@ -244,7 +244,7 @@ fn customer_fields(options: &GenOptions, customer: u64, version: u32, fields: &m
     }
 }
 
-/// A row the reader must reject, of one of the kinds DESIGN.md lists (valid UTF-8 throughout, so
+/// A row the reader must reject, of one of the kinds docs/CONTRACT.md lists (valid UTF-8 throughout, so
 /// the output stays text).
 fn bad_fields(options: &GenOptions, rng: &mut StdRng, row: u64, fields: &mut Vec<String>) {
     let id = format!("BAD-{:08}", row + 1);

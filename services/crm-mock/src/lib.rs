@@ -1,5 +1,5 @@
 //! crm-mock: an in-memory, deliberately unreliable CRM HTTP API for demos, tests and benchmarks.
-//! It owns the CRM side of the contract in DESIGN.md: create/update/get customers, idempotency
+//! It owns the CRM side of the contract in docs/CONTRACT.md: create/update/get customers, idempotency
 //! keys, bearer auth, injected faults (5xx, 429, hangs, latency, concurrency cap, rps quota) and
 //! the `/stats` counters, above all `duplicate_effects`, which proves no customer was sent twice.
 

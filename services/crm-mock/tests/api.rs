@@ -1,4 +1,4 @@
-//! The CRM API contract (DESIGN.md) against the real server: answers, idempotency, duplicate
+//! The CRM API contract (docs/CONTRACT.md) against the real server: answers, idempotency, duplicate
 //! counting, auth, malformed bodies and reset.
 
 mod common;

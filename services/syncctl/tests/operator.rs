@@ -9,63 +9,17 @@ use async_nats::jetstream::{self, stream};
 use chrono::Utc;
 use customer_record::CustomerRecord;
 use e2e::TestDatabase;
-use futures::StreamExt as _;
-use service_kit::NatsArgs;
 use sync_topology::ledger::ledger_key;
 use sync_topology::messages::Checkpoint;
 use sync_topology::{
-    Change, HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_LINE, HEADER_VERSION,
-    IngestMessage, Names, RETENTION_METADATA, TopologySettings, Version, ids,
+    Change, HEADER_CONTENT_HASH, HEADER_FORCE_RESEND, HEADER_SOURCE_LINE, HEADER_VERSION, Names,
+    RETENTION_METADATA, TopologySettings, Version,
 };
-use syncctl::setup::{SetupConfig, SetupOutcome};
+use syncctl::setup::SetupOutcome;
 use syncctl::{CtlError, Pipeline};
 
-fn nats_args() -> anyhow::Result<NatsArgs> {
-    Ok(NatsArgs::new(e2e::nats_url()?, e2e::unique_namespace()))
-}
-
-fn setup_config(nats: &NatsArgs, db: Option<&TestDatabase>) -> SetupConfig {
-    SetupConfig {
-        nats: nats.clone(),
-        database_url: db.map(|db| db.url.clone()),
-        settings: TopologySettings::default(),
-    }
-}
-
-/// A fresh namespace with the full layout.
-async fn prepared(db: Option<&TestDatabase>) -> anyhow::Result<(NatsArgs, Pipeline)> {
-    let nats = nats_args()?;
-    syncctl::setup::run(&setup_config(&nats, db))
-        .await
-        .context("syncctl setup")?;
-    let pipeline = Pipeline::connect(&nats).await?;
-    Ok((nats, pipeline))
-}
-
-fn customer(id: &str, email: &str) -> CustomerRecord {
-    CustomerRecord::normalised(id, "Ada", "Lovelace", email, None, Default::default())
-}
-
-/// The load number of the rows these tests publish.
-const LOAD: u64 = 7;
-
-/// Publishes a row the way csv-reader does (line `line` of load [`LOAD`]); returns its stream
-/// sequence.
-async fn publish_row(
-    pipeline: &Pipeline,
-    record: &CustomerRecord,
-    line: u64,
-) -> anyhow::Result<u64> {
-    let version = Version::row(LOAD, line);
-    let message = IngestMessage::from_row(record.clone(), version, "customers.csv", line);
-    let (headers, body) = message.encode(&ids::ingest_row(&version))?;
-    let ack = pipeline
-        .js
-        .publish_with_headers(pipeline.names.ingest_subject(), headers, body)
-        .await?
-        .await?;
-    Ok(ack.sequence)
-}
+mod common;
+use common::{LOAD, customer, nats_args, prepared, publish_row, settle_ingest, setup_config};
 
 async fn publish_outcome(pipeline: &Pipeline, subject: String, n: usize) -> anyhow::Result<()> {
     for i in 0..n {
@@ -75,34 +29,6 @@ async fn publish_outcome(pipeline: &Pipeline, subject: String, n: usize) -> anyh
             .await?
             .await?;
     }
-    Ok(())
-}
-
-/// Takes `n` messages off the integrators' consumer and acks them, as integrators would.
-async fn settle_ingest(pipeline: &Pipeline, n: usize) -> anyhow::Result<()> {
-    let consumer: jetstream::consumer::PullConsumer = pipeline
-        .js
-        .get_consumer_from_stream(
-            pipeline.names.integrators_consumer(),
-            pipeline.names.ingest_stream(),
-        )
-        .await?;
-    let mut messages = consumer
-        .fetch()
-        .max_messages(n)
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut settled = 0;
-    while let Some(message) = messages.next().await {
-        message
-            .map_err(|e| anyhow::anyhow!("fetching: {e}"))?
-            .double_ack()
-            .await
-            .map_err(|e| anyhow::anyhow!("acking: {e}"))?;
-        settled += 1;
-    }
-    anyhow::ensure!(settled == n, "settled {settled} of {n} ingest messages");
     Ok(())
 }
 
