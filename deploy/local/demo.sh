@@ -70,19 +70,24 @@ say "waiting for the pipeline to drain"
 say "status and reconciliation"
 "$BIN/syncctl" status
 
+say "verify: every customer's newest version in customers, the ledger and the CRM"
+verified=0
+"$BIN/syncctl" verify --crm && verified=1
+
 say "crm-mock's own count (duplicate_effects must be 0)"
 curl -fsS "$CRM_URL/stats" >"$WORK/crm-stats.json"
 python3 -m json.tool "$WORK/crm-stats.json"
 "$BIN/syncctl" status --json >"$WORK/status.json"
 
 say "invariants"
-python3 - "$WORK/status.json" "$WORK/crm-stats.json" "$(( $(date +%s) - started ))" "$ROWS" <<'PY'
+python3 - "$WORK/status.json" "$WORK/crm-stats.json" "$(( $(date +%s) - started ))" "$ROWS" "$verified" <<'PY'
 import json, sys
 status, stats = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-elapsed, rows = int(sys.argv[3]), int(sys.argv[4])
+elapsed, rows, verified = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 checks = {
-    "reconciled (rows read = synced + rejected + dead + pending, difference 0)": status.get("reconciled") is True,
+    "reconciled (rows read = synced + superseded + rejected + dead + pending, difference 0)": status.get("reconciled") is True,
     "no customer applied twice (crm-mock duplicate_effects = 0)": stats.get("duplicate_effects") == 0,
+    "every customer holds its newest version in customers, the ledger and the CRM (syncctl verify --crm)": verified,
 }
 for name, ok in checks.items():
     print(("PASS " if ok else "FAIL ") + name)

@@ -53,6 +53,8 @@ pub struct Status {
     /// Sum of the absolute differences of every equation: 0 when reconciled.
     pub difference: u64,
     pub reconciled: bool,
+    /// What needs the operator soon (a stream or the JetStream store filling up).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +67,8 @@ pub struct StreamStatus {
     /// RFC 3339, as the server reports it.
     pub first_ts: Option<String>,
     pub last_ts: Option<String>,
+    /// The stream's own size limit (-1: none).
+    pub max_bytes: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,6 +311,16 @@ pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
         tables.as_ref(),
     );
     let difference = equations.iter().map(|e| e.difference.unsigned_abs()).sum();
+    let account = pipeline
+        .js
+        .query_account()
+        .await
+        .map_err(|e| nats_error("reading the JetStream account", e))?;
+    let warnings = fill_warnings(
+        &[&ingest, &results],
+        account.storage,
+        account.limits.max_storage.unwrap_or(-1),
+    );
     Ok(Status {
         namespace: names.namespace().to_owned(),
         streams: vec![ingest, results],
@@ -318,7 +332,37 @@ pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
         equations,
         difference,
         reconciled: difference == 0,
+        warnings,
     })
+}
+
+/// Streams refuse new messages when full (they never drop old ones), so an operator must hear
+/// before that: from this share on, `status` warns.
+const FILL_WARNING: f64 = 0.8;
+
+fn fill_warnings(streams: &[&StreamStatus], used: u64, account_limit: i64) -> Vec<String> {
+    let share = |used: u64, limit: i64| (limit > 0).then(|| used as f64 / limit as f64);
+    let mut warnings = Vec::new();
+    for s in streams {
+        if let Some(full) = share(s.bytes, s.max_bytes).filter(|f| *f >= FILL_WARNING) {
+            warnings.push(format!(
+                "stream {} is {:.0}% full ({} of {} bytes): it will refuse new messages when \
+                 full; run `syncctl prune` or raise `syncctl setup --max-stream-bytes`",
+                s.name,
+                full * 100.0,
+                s.bytes,
+                s.max_bytes
+            ));
+        }
+    }
+    if let Some(full) = share(used, account_limit).filter(|f| *f >= FILL_WARNING) {
+        warnings.push(format!(
+            "the JetStream store is {:.0}% full ({used} of {account_limit} bytes): streams will \
+             refuse new messages when it is full; run `syncctl prune` or give JetStream more storage",
+            full * 100.0
+        ));
+    }
+    warnings
 }
 
 async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, CtlError> {
@@ -343,6 +387,7 @@ async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, 
         bytes: info.state.bytes,
         first_seq: info.state.first_sequence,
         last_seq: info.state.last_sequence,
+        max_bytes: info.config.max_bytes,
         first_ts: rfc3339(info.state.first_timestamp),
         last_ts: rfc3339(info.state.last_timestamp),
     })
@@ -480,6 +525,9 @@ impl fmt::Display for Status {
             };
             writeln!(f, "  {:<14} {:<10} {}", e.name, verdict, e.statement)?;
         }
+        for warning in &self.warnings {
+            writeln!(f, "WARNING: {warning}")?;
+        }
         if self.reconciled {
             writeln!(f, "reconciled: difference 0")
         } else {
@@ -490,6 +538,25 @@ impl fmt::Display for Status {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_stream_or_the_store_filling_up_is_warned_about() {
+        let stream = |bytes, max_bytes| StreamStatus {
+            name: "CUSTOMERS".to_owned(),
+            messages: 1,
+            bytes,
+            first_seq: 1,
+            last_seq: 1,
+            first_ts: None,
+            last_ts: None,
+            max_bytes,
+        };
+        assert!(fill_warnings(&[&stream(10, -1)], 10, -1).is_empty());
+        assert!(fill_warnings(&[&stream(79, 100)], 10, 1000).is_empty());
+        let warned = fill_warnings(&[&stream(85, 100)], 900, 1000);
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(warned[0].contains("syncctl prune"), "{warned:?}");
+    }
+
     use super::*;
 
     fn consumer(pending: u64, in_flight: u64) -> ConsumerStatus {
