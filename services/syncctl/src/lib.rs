@@ -1,5 +1,5 @@
 //! The operator's CLI as a library: one module per subcommand (`setup`, `status`, `wait`, `verify`,
-//! `replay`, `rebuild` for `replay --results`, `dlq`, `prune`, `gen_csv`), each a plain async fn taking a typed config
+//! `show`, `replay`, `rebuild` for `replay --results`, `dlq`, `prune`, `gen_csv`), each a plain async fn taking a typed config
 //! and returning a typed result, so tests drive them in-process and `main.rs` only parses flags and
 //! prints.
 
@@ -9,6 +9,7 @@ pub mod prune;
 pub mod rebuild;
 pub mod replay;
 pub mod setup;
+pub mod show;
 pub mod status;
 pub mod verify;
 pub mod wait;

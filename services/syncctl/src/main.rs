@@ -49,6 +49,9 @@ enum Command {
     /// Remove settled messages older than the retention from both streams (streams never expire
     /// messages by age: a message without its outcome is never removed).
     Prune(PruneArgs),
+    /// One customer's story: every version in the ingest stream with its outcome, the ledger
+    /// entry, the customers row, dead letters, rejected rows naming it, and (--crm) the CRM's copy.
+    Show(ShowArgs),
     /// Reprocess part of the ingest stream through the integrators, or rebuild the database from the
     /// results stream (--results).
     #[command(long_about = REPLAY_HELP)]
@@ -173,6 +176,28 @@ struct VerifyArgs {
     /// With --crm: requests in flight at once.
     #[arg(long, default_value_t = 32)]
     crm_concurrency: usize,
+    /// One JSON object on stdout, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    /// The customer id, as in the CSV.
+    customer_id: String,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Also ask the CRM what it holds.
+    #[arg(long)]
+    crm: bool,
+    /// Base URL of the CRM API.
+    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
+    crm_url: crm_client::Url,
+    /// Bearer token for the CRM API.
+    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
+    crm_token: Option<String>,
     /// One JSON object on stdout, for scripts.
     #[arg(long)]
     json: bool,
@@ -347,6 +372,25 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
             );
         }
         Command::Verify(args) => return verify(args).await,
+        Command::Show(args) => {
+            let story = syncctl::show::run(&syncctl::show::ShowConfig {
+                nats: args.nats,
+                database_url: args.database.database_url,
+                customer_id: args.customer_id,
+                crm: args.crm.then_some(syncctl::verify::CrmCheck {
+                    url: args.crm_url,
+                    token: args.crm_token,
+                    sample: None,
+                    concurrency: 1,
+                }),
+            })
+            .await?;
+            if args.json {
+                print_json(&story)?;
+            } else {
+                print!("{story}");
+            }
+        }
         Command::Prune(args) => {
             let report = syncctl::prune::run(&syncctl::prune::PruneConfig {
                 nats: args.nats,

@@ -172,3 +172,59 @@ async fn prune_removes_only_settled_messages() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn show_tells_one_customers_story() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let (nats, pipeline) = prepared(Some(&db)).await?;
+    let (old, new) = (customer("s1", "old@x.io"), customer("s1", "new@x.io"));
+    let old_seq = publish_row(&pipeline, &old, 2).await?;
+    publish_row(&pipeline, &customer("other", "o@x.io"), 3).await?;
+    let new_seq = publish_row(&pipeline, &new, 4).await?;
+    synced(&pipeline, &db, &new, 4).await?;
+    let superseded = sync_topology::messages::SupersededOutcome {
+        customer_id: "s1".to_owned(),
+        content_hash: old.content_hash(),
+        version: Version::row(LOAD, 2),
+        superseded_by: Version::row(LOAD, 4),
+        ingest_seq: old_seq,
+        source_file: None,
+        source_line: Some(2),
+        superseded_at: Utc::now(),
+    };
+    pipeline
+        .js
+        .publish(
+            pipeline.names.superseded_subject(),
+            serde_json::to_vec(&superseded)?.into(),
+        )
+        .await?
+        .await?;
+
+    let story = syncctl::show::run(&syncctl::show::ShowConfig {
+        nats,
+        database_url: db.url.clone(),
+        customer_id: "s1".to_owned(),
+        crm: None,
+    })
+    .await?;
+    let seqs: Vec<u64> = story.versions.iter().map(|v| v.ingest_seq).collect();
+    assert_eq!(seqs, [old_seq, new_seq], "{story}");
+    assert_eq!(
+        story.versions[0].outcome.as_deref(),
+        Some(format!("superseded by {}", Version::row(LOAD, 4)).as_str())
+    );
+    assert_eq!(story.versions[1].outcome, None, "no outcome published yet");
+    let confirmed = story.ledger.as_ref().and_then(|l| l.confirmed.as_ref());
+    assert_eq!(confirmed.map(|c| c.version), Some(Version::row(LOAD, 4)));
+    assert_eq!(
+        story
+            .customers_row
+            .as_ref()
+            .map(|r| r.record.email.as_str()),
+        Some("new@x.io")
+    );
+    let text = story.to_string();
+    assert!(text.contains("customers.csv:4"), "{text}");
+    Ok(())
+}
