@@ -528,15 +528,16 @@ fn stopped_mid_file(
 /// What a file that stopped mid-way left behind, and how to finish it.
 fn stopped_mid_file_advice(path: &str, acked_line: u64, checkpoint_saved: bool) -> String {
     let published = if acked_line <= 1 {
-        "No row was published.".to_owned()
+        "No row was sent.".to_owned()
     } else {
         format!(
-            "Every row up to line {acked_line} is published{}, none after it.",
+            "Every row up to line {acked_line} was published (or rejected){}; nothing after it \
+             was sent.",
             if checkpoint_saved {
-                " and checkpointed"
+                " and is checkpointed"
             } else {
-                " (the final checkpoint could not be saved: a resumed run starts at the last saved \
-                 one and sends the rows after it again, which the stream drops as duplicates)"
+                " but the final checkpoint could not be saved (a resumed run starts at the last \
+                 saved one and sends the rows after it again, which the stream drops as duplicates)"
             }
         )
     };
@@ -632,4 +633,36 @@ pub fn resume_hint(config: &ReaderConfig, summary: &Summary) -> String {
         summary.acked_line,
         config.input.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_stopped_mid_way_says_what_was_published_and_how_to_go_on() {
+        let err = ReaderError::StoppedMidFile {
+            path: "in.csv.gz".to_owned(),
+            line: 1201,
+            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+            acked_line: 1200,
+            checkpoint_saved: true,
+        };
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot read in.csv.gz at line 1201: "),
+            "{text}"
+        );
+        assert!(text.contains("Every row up to line 1200 was published (or rejected) and is checkpointed; nothing after it was sent."), "{text}");
+        assert!(
+            text.contains("`csv-reader --resume --force in.csv.gz`"),
+            "{text}"
+        );
+
+        let unsaved = stopped_mid_file_advice("in.csv", 1200, false);
+        assert!(unsaved.contains("could not be saved"), "{unsaved}");
+        assert!(stopped_mid_file_advice("-", 1200, true).contains("cannot be resumed"));
+        assert!(stopped_mid_file_advice("in.csv", 0, true).starts_with("No row was sent."));
+    }
 }

@@ -11,6 +11,7 @@ use csv_reader::ReaderConfig;
 use service_kit::NatsArgs;
 use sync_topology::messages::Checkpoint;
 use sync_topology::{Names, TopologySettings, ensure_topology};
+use tokio::process::Command;
 
 pub struct Pipeline {
     pub names: Names,
@@ -47,6 +48,18 @@ impl Pipeline {
             input,
             NatsArgs::new(self.nats_url.clone(), self.names.namespace()),
         )
+    }
+
+    /// The csv-reader binary on `input`, pointed at this namespace.
+    pub fn reader_command(&self, input: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut command = Command::new(e2e::binary("csv-reader")?);
+        command.arg(input).args([
+            "--namespace",
+            self.names.namespace(),
+            "--nats-url",
+            &self.nats_url,
+        ]);
+        Ok(command)
     }
 
     pub async fn message_count(&self, stream: &str) -> anyhow::Result<u64> {
