@@ -482,6 +482,25 @@ mod tests {
         assert_eq!(seen[1..], expected_rows(3, 2, 3));
     }
 
+    #[tokio::test]
+    async fn a_stray_quote_on_a_line_too_long_to_keep_whole_is_still_split() {
+        let mut input = HEADER.to_vec();
+        let long = "a".repeat(5000);
+        input.extend_from_slice(format!("1,\"{long},Poe,p@example.com,1\n").as_bytes()); // line 2
+        input.extend_from_slice(&valid_rows(2, 10)); // lines 3-12
+        let (seen, raws) = read_all(&input, u64::MAX).await;
+        assert!(
+            matches!(
+                seen[0],
+                Seen::Rejected(2, RowRejection::UnterminatedQuote { opened: 2, .. })
+            ),
+            "{seen:?}"
+        );
+        assert_eq!(seen[1..], expected_rows(3, 2, 10));
+        assert!(raws[0].starts_with("1,\"aaa"), "{}", raws[0]);
+        assert!(raws[0].ends_with("of 5023 bytes shown]"), "{}", raws[0]);
+    }
+
     /// Hands out `step` bytes per read, so rows and stretches straddle every kind of boundary.
     struct Trickle<'a> {
         data: &'a [u8],
