@@ -125,6 +125,8 @@ impl<R: AsyncRead + Unpin + Send> RowReader<R> {
                     Some(RowOverrun::Line { .. }) => self.skip_long_line().await?,
                     None => None,
                 };
+                // The parser grew the record to the limit without finishing it: let that go.
+                *record = ByteRecord::new();
                 rejected.map(Some).ok_or(failure)
             }
         }
