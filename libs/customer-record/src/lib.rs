@@ -12,7 +12,9 @@ pub const REQUIRED_COLUMNS: [&str; 4] = ["id", "first_name", "last_name", "email
 pub const PHONE_COLUMN: &str = "phone";
 /// A field longer than this is a bad row, not a customer.
 pub const MAX_FIELD_BYTES: usize = 1024;
-/// Longest customer id a row may have: ledger keys and message headers derive from the id.
+/// A customer id longer than this is a bad row. Ledger keys (hex-escaped, so up to twice as long)
+/// and message headers and ids are derived from the id, and the NATS server limits how long those
+/// may be: an over-long id must be refused at the source, not discovered by the integrator.
 pub const MAX_ID_BYTES: usize = 256;
 
 /// One customer, normalised: fields trimmed, e-mail lower-cased, empty phone absent.
@@ -123,6 +125,11 @@ pub enum RowRejection {
     FieldCount { expected: usize, found: usize },
     #[error("field `id` is empty")]
     EmptyId,
+    #[error(
+        "field `id` is {len} bytes, over the {MAX_ID_BYTES}-byte limit for customer ids (ledger keys \
+         and message headers are derived from the id)"
+    )]
+    IdTooLong { len: usize },
     #[error("field `email` is not a plausible address: {value:?}")]
     InvalidEmail { value: String },
     #[error("field `{field}` is not valid UTF-8")]
@@ -136,6 +143,19 @@ pub enum RowRejection {
          (max_payload): trim its fields or drop columns"
     )]
     RecordTooLarge { bytes: usize, limit: usize },
+    /// The parser read lines `opened` to `ended` as one row that is not a valid row: the hallmark
+    /// of a quote that was never closed (or closed by another stray quote), which would otherwise
+    /// swallow every row in between. Only line `opened` is rejected; the reader reads the lines
+    /// after it as rows of their own.
+    #[error("{}", unterminated_quote_reason(*opened, *ended))]
+    UnterminatedQuote { opened: u64, ended: u64 },
+    /// A line longer than the reader's row limit with no line break in it: not a customer row.
+    #[error(
+        "the line runs on for {bytes} bytes without a line break, over the {limit}-byte row limit \
+         (csv-reader --max-row-bytes): it is not a customer row (fields are at most \
+         {MAX_FIELD_BYTES} bytes); reading went on at the next line"
+    )]
+    RowTooLong { bytes: u64, limit: u64 },
 }
 
 impl RowRejection {
@@ -144,12 +164,32 @@ impl RowRejection {
         match self {
             RowRejection::FieldCount { .. } => "field_count",
             RowRejection::EmptyId => "empty_id",
+            RowRejection::IdTooLong { .. } => "id_too_long",
             RowRejection::InvalidEmail { .. } => "invalid_email",
             RowRejection::InvalidUtf8 { .. } => "invalid_utf8",
             RowRejection::FieldTooLong { .. } => "field_too_long",
             RowRejection::ControlCharacter { .. } => "control_character",
             RowRejection::RecordTooLarge { .. } => "record_too_large",
+            RowRejection::UnterminatedQuote { .. } => "unterminated_quote",
+            RowRejection::RowTooLong { .. } => "row_too_long",
         }
+    }
+}
+
+fn unterminated_quote_reason(opened: u64, ended: u64) -> String {
+    let fix = format!(
+        "fix line {opened} by closing the quote, or by doubling a quote that is part of the text (\"\")"
+    );
+    if ended > opened {
+        format!(
+            "a quote opened on line {opened} is not closed where its row should end: it runs on to \
+             line {ended}, making one invalid row of the lines between. Line {opened} is rejected \
+             on its own and the lines after it are read as rows of their own; {fix}"
+        )
+    } else {
+        format!(
+            "a quote opened on line {opened} is never closed: it runs to the end of the file; {fix}"
+        )
     }
 }
 
@@ -284,6 +324,11 @@ impl ColumnLayout {
         if record.id.is_empty() {
             return Err(RowRejection::EmptyId);
         }
+        if record.id.len() > MAX_ID_BYTES {
+            return Err(RowRejection::IdTooLong {
+                len: record.id.len(),
+            });
+        }
         if !is_plausible_email(&record.email) {
             return Err(RowRejection::InvalidEmail {
                 value: record.email,
@@ -383,6 +428,18 @@ mod tests {
             .parse_row(vec![&b"1"[..], &long, b"b", b"a@b.c", b""].into_iter())
             .expect_err("too long");
         assert_eq!(err.kind(), "field_too_long");
+        let long_id = "7".repeat(MAX_ID_BYTES + 1);
+        let err = l
+            .parse_row(row(&[&long_id, "a", "b", "a@b.c", ""]))
+            .expect_err("id too long");
+        assert_eq!(err.kind(), "id_too_long");
+        assert!(err.to_string().contains("257 bytes"), "{err}");
+        let longest_id = "7".repeat(MAX_ID_BYTES);
+        let padded = format!("  {longest_id}  ");
+        assert!(
+            l.parse_row(row(&[&padded, "a", "b", "a@b.c", ""])).is_ok(),
+            "the limit applies to the trimmed id"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! End to end, bad input: every file-level problem is a clear error with exit code 2 and publishes
-//! nothing; row-level problems are rejected with line and reason while the rest of the file goes
-//! through; unreachable or unprepared infrastructure is exit code 1 with a message that says what to
-//! do.
+//! End to end, bad input: every file-level problem found before the first row is a clear error
+//! with exit code 2 and publishes nothing; row-level problems (an unterminated quote among them) are
+//! rejected with line and reason while the rest of the file goes through; unreachable or unprepared
+//! infrastructure is exit code 1 with a message that says what to do.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -143,7 +143,8 @@ async fn bad_rows_are_rejected_with_line_and_reason_and_the_rest_goes_through() 
     bytes.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024)); // line 6: a 10 MB field
     bytes.extend_from_slice(b",big@example.com,4\n");
     bytes.extend_from_slice(b"6,Cat,Poe,cat@example.com,5\n"); // line 7: good
-    bytes.extend_from_slice(b"7,\"Unterminated,Poe,u@example.com,6\n"); // line 8: quote never closed
+    bytes.extend_from_slice(format!("{},Id,Long,id@example.com,6\n", "8".repeat(300)).as_bytes()); // line 8: id over 256 bytes
+    bytes.extend_from_slice(b"7,\"Unterminated,Poe,u@example.com,6\n"); // line 9: quote never closed
     let path = write(
         dir.path(),
         &Case {
@@ -185,7 +186,8 @@ async fn bad_rows_are_rejected_with_line_and_reason_and_the_rest_goes_through() 
             (4, "invalid_utf8".to_owned()),
             (5, "control_character".to_owned()),
             (6, "field_too_long".to_owned()),
-            (8, "field_count".to_owned()),
+            (8, "id_too_long".to_owned()),
+            (9, "unterminated_quote".to_owned()),
         ],
         "{rejected:#?}"
     );
@@ -197,6 +199,19 @@ async fn bad_rows_are_rejected_with_line_and_reason_and_the_rest_goes_through() 
             "raw text of a huge row is bounded"
         );
     }
+    assert!(
+        rejected[4].reason.contains("256-byte limit"),
+        "{:?}",
+        rejected[4]
+    );
+    let unterminated = &rejected[5];
+    assert!(
+        unterminated
+            .reason
+            .contains("quote opened on line 9 is never closed"),
+        "{unterminated:?}"
+    );
+    assert_eq!(unterminated.raw, "7,\"Unterminated,Poe,u@example.com,6");
     Ok(())
 }
 

@@ -5,12 +5,16 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use async_compression::tokio::bufread::GzipDecoder;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio_util::io::InspectReader;
 
+use customer_record::MAX_FIELD_BYTES;
+
 use crate::ReaderError;
+use crate::message::MAX_RAW_BYTES;
 
 /// How much of the file's start its identity hashes: enough to tell a replaced file from the one a
 /// checkpoint was taken of, cheap enough to read on every start.
@@ -158,50 +162,269 @@ pub async fn open(path: &Path) -> Result<OpenedInput, ReaderError> {
 /// what lets the reader compute the line a record starts on (csv-async reports where it started
 /// looking, which is off after a CRLF or a blank line). A lone `\r` is kept as data.
 ///
-/// It also bounds one row's size: the CSV parser keeps a whole row in memory, so an unterminated
-/// quote in a 50 GB file would otherwise swallow the rest of the file into one row. Once more than
-/// `max_row_bytes` have been handed out past the end of the last row the parser returned (which
-/// the reader reports through [`RowEnd`]), reading fails with an error that says why.
+/// It also keeps what the CSV parser would lose when a stray quote makes it read many lines as one
+/// row. The parser owns the row it is reading, and whatever it buffered is lost with it; so this
+/// keeps the bytes handed out since the end of the last row the reader returned (which the reader
+/// reports with [`LfLineEndings::row_ended_at`]): the row's first line (its first
+/// [`MAX_RAW_BYTES`], for the rejection) and everything after it. [`LfLineEndings::take_open_row`]
+/// then hands everything after that first line out again, to a new parser.
+///
+/// And it bounds that open row, since the parser holds a whole row in memory: an unterminated quote
+/// in a 50 GB file would otherwise swallow the rest of the file into one row. Reading fails with a
+/// [`RowOverrun`] (see [`LfLineEndings::overrun`]) once the open row runs on past the limits.
+/// The checks and the bookkeeping run once per chunk read from the input, never per row.
 pub struct LfLineEndings<R> {
     inner: R,
     scratch: Box<[u8]>,
+    /// The chunk being handed out: input with line endings converted, or bytes handed back.
     ready: Vec<u8>,
     ready_from: usize,
+    /// Where `ready[0]` sits in the bytes handed out since the current parser started.
+    ready_base: u64,
+    /// `ready[..kept_upto]` is already in `open` (or belongs to rows that ended).
+    kept_upto: usize,
     held_cr: bool,
     last_byte: Option<u8>,
     finished: bool,
-    delivered: u64,
-    row_end: RowEnd,
-    max_row_bytes: u64,
+    row_end: u64,
+    open: OpenRow,
+    limits: RowLimits,
+    overrun: Option<RowOverrun>,
 }
 
-/// Where, in the bytes [`LfLineEndings`] handed out, the last complete row ended.
-#[derive(Debug, Clone, Default)]
-pub struct RowEnd(Arc<AtomicU64>);
+/// How far a row may run on before the reader stops parsing it as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLimits {
+    /// A line with no line break in it (`--max-row-bytes`).
+    pub line_bytes: u64,
+    /// A row that spans several lines: no valid row of the file's width can be this big.
+    pub multi_line_bytes: u64,
+}
 
-impl RowEnd {
-    pub fn set(&self, byte: u64) {
-        self.0.store(byte, Ordering::Relaxed);
+impl RowLimits {
+    /// Until the header is read only `--max-row-bytes` applies.
+    pub fn new(max_row_bytes: u64) -> Self {
+        RowLimits {
+            line_bytes: max_row_bytes,
+            multi_line_bytes: max_row_bytes,
+        }
     }
 
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    /// For rows of `width` fields: each at most [`MAX_FIELD_BYTES`] of text, which quoting at worst
+    /// doubles (every character a `""`), plus its quotes and delimiter, and some slack.
+    pub fn for_width(max_row_bytes: u64, width: usize) -> Self {
+        let per_field = 2 * MAX_FIELD_BYTES as u64 + 3;
+        let valid_row = (width as u64).saturating_mul(per_field);
+        RowLimits {
+            line_bytes: max_row_bytes,
+            multi_line_bytes: valid_row.saturating_add(16 * 1024).min(max_row_bytes),
+        }
     }
+}
+
+/// Why [`LfLineEndings`] stopped handing out bytes: the open row ran on past a [`RowLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RowOverrun {
+    #[error(
+        "a line runs on for over {limit} bytes without a line break (--max-row-bytes): it is not \
+         a CSV row"
+    )]
+    Line { limit: u64 },
+    #[error(
+        "a row runs on over several lines for over {limit} bytes, more than any valid row of \
+         this file can be: an unterminated quote"
+    )]
+    MultiLine { limit: u64 },
+}
+
+/// The bytes of the row the parser is reading, from the end of the last row it returned.
+#[derive(Debug, Default)]
+struct OpenRow {
+    start: u64,
+    leading_breaks: u64,
+    head: Vec<u8>,
+    line_len: u64,
+    line_done: bool,
+    rest: Vec<u8>,
+    /// The reader reported a row end this could not follow: it cannot hand the row back.
+    untracked: bool,
+}
+
+impl OpenRow {
+    fn restart(&mut self, start: u64) {
+        self.start = start;
+        self.leading_breaks = 0;
+        self.head.clear();
+        self.line_len = 0;
+        self.line_done = false;
+        self.rest.clear();
+        // After a big swallowed stretch, do not carry its buffer along.
+        if self.rest.capacity() > 1024 * 1024 {
+            self.rest = Vec::new();
+        }
+        self.untracked = false;
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        if self.line_done {
+            self.rest.extend_from_slice(bytes);
+            return;
+        }
+        if self.line_len == 0 {
+            // The parser skips blank lines before a row.
+            let blanks = bytes.iter().take_while(|&&b| b == b'\n').count();
+            self.leading_breaks += blanks as u64;
+            bytes = &bytes[blanks..];
+        }
+        let line_end = bytes.iter().position(|&b| b == b'\n');
+        let line = &bytes[..line_end.unwrap_or(bytes.len())];
+        let room = MAX_RAW_BYTES.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&line[..line.len().min(room)]);
+        self.line_len += line.len() as u64;
+        if let Some(end) = line_end {
+            self.line_done = true;
+            self.rest.extend_from_slice(&bytes[end + 1..]);
+        }
+    }
+
+    fn size(&self) -> u64 {
+        if self.line_done {
+            self.line_len + 1 + self.rest.len() as u64
+        } else {
+            self.line_len
+        }
+    }
+}
+
+/// A row taken back from [`LfLineEndings`]: its first line, and how many lines came after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenRow {
+    /// Blank lines between the previous row and this row's first line.
+    pub leading_breaks: u64,
+    /// The first line's first bytes (at most [`MAX_RAW_BYTES`]), without its line break.
+    pub head: Vec<u8>,
+    /// The first line's length as far as it was read, without its line break.
+    pub line_len: u64,
+    /// Line breaks handed out after the first line's.
+    pub later_breaks: u64,
 }
 
 impl<R> LfLineEndings<R> {
-    pub fn new(inner: R, row_end: RowEnd, max_row_bytes: u64) -> Self {
+    pub fn new(inner: R, max_row_bytes: u64) -> Self {
         LfLineEndings {
             inner,
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             ready: Vec::with_capacity(64 * 1024 + 2),
             ready_from: 0,
+            ready_base: 0,
+            kept_upto: 0,
             held_cr: false,
             last_byte: None,
             finished: false,
-            delivered: 0,
-            row_end,
-            max_row_bytes,
+            row_end: 0,
+            open: OpenRow::default(),
+            limits: RowLimits::new(max_row_bytes),
+            overrun: None,
+        }
+    }
+
+    /// The parser returned a row that ended `byte` bytes into what this handed out since the
+    /// parser started (`csv.position().byte()`). Every row must be reported, in order.
+    pub fn row_ended_at(&mut self, byte: u64) {
+        self.row_end = byte;
+    }
+
+    pub fn set_limits(&mut self, limits: RowLimits) {
+        self.limits = limits;
+    }
+
+    /// Why reading failed, if it failed because the open row ran on too long.
+    pub fn overrun(&self) -> Option<RowOverrun> {
+        self.overrun
+    }
+
+    /// Takes the open row back: returns its first line and arranges for everything handed out
+    /// after that line (and everything not handed out yet) to be handed out again, counted from 0
+    /// for the new parser that must read it. The parser that read the row must not be used again.
+    /// `None` (and nothing changed) if the row cannot be taken back.
+    pub fn take_open_row(&mut self) -> Option<TakenRow> {
+        self.keep_open_row();
+        if self.open.untracked {
+            return None;
+        }
+        let mut open = std::mem::take(&mut self.open);
+        let later_breaks = open.rest.iter().filter(|&&b| b == b'\n').count() as u64;
+        let mut again = std::mem::take(&mut open.rest);
+        again.extend_from_slice(&self.ready[self.ready_from..]);
+        self.ready = again;
+        self.restart_count();
+        Some(TakenRow {
+            leading_breaks: open.leading_breaks,
+            head: open.head,
+            line_len: open.line_len,
+            later_breaks,
+        })
+    }
+
+    /// What is handed out next is byte 0 for a new parser.
+    fn restart_count(&mut self) {
+        self.ready_from = 0;
+        self.ready_base = 0;
+        self.kept_upto = 0;
+        self.row_end = 0;
+        self.open.restart(0);
+        self.overrun = None;
+    }
+
+    /// Adds what was handed out of the current chunk to the open row, when the parser comes back
+    /// for more or the row is looked at. Every row that ended before has been reported by then, so
+    /// the open row starts at the last reported end: in this chunk if a row ended since the last
+    /// call (the parser returns a row as soon as it reads its line break, before it needs more).
+    fn keep_open_row(&mut self) {
+        if self.row_end != self.open.start {
+            if self.row_end < self.ready_base || self.row_end < self.open.start {
+                debug_assert!(false, "a row end was not reported in order");
+                self.open.restart(self.row_end);
+                self.open.untracked = true;
+                return;
+            }
+            self.open.restart(self.row_end);
+            self.kept_upto = usize::try_from(self.row_end - self.ready_base)
+                .unwrap_or(usize::MAX)
+                .min(self.ready_from);
+        }
+        if self.open.untracked {
+            return;
+        }
+        self.open.feed(&self.ready[self.kept_upto..self.ready_from]);
+        self.kept_upto = self.ready_from;
+    }
+
+    /// Whether the open row, up to `end`, has a quoted field that spans lines and closes with
+    /// its quote followed by more text (`"a⏎b"c`) instead of a delimiter or line break: what a stray
+    /// quote closing another stray quote lines later looks like, even when the field count happens
+    /// to match. `None` if that cannot be told (the row's first line was too long to keep).
+    pub fn open_row_closes_astray(&mut self, end: u64) -> Option<bool> {
+        self.keep_open_row();
+        let open = &self.open;
+        if open.untracked || !open.line_done || open.line_len > open.head.len() as u64 {
+            return None;
+        }
+        let rest_start = open.start + open.leading_breaks + open.line_len + 1;
+        let rest_len = usize::try_from(end.checked_sub(rest_start)?).ok()?;
+        let rest = open.rest.get(..rest_len)?;
+        let row = open.head.iter().chain(b"\n").chain(rest);
+        Some(closes_astray(row.copied()))
+    }
+
+    fn check_limits(&self) -> Option<RowOverrun> {
+        let limits = self.limits;
+        if self.open.line_done {
+            let limit = limits.multi_line_bytes.min(limits.line_bytes);
+            (self.open.size() > limit).then_some(RowOverrun::MultiLine { limit })
+        } else {
+            let limit = limits.line_bytes;
+            (self.open.line_len > limit).then_some(RowOverrun::Line { limit })
         }
     }
 
@@ -237,12 +460,83 @@ impl<R> LfLineEndings<R> {
     }
 }
 
+/// See [`LfLineEndings::open_row_closes_astray`]; the quoting rules are the CSV parser's.
+fn closes_astray(row: impl Iterator<Item = u8>) -> bool {
+    enum State {
+        FieldStart,
+        Unquoted,
+        Quoted { spans_lines: bool },
+        QuoteInQuoted { spans_lines: bool },
+    }
+    let mut state = State::FieldStart;
+    for byte in row {
+        state = match (state, byte) {
+            (State::FieldStart, b'"') => State::Quoted { spans_lines: false },
+            (State::FieldStart | State::Unquoted, b',' | b'\n') => State::FieldStart,
+            (State::FieldStart | State::Unquoted, _) => State::Unquoted,
+            (State::Quoted { spans_lines }, b'"') => State::QuoteInQuoted { spans_lines },
+            (State::Quoted { spans_lines }, byte) => State::Quoted {
+                spans_lines: spans_lines || byte == b'\n',
+            },
+            (State::QuoteInQuoted { spans_lines }, b'"') => State::Quoted { spans_lines },
+            (State::QuoteInQuoted { .. }, b',' | b'\n') => State::FieldStart,
+            (State::QuoteInQuoted { spans_lines }, _) => {
+                if spans_lines {
+                    return true;
+                }
+                State::Unquoted
+            }
+        };
+    }
+    false
+}
+
+impl<R: AsyncRead + Unpin> LfLineEndings<R> {
+    /// Replaces the handed-out chunk with the next one from the input.
+    fn poll_next_chunk(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut scratch = tokio::io::ReadBuf::new(&mut self.scratch);
+        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut scratch))?;
+        let filled = scratch.filled().len();
+        self.ready_base += self.ready.len() as u64;
+        self.kept_upto = 0;
+        if filled == 0 {
+            self.finish();
+        } else {
+            self.convert(filled);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Skips the rest of the current line (after [`Self::take_open_row`] took its start back), so
+    /// that a new parser starts on the next line. Returns the bytes skipped.
+    pub async fn skip_line(&mut self) -> std::io::Result<u64> {
+        let mut skipped = 0u64;
+        loop {
+            let rest = &self.ready[self.ready_from..];
+            if let Some(end) = rest.iter().position(|&b| b == b'\n') {
+                skipped += end as u64;
+                let next_line = self.ready_from + end + 1;
+                self.ready.drain(..next_line);
+                self.restart_count();
+                return Ok(skipped);
+            }
+            skipped += rest.len() as u64;
+            self.ready_from = self.ready.len();
+            if self.finished {
+                self.restart_count();
+                return Ok(skipped);
+            }
+            std::future::poll_fn(|cx| self.poll_next_chunk(cx)).await?;
+        }
+    }
+}
+
 impl<R: AsyncRead + Unpin> AsyncRead for LfLineEndings<R> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         out: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         loop {
             if this.ready_from < this.ready.len() {
@@ -250,30 +544,20 @@ impl<R: AsyncRead + Unpin> AsyncRead for LfLineEndings<R> {
                 let n = available.len().min(out.remaining());
                 out.put_slice(&available[..n]);
                 this.ready_from += n;
-                this.delivered += n as u64;
-                return std::task::Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(()));
             }
             if this.finished {
-                return std::task::Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(()));
             }
-            let open_row = this.delivered.saturating_sub(this.row_end.get());
-            if open_row > this.max_row_bytes {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
+            this.keep_open_row();
+            if let Some(overrun) = this.overrun.or_else(|| this.check_limits()) {
+                this.overrun = Some(overrun);
+                return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!(
-                        "a row runs on for over {} bytes without ending (an unterminated quote?)",
-                        this.max_row_bytes
-                    ),
+                    overrun,
                 )));
             }
-            let mut scratch = tokio::io::ReadBuf::new(&mut this.scratch);
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut scratch))?;
-            let filled = scratch.filled().len();
-            if filled == 0 {
-                this.finish();
-            } else {
-                this.convert(filled);
-            }
+            std::task::ready!(this.poll_next_chunk(cx))?;
         }
     }
 }
@@ -343,7 +627,7 @@ mod tests {
 
     async fn normalised(input: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        LfLineEndings::new(input, RowEnd::default(), u64::MAX)
+        LfLineEndings::new(input, u64::MAX)
             .read_to_end(&mut out)
             .await
             .expect("reading from memory");
@@ -372,7 +656,7 @@ mod tests {
             }
         });
         let mut out = Vec::new();
-        LfLineEndings::new(reader, RowEnd::default(), u64::MAX)
+        LfLineEndings::new(reader, u64::MAX)
             .read_to_end(&mut out)
             .await
             .expect("read");
@@ -381,23 +665,72 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_row_that_never_ends_is_an_error_not_unbounded_memory() {
+    async fn a_line_that_never_ends_is_an_overrun_not_unbounded_memory() {
         let endless = vec![b'x'; 1024 * 1024];
-        let row_end = RowEnd::default();
+        let mut lines = LfLineEndings::new(endless.as_slice(), 200_000);
         let mut out = Vec::new();
-        let err = LfLineEndings::new(endless.as_slice(), row_end.clone(), 200_000)
-            .read_to_end(&mut out)
-            .await
-            .expect_err("must stop");
-        assert!(err.to_string().contains("unterminated quote"), "{err}");
+        let err = lines.read_to_end(&mut out).await.expect_err("must stop");
+        assert!(err.to_string().contains("without a line break"), "{err}");
+        assert_eq!(lines.overrun(), Some(RowOverrun::Line { limit: 200_000 }));
         assert!(out.len() < 200_000 + 70_000, "{}", out.len());
 
-        row_end.set(1024 * 1024);
         let mut out = Vec::new();
-        LfLineEndings::new(endless.as_slice(), row_end, 2 * 1024 * 1024)
+        LfLineEndings::new(endless.as_slice(), 2 * 1024 * 1024)
             .read_to_end(&mut out)
             .await
             .expect("within the limit");
+    }
+
+    #[tokio::test]
+    async fn a_row_over_many_lines_stops_at_the_width_limit_and_is_handed_back() {
+        // A 2-column file: no valid row is over 2 * 2051 + 16 KiB bytes.
+        let mut input = b"1,\"open\n".to_vec();
+        for i in 0..10_000 {
+            input.extend_from_slice(format!("{i},row\n").as_bytes());
+        }
+        let mut lines = LfLineEndings::new(input.as_slice(), u64::MAX);
+        lines.set_limits(RowLimits::for_width(u64::MAX, 2));
+        let mut out = Vec::new();
+        let err = lines.read_to_end(&mut out).await.expect_err("must stop");
+        assert!(err.to_string().contains("unterminated quote"), "{err}");
+        let limit = 2 * 2051 + 16 * 1024;
+        assert_eq!(lines.overrun(), Some(RowOverrun::MultiLine { limit }));
+
+        let taken = lines.take_open_row().expect("taken back");
+        assert_eq!(taken.head, b"1,\"open");
+        assert_eq!((taken.leading_breaks, taken.line_len), (0, 7));
+        let handed_out_lines = out.iter().filter(|&&b| b == b'\n').count() as u64;
+        assert_eq!(taken.later_breaks, handed_out_lines - 1);
+        // Everything after the first line comes again, then the rest of the input. (No parser
+        // reports row ends here, so the width limit is lifted.)
+        lines.set_limits(RowLimits::new(u64::MAX));
+        let mut again = Vec::new();
+        lines.read_to_end(&mut again).await.expect("read on");
+        assert_eq!(again, &input[8..]);
+    }
+
+    #[tokio::test]
+    async fn skipping_a_line_goes_on_at_the_next_one() {
+        let mut input = b"id\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 300_000));
+        input.extend_from_slice(b"\nnext\n");
+        let mut lines = LfLineEndings::new(input.as_slice(), 100_000);
+        let mut header = [0u8; 3];
+        lines.read_exact(&mut header).await.expect("header");
+        lines.row_ended_at(3);
+        let mut out = Vec::new();
+        lines
+            .read_to_end(&mut out)
+            .await
+            .expect_err("over the limit");
+        let taken = lines.take_open_row().expect("taken back");
+        assert_eq!(taken.head.len(), MAX_RAW_BYTES);
+        assert!(taken.line_len > 100_000);
+        let skipped = lines.skip_line().await.expect("skipped");
+        assert_eq!(taken.line_len + skipped, 300_000);
+        let mut rest = Vec::new();
+        lines.read_to_end(&mut rest).await.expect("read on");
+        assert_eq!(rest, b"next\n");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod input;
 pub mod message;
 pub mod progress;
 pub mod publish;
+pub mod rows;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,10 +24,11 @@ use service_kit::NatsArgs;
 use sync_topology::{ConnectError, Names};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::input::{LfLineEndings, RowEnd};
+pub use crate::rows::{ReadFailure, Row, RowReader};
 
 use crate::checkpoint::{CheckpointStore, Counters, StartPoint};
-use crate::message::{MessageContext, MessageKind};
+use crate::input::InputReader;
+use crate::message::{MessageContext, MessageKind, OutgoingMessage};
 use crate::progress::{Progress, ProgressMode};
 use crate::publish::{Acknowledged, RetryPolicy};
 
@@ -34,7 +36,7 @@ use crate::publish::{Acknowledged, RetryPolicy};
 /// and the window's memory (a few hundred bytes per message) stays far below the RSS target.
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
 
-/// Far above any real row (fields are at most 1 KiB), far below the memory target.
+/// Far above any real line (fields are at most 1 KiB), far below the memory target.
 pub const DEFAULT_MAX_ROW_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Everything a run needs; the binary fills it from flags and the environment.
@@ -70,8 +72,8 @@ pub struct ReaderConfig {
     /// How long to wait for one acknowledgement before publishing again.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ack_timeout: Duration,
-    /// A row longer than this stops the run (exit 2): it is an unterminated quote or not a CSV,
-    /// and the parser would otherwise hold it all in memory. Fields over 1 KiB are rejected anyway.
+    /// A line longer than this without a line break is rejected (row_too_long) and skipped, not
+    /// held in memory: it is not a CSV row (fields are at most 1 KiB).
     #[arg(long, default_value_t = DEFAULT_MAX_ROW_BYTES)]
     pub max_row_bytes: u64,
     /// Attempts per message (with exponential backoff, at most 5 s apart) before the run fails.
@@ -121,6 +123,18 @@ pub enum ReaderError {
         path: String,
         line: u64,
         source: csv_async::Error,
+    },
+    #[error(
+        "cannot read {path} at line {line}: {source}. {}",
+        stopped_mid_file_advice(path, *acked_line, *checkpoint_saved)
+    )]
+    StoppedMidFile {
+        path: String,
+        line: u64,
+        source: csv_async::Error,
+        /// Every row up to this line is acknowledged by the stream; none after it was sent.
+        acked_line: u64,
+        checkpoint_saved: bool,
     },
     #[error("--resume needs a file: standard input cannot be resumed")]
     ResumeNeedsFile,
@@ -188,6 +202,7 @@ impl ReaderError {
             | ReaderError::NotCsv { .. }
             | ReaderError::BadHeader { .. }
             | ReaderError::Read { .. }
+            | ReaderError::StoppedMidFile { .. }
             | ReaderError::ResumeNeedsFile
             | ReaderError::FileChanged { .. }
             | ReaderError::Namespace(_) => 2,
@@ -283,30 +298,8 @@ pub async fn run(
     let identity = opened.identity;
     let shown = config.input.display().to_string();
 
-    // The header decides whether this is a customer file at all, before anything is published.
-    let (mut csv, row_end) = csv_reader(opened.reader, config.max_row_bytes);
+    let (mut rows, layout) = read_header(opened.reader, config.max_row_bytes, &shown).await?;
     let mut record = ByteRecord::new();
-    let has_header =
-        csv.read_byte_record(&mut record)
-            .await
-            .map_err(|source| ReaderError::Read {
-                path: shown.clone(),
-                line: 1,
-                source,
-            })?;
-    if !has_header {
-        return Err(ReaderError::Empty { path: shown });
-    }
-    let layout = ColumnLayout::from_header(record.iter()).map_err(|source| match source {
-        HeaderError::NotUtf8 => ReaderError::NotCsv {
-            path: shown.clone(),
-            reason: "its first row is not UTF-8 text".to_owned(),
-        },
-        source => ReaderError::BadHeader {
-            path: shown.clone(),
-            source,
-        },
-    })?;
 
     let client = connect(&config.nats).await?;
     let max_message_bytes = client.server_info().max_payload;
@@ -353,44 +346,36 @@ pub async fn run(
     let mut last_save = Instant::now();
     let mut interrupted = false;
     let mut failure: Option<ReaderError> = None;
+    let mut stopped: Option<ReadFailure> = None;
     let mut rows_skipped = 0u64;
     let mut rows_sent = 0u64;
     let mut identity = identity;
-    let mut previous_end = csv.position().line();
 
     'reading: loop {
         if start.complete {
             break;
         }
-        let read = tokio::select! {
+        let row = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
                 interrupted = true;
                 break 'reading;
             }
-            read = csv.read_byte_record(&mut record) => read,
+            row = rows.next(&mut record) => row,
         };
-        match read {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(source) => {
-                failure = Some(ReaderError::Read {
-                    path: shown.clone(),
-                    line: csv.position().line(),
-                    source,
-                });
+        let row = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(failure) => {
+                stopped = Some(failure);
                 break;
             }
-        }
-        row_end.set(csv.position().byte());
-        let line_now = csv.position().line();
-        let line = record_start_line(&record, line_now, previous_end);
-        previous_end = line_now;
-        if line <= start.line {
+        };
+        if row.line() <= start.line {
             rows_skipped += 1;
             continue;
         }
-        let message = match message::row_message(&context, &layout, record.iter(), line) {
+        let message = match message_of(&context, &layout, &record, row) {
             Ok(message) => message,
             Err(err) => {
                 failure = Some(err);
@@ -459,7 +444,7 @@ pub async fn run(
     }
     drop(in_flight);
     progress.finish();
-    let complete = failure.is_none() && !interrupted;
+    let complete = failure.is_none() && stopped.is_none() && !interrupted;
     if identity.is_stdin {
         identity.size = opened.bytes_read.load(Ordering::Relaxed);
     }
@@ -471,6 +456,9 @@ pub async fn run(
             tracing::warn!(%save_err, "final checkpoint not saved either");
         }
         return Err(err);
+    }
+    if let Some(stopped) = stopped {
+        return Err(stopped_mid_file(&shown, stopped, tally.acked_line, saved));
     }
     saved?;
 
@@ -493,32 +481,103 @@ pub async fn run(
     })
 }
 
-/// How the reader parses CSV: line endings normalised to LF first (see [`LfLineEndings`]), rows
-/// of any width (the layout judges the count, so a short row is a rejection, not an error), the
-/// header read as an ordinary row.
-/// The reader must report each row's end (`csv.position().byte()`) to the returned [`RowEnd`].
-pub fn csv_reader<R: tokio::io::AsyncRead + Unpin + Send>(
-    input: R,
+/// Reads the header, which decides whether this is a customer file at all, before anything is
+/// published.
+async fn read_header(
+    input: InputReader,
     max_row_bytes: u64,
-) -> (csv_async::AsyncReader<LfLineEndings<R>>, RowEnd) {
-    let row_end = RowEnd::default();
-    let reader = csv_async::AsyncReaderBuilder::new()
-        .flexible(true)
-        .has_headers(false)
-        .terminator(csv_async::Terminator::Any(b'\n'))
-        .buffer_capacity(64 * 1024)
-        .create_reader(LfLineEndings::new(input, row_end.clone(), max_row_bytes));
-    (reader, row_end)
+    shown: &str,
+) -> Result<(RowReader<InputReader>, ColumnLayout), ReaderError> {
+    let unreadable = |failure: ReadFailure| ReaderError::Read {
+        path: shown.to_owned(),
+        line: failure.line,
+        source: failure.source,
+    };
+    let mut rows = RowReader::new(input, max_row_bytes);
+    let mut record = ByteRecord::new();
+    if !rows.read_header(&mut record).await.map_err(unreadable)? {
+        return Err(ReaderError::Empty {
+            path: shown.to_owned(),
+        });
+    }
+    let layout = ColumnLayout::from_header(record.iter()).map_err(|source| match source {
+        HeaderError::NotUtf8 => ReaderError::NotCsv {
+            path: shown.to_owned(),
+            reason: "its first row is not UTF-8 text".to_owned(),
+        },
+        source => ReaderError::BadHeader {
+            path: shown.to_owned(),
+            source,
+        },
+    })?;
+    rows.expect_width(layout.width()).map_err(unreadable)?;
+    Ok((rows, layout))
 }
 
-/// The line a record just read starts on. Every record ends with exactly one `\n` (see
-/// [`LfLineEndings`]), so it starts `1 + (line breaks inside its quoted fields)` lines before the
-/// line the reader is now on; blank lines skipped before it are accounted for that way too. An
-/// unterminated quote at the end of the file swallows the final line break: the start is then
-/// never before the end of the previous record.
-fn record_start_line(record: &ByteRecord, line_now: u64, previous_end: u64) -> u64 {
-    let inner_breaks = record.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-    line_now.saturating_sub(inner_breaks + 1).max(previous_end)
+/// The message of what the reader found: a row's customer or rejection, or a line it rejected.
+fn message_of(
+    context: &MessageContext,
+    layout: &ColumnLayout,
+    record: &ByteRecord,
+    row: Row,
+) -> Result<OutgoingMessage, ReaderError> {
+    match row {
+        Row::Fields { line } => message::row_message(context, layout, record.iter(), line),
+        Row::Rejected {
+            line,
+            rejection,
+            raw,
+        } => message::rejected_message(context, &rejection, raw, line),
+    }
+}
+
+/// The error of a file that could not be read to its end, once the rows before the failure are
+/// acknowledged and the checkpoint is saved (or not).
+fn stopped_mid_file(
+    shown: &str,
+    stopped: ReadFailure,
+    acked_line: u64,
+    saved: Result<(), ReaderError>,
+) -> ReaderError {
+    if let Err(err) = &saved {
+        tracing::warn!(%err, "final checkpoint not saved");
+    }
+    ReaderError::StoppedMidFile {
+        path: shown.to_owned(),
+        line: stopped.line,
+        source: stopped.source,
+        acked_line,
+        checkpoint_saved: saved.is_ok(),
+    }
+}
+
+/// What a file that stopped mid-way left behind, and how to finish it.
+fn stopped_mid_file_advice(path: &str, acked_line: u64, checkpoint_saved: bool) -> String {
+    let published = if acked_line <= 1 {
+        "No row was sent.".to_owned()
+    } else {
+        format!(
+            "Every row up to line {acked_line} was published (or rejected){}; nothing after it \
+             was sent.",
+            if checkpoint_saved {
+                " and is checkpointed"
+            } else {
+                " but the final checkpoint could not be saved (a resumed run starts at the last \
+                 saved one and sends the rows after it again, which the stream drops as duplicates)"
+            }
+        )
+    };
+    let resume = if path == "-" {
+        "Standard input cannot be resumed: fix the input and read all of it again.".to_owned()
+    } else {
+        format!(
+            "Fix or replace the file, then run `csv-reader --resume --force {path}` (same \
+             --namespace) to read on after line {acked_line}; --force accepts the changed file, \
+             which must hold the same rows up to that line (without --force an unchanged file \
+             resumes too)."
+        )
+    };
+    format!("{published} {resume}")
 }
 
 /// Counts acknowledgements, which arrive in file order, so the checkpoint line only ever covers a
@@ -606,29 +665,30 @@ pub fn resume_hint(config: &ReaderConfig, summary: &Summary) -> String {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn start_lines_are_exact_after_crlf_blank_lines_and_quoted_line_breaks() {
-        let input: &[u8] = b"h1,h2\r\na,1\r\n\r\n\nb,2\n\"x\r\ny\",3\r\nlast,4";
-        let (mut csv, row_end) = csv_reader(input, u64::MAX);
-        let mut record = ByteRecord::new();
-        assert!(csv.read_byte_record(&mut record).await.expect("header"));
-        let mut previous_end = csv.position().line();
-        let mut lines = Vec::new();
-        while csv.read_byte_record(&mut record).await.expect("row") {
-            row_end.set(csv.position().byte());
-            let now = csv.position().line();
-            lines.push((
-                record_start_line(&record, now, previous_end),
-                record.get(1).map(<[u8]>::to_vec),
-            ));
-            previous_end = now;
-        }
-        let expected: Vec<(u64, Option<Vec<u8>>)> = vec![
-            (2, Some(b"1".to_vec())),
-            (5, Some(b"2".to_vec())),
-            (6, Some(b"3".to_vec())),
-            (8, Some(b"4".to_vec())),
-        ];
-        assert_eq!(lines, expected);
+    #[test]
+    fn a_file_stopped_mid_way_says_what_was_published_and_how_to_go_on() {
+        let err = ReaderError::StoppedMidFile {
+            path: "in.csv.gz".to_owned(),
+            line: 1201,
+            source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+            acked_line: 1200,
+            checkpoint_saved: true,
+        };
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot read in.csv.gz at line 1201: "),
+            "{text}"
+        );
+        assert!(text.contains("Every row up to line 1200 was published (or rejected) and is checkpointed; nothing after it was sent."), "{text}");
+        assert!(
+            text.contains("`csv-reader --resume --force in.csv.gz`"),
+            "{text}"
+        );
+
+        let unsaved = stopped_mid_file_advice("in.csv", 1200, false);
+        assert!(unsaved.contains("could not be saved"), "{unsaved}");
+        assert!(stopped_mid_file_advice("-", 1200, true).contains("cannot be resumed"));
+        assert!(stopped_mid_file_advice("in.csv", 0, true).starts_with("No row was sent."));
     }
 }

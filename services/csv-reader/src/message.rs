@@ -197,13 +197,28 @@ fn truncate_raw(raw: &mut String) {
     if raw.len() <= MAX_RAW_BYTES {
         return;
     }
-    let total = raw.len();
-    let mut cut = MAX_RAW_BYTES;
+    let total = raw.len() as u64;
+    cut_with_note(raw, MAX_RAW_BYTES, total);
+}
+
+/// The raw text of a rejected line `total` bytes long of which the reader kept only `head`, the
+/// start (it does not hold a line over the row limit in memory).
+pub fn raw_line_excerpt(head: &[u8], total: u64) -> String {
+    let mut raw = String::from_utf8_lossy(head).into_owned();
+    if total > head.len() as u64 {
+        // Room for the note, so that `rejected_message` leaves the text as it is.
+        cut_with_note(&mut raw, MAX_RAW_BYTES - 64, total);
+    }
+    raw
+}
+
+fn cut_with_note(raw: &mut String, max: usize, total: u64) {
+    let mut cut = max.min(raw.len());
     while !raw.is_char_boundary(cut) {
         cut -= 1;
     }
     raw.truncate(cut);
-    raw.push_str(&format!("… [{} of {total} bytes shown]", cut));
+    raw.push_str(&format!("… [{cut} of {total} bytes shown]"));
 }
 
 #[cfg(test)]
@@ -296,5 +311,22 @@ mod tests {
         assert!(body.raw.len() < MAX_RAW_BYTES + 100);
         assert!(body.raw.starts_with("1,é"));
         assert!(body.raw.ends_with(" of 20014 bytes shown]"), "{}", body.raw);
+    }
+
+    #[test]
+    fn an_excerpt_of_a_long_line_says_how_long_it_was_and_is_not_cut_again() {
+        let head = "ü".repeat(MAX_RAW_BYTES / 2);
+        let raw = raw_line_excerpt(head.as_bytes(), 20_000_000);
+        assert!(raw.ends_with("of 20000000 bytes shown]"), "{raw}");
+        assert!(raw.len() <= MAX_RAW_BYTES);
+        let rejection = RowRejection::RowTooLong {
+            bytes: 20_000_000,
+            limit: 16 * 1024 * 1024,
+        };
+        let message = rejected_message(&context(), &rejection, raw.clone(), 7).expect("message");
+        let body: RejectedRow = serde_json::from_slice(&message.payload).expect("json body");
+        assert_eq!(body.raw, raw);
+        assert_eq!(body.kind, "row_too_long");
+        assert_eq!(raw_line_excerpt(b"7,\"Ann", 6), "7,\"Ann");
     }
 }

@@ -240,14 +240,8 @@ async fn killed_mid_file_and_resumed_publishes_every_row_exactly_once() -> anyho
     let pipeline = Pipeline::new().await?;
     let (file, stats) = generated_file(150_000)?;
     let key = checkpoint_key(file.path())?;
-    let mut child = tokio::process::Command::new(e2e::binary("csv-reader")?)
-        .arg(file.path())
-        .args([
-            "--namespace",
-            pipeline.names.namespace(),
-            "--nats-url",
-            &pipeline.nats_url,
-        ])
+    let mut child = pipeline
+        .reader_command(file.path())?
         .args(["--checkpoint-interval", "100ms", "--progress", "off"])
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
@@ -350,14 +344,8 @@ async fn sigterm_drains_saves_the_checkpoint_and_says_how_to_resume() -> anyhow:
     let pipeline = Pipeline::new().await?;
     let (file, stats) = generated_file(100_000)?;
     let key = checkpoint_key(file.path())?;
-    let child = tokio::process::Command::new(e2e::binary("csv-reader")?)
-        .arg(file.path())
-        .args([
-            "--namespace",
-            pipeline.names.namespace(),
-            "--nats-url",
-            &pipeline.nats_url,
-        ])
+    let child = pipeline
+        .reader_command(file.path())?
         .args([
             "--checkpoint-interval",
             "100ms",
@@ -402,14 +390,8 @@ async fn standard_input_is_read_but_cannot_be_resumed() -> anyhow::Result<()> {
         b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n2,Bo,Ek,nope\n",
         ".csv",
     )?;
-    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
-        .arg("-")
-        .args([
-            "--namespace",
-            pipeline.names.namespace(),
-            "--nats-url",
-            &pipeline.nats_url,
-        ])
+    let output = pipeline
+        .reader_command("-")?
         .arg("--summary-json")
         .stdin(std::fs::File::open(file.path())?)
         .output()
@@ -436,37 +418,203 @@ async fn standard_input_is_read_but_cannot_be_resumed() -> anyhow::Result<()> {
     pipeline.delete_streams().await
 }
 
+/// Runs the csv-reader binary on `file` (with `extra` flags) and returns its exit code, summary
+/// (when it printed one) and stderr.
+async fn run_binary(
+    pipeline: &Pipeline,
+    file: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(Option<i32>, Option<serde_json::Value>, String)> {
+    let output = pipeline
+        .reader_command(file)?
+        .args(["--summary-json", "--progress", "off"])
+        .args(extra)
+        .output()
+        .await?;
+    let summary = serde_json::from_slice(&output.stdout).ok();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    Ok((output.status.code(), summary, stderr))
+}
+
+/// The source line of every message in the ingest stream, in stream order.
+async fn ingest_lines(pipeline: &Pipeline) -> anyhow::Result<Vec<u64>> {
+    pipeline
+        .header_values(&pipeline.names.ingest_stream(), HEADER_SOURCE_LINE)
+        .await?
+        .iter()
+        .map(|line| Ok(line.parse()?))
+        .collect()
+}
+
+async fn rejections(pipeline: &Pipeline) -> anyhow::Result<Vec<RejectedRow>> {
+    pipeline
+        .messages(&pipeline.names.results_stream())
+        .await?
+        .iter()
+        .map(|m| Ok(serde_json::from_slice(&m.payload)?))
+        .collect()
+}
+
+/// `count` valid rows with ids from `first_id`, one per line.
+fn valid_rows(first_id: u64, count: u64) -> Vec<u8> {
+    let mut rows = Vec::new();
+    for id in first_id..first_id + count {
+        rows.extend_from_slice(
+            format!("{id},First{id},Last{id},person{id}@example.com,555-{id}\n").as_bytes(),
+        );
+    }
+    rows
+}
+
+const HEADER: &[u8] = b"id,first_name,last_name,email,phone\n";
+
 #[tokio::test]
-async fn a_10_mb_field_is_rejected_and_an_endless_row_stops_the_run() -> anyhow::Result<()> {
+async fn a_10_mb_field_is_rejected_and_a_20_mb_line_is_skipped() -> anyhow::Result<()> {
     let pipeline = Pipeline::new().await?;
     let mut contents = b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n".to_vec();
     contents.extend_from_slice(b"2,");
-    contents.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024));
-    contents.extend_from_slice(b",Lee,b@c.io\n3,Cy,Oh,c@d.io\n");
+    contents.extend(std::iter::repeat_n(b'x', 10 * 1024 * 1024)); // line 3: a 10 MB field
+    contents.extend_from_slice(b",Lee,b@c.io\n");
+    contents.extend(std::iter::repeat_n(b'y', 20_000_000)); // line 4: 20 MB, no line break
+    contents.extend_from_slice(b"\n3,Cy,Oh,c@d.io\n4,Di,Ek,d@e.io\n");
+    let file = write_temp(&contents, ".csv")?;
+    let (code, summary, stderr) = run_binary(&pipeline, file.path(), &[]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let summary = summary.context("summary")?;
+    assert_eq!(summary["complete"], true);
+    assert_eq!(summary["published"], 3);
+    assert_eq!(summary["rejected_by_kind"]["field_too_long"], 1);
+    assert_eq!(summary["rejected_by_kind"]["row_too_long"], 1);
+
+    assert_eq!(ingest_lines(&pipeline).await?, [2, 5, 6]);
+    let rejected = rejections(&pipeline).await?;
+    let kinds: Vec<(u64, &str)> = rejected.iter().map(|r| (r.line, r.kind.as_str())).collect();
+    assert_eq!(kinds, [(3, "field_too_long"), (4, "row_too_long")]);
+    let too_long = &rejected[1];
+    assert!(
+        too_long.reason.contains("20000000 bytes"),
+        "{}",
+        too_long.reason
+    );
+    assert!(too_long.raw.starts_with("yyyy"), "{}", too_long.raw);
+    assert!(too_long.raw.len() <= 4096, "{}", too_long.raw.len());
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn an_unterminated_quote_costs_its_own_line_and_the_10000_rows_after_it_go_through()
+-> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let mut contents = HEADER.to_vec();
+    contents.extend_from_slice(&valid_rows(1, 1)); // line 2
+    let stray = "2,\"Unterminated,Poe,u@example.com,2";
+    contents.extend_from_slice(format!("{stray}\n").as_bytes()); // line 3
+    contents.extend_from_slice(&valid_rows(3, 10_000)); // lines 4-10003
+    let file = write_temp(&contents, ".csv")?;
+    let (code, summary, stderr) = run_binary(&pipeline, file.path(), &[]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let summary = summary.context("summary")?;
+    assert_eq!(summary["published"], 10_001);
+    assert_eq!(summary["rejected"], 1);
+    assert_eq!(summary["rejected_by_kind"]["unterminated_quote"], 1);
+
+    let expected: Vec<u64> = std::iter::once(2).chain(4..=10_003).collect();
+    assert_eq!(ingest_lines(&pipeline).await?, expected);
+    let rejected = rejections(&pipeline).await?;
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(
+        (rejected[0].line, rejected[0].kind.as_str()),
+        (3, "unterminated_quote")
+    );
+    assert_eq!(rejected[0].raw, stray);
+    assert!(
+        rejected[0].reason.contains("opened on line 3"),
+        "{}",
+        rejected[0].reason
+    );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn a_stray_quote_closed_by_another_30_lines_later_loses_no_row() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let mut contents = HEADER.to_vec();
+    contents.extend_from_slice(&valid_rows(1, 1)); // line 2
+    contents.extend_from_slice(b"2,\"Stray,Poe,s@example.com,2\n"); // line 3
+    contents.extend_from_slice(&valid_rows(3, 29)); // lines 4-32
+    contents.extend_from_slice(b"32,\"Ann,Lee,ann@example.com,3\n"); // line 33 closes it
+    contents.extend_from_slice(&valid_rows(33, 10)); // lines 34-43
     let file = write_temp(&contents, ".csv")?;
     let summary = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
-    assert_eq!((summary.published, summary.rejected), (2, 1));
-    assert_eq!(summary.rejected_by_kind.get("field_too_long"), Some(&1));
+    assert!(summary.complete);
+    assert_eq!((summary.published, summary.rejected), (40, 2));
 
-    // An unterminated quote swallows the rest of the file into one row: stopped at the limit.
-    let mut endless = b"id,first_name,last_name,email\n9,Dee,Ek,d@e.io\n2,\"".to_vec();
-    endless.extend(std::iter::repeat_n(b'y', 3 * 1024 * 1024));
-    let endless = write_temp(&endless, ".csv")?;
-    let mut config = pipeline.config(endless.path());
-    config.max_row_bytes = 1024 * 1024;
-    let err = csv_reader::run(config, CancellationToken::new())
-        .await
-        .expect_err("an endless row must stop the run");
-    assert_eq!(err.exit_code(), 2);
-    assert!(err.to_string().contains("unterminated quote"), "{err}");
-    // The rows before it were still acknowledged and checkpointed.
+    let expected: Vec<u64> = std::iter::once(2).chain(4..=32).chain(34..=43).collect();
+    assert_eq!(ingest_lines(&pipeline).await?, expected);
+    let rejected = rejections(&pipeline).await?;
+    let kinds: Vec<(u64, &str)> = rejected.iter().map(|r| (r.line, r.kind.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [(3, "unterminated_quote"), (33, "unterminated_quote")]
+    );
+    // Line 3's quote ran to line 33, where the stray quote there closed it.
+    assert!(
+        rejected[0].reason.contains("runs on to line 33"),
+        "{}",
+        rejected[0].reason
+    );
+    pipeline.delete_streams().await
+}
+
+#[tokio::test]
+async fn a_truncated_gz_stops_at_the_last_acknowledged_line_and_resumes_from_it()
+-> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    // Enough rows that the damage lies past the first 256 KiB, which the reader checks on opening.
+    let rows = 12_000;
+    let mut contents = HEADER.to_vec();
+    contents.extend_from_slice(&valid_rows(1, rows));
+    let full = tempfile::Builder::new().suffix(".csv.gz").tempfile()?;
+    std::io::Write::write_all(&mut flate2_free_gzip(full.as_file())?, &contents)?;
+    let full = std::fs::read(full.path())?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("customers.csv.gz");
+    std::fs::write(&path, &full[..full.len() * 4 / 5])?;
+
+    let (code, _, stderr) = run_binary(&pipeline, &path, &[]).await?;
+    assert_eq!(code, Some(2), "{stderr}");
+    let acked: u64 = stderr
+        .split("Every row up to line ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no acknowledged line in: {stderr}"))?;
+    assert!((1000..rows).contains(&acked), "{stderr}");
+    let shown = std::fs::canonicalize(&path)?.display().to_string();
+    assert!(
+        stderr.contains(&format!("csv-reader --resume --force {}", path.display()))
+            || stderr.contains(&format!("csv-reader --resume --force {shown}")),
+        "{stderr}"
+    );
+    // Exactly the rows before the damage are in the stream, and the checkpoint says so.
+    assert_eq!(
+        ingest_lines(&pipeline).await?,
+        (2..=acked).collect::<Vec<_>>()
+    );
     let checkpoint = pipeline
-        .checkpoint(&checkpoint_key(endless.path())?)
+        .checkpoint(&checkpoint_key(&path)?)
         .await?
         .context("checkpoint")?;
+    assert_eq!((checkpoint.line, checkpoint.complete), (acked, false));
+
+    // What the message says to do: replace the file, resume with --force.
+    std::fs::write(&path, &full)?;
+    let (code, summary, stderr) = run_binary(&pipeline, &path, &["--resume", "--force"]).await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(summary.context("summary")?["resumed_from_line"], acked);
     assert_eq!(
-        (checkpoint.line, checkpoint.published, checkpoint.complete),
-        (2, 1, false)
+        ingest_lines(&pipeline).await?,
+        (2..=rows + 1).collect::<Vec<_>>()
     );
     pipeline.delete_streams().await
 }
@@ -566,14 +714,8 @@ async fn file_problems_exit_2_before_anything_is_published() -> anyhow::Result<(
     );
 
     // The real binary turns them into its exit status.
-    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
-        .arg(missing_column.path())
-        .args([
-            "--namespace",
-            pipeline.names.namespace(),
-            "--nats-url",
-            &pipeline.nats_url,
-        ])
+    let output = pipeline
+        .reader_command(missing_column.path())?
         .output()
         .await?;
     assert_eq!(output.status.code(), Some(2));
@@ -585,16 +727,7 @@ async fn file_problems_exit_2_before_anything_is_published() -> anyhow::Result<(
 async fn missing_streams_exit_1_and_say_to_run_setup() -> anyhow::Result<()> {
     let pipeline = Pipeline::without_topology().await?;
     let file = write_temp(b"id,first_name,last_name,email\n1,Ann,Lee,a@b.io\n", ".csv")?;
-    let output = tokio::process::Command::new(e2e::binary("csv-reader")?)
-        .arg(file.path())
-        .args([
-            "--namespace",
-            pipeline.names.namespace(),
-            "--nats-url",
-            &pipeline.nats_url,
-        ])
-        .output()
-        .await?;
+    let output = pipeline.reader_command(file.path())?.output().await?;
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("syncctl setup"), "{stderr}");

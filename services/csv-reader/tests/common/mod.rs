@@ -4,13 +4,16 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, message::StreamMessage};
+use async_nats::jetstream::{self, consumer::pull, message::StreamMessage};
 use csv_reader::ReaderConfig;
+use futures::StreamExt;
 use service_kit::NatsArgs;
 use sync_topology::messages::Checkpoint;
 use sync_topology::{Names, TopologySettings, ensure_topology};
+use tokio::process::Command;
 
 pub struct Pipeline {
     pub names: Names,
@@ -49,6 +52,18 @@ impl Pipeline {
         )
     }
 
+    /// The csv-reader binary on `input`, pointed at this namespace.
+    pub fn reader_command(&self, input: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let mut command = Command::new(e2e::binary("csv-reader")?);
+        command.arg(input).args([
+            "--namespace",
+            self.names.namespace(),
+            "--nats-url",
+            &self.nats_url,
+        ]);
+        Ok(command)
+    }
+
     pub async fn message_count(&self, stream: &str) -> anyhow::Result<u64> {
         let mut stream = self.js.get_stream(stream).await?;
         Ok(stream.info().await?.state.messages)
@@ -68,6 +83,33 @@ impl Pipeline {
             );
         }
         Ok(messages)
+    }
+
+    /// Header `name` of every message of `stream`, in stream order ("" where it is missing). One
+    /// ordered consumer instead of a request per message: quick for thousands of messages.
+    pub async fn header_values(&self, stream: &str, name: &str) -> anyhow::Result<Vec<String>> {
+        let count = self.message_count(stream).await?;
+        let consumer = self
+            .js
+            .get_stream(stream)
+            .await?
+            .create_consumer(pull::OrderedConfig {
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("reading {stream}"))?;
+        let mut messages = consumer.messages().await?;
+        let mut values = Vec::new();
+        while (values.len() as u64) < count {
+            let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .with_context(|| format!("{stream}: message {} did not come", values.len() + 1))?
+                .with_context(|| format!("{stream}: the consumer ended"))??;
+            let value = message.headers.as_ref().and_then(|h| h.get(name));
+            values.push(value.map(|v| v.as_str().to_owned()).unwrap_or_default());
+        }
+        Ok(values)
     }
 
     pub async fn checkpoint(&self, key: &str) -> anyhow::Result<Option<Checkpoint>> {
