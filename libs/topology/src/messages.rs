@@ -160,6 +160,10 @@ pub struct Checkpoint {
     pub size: u64,
     /// BLAKE3 (hex) of the file's first bytes: a replaced file with the same path is detected.
     pub head_hash: String,
+    /// The file's modification time (ns since the Unix epoch) when it was read: a file rewritten in
+    /// place with the same size and first bytes is detected too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<u64>,
     /// The load number this content of the file was given: the `load` of its rows' versions. Every
     /// run of the same content keeps it; 0 in checkpoints of builds before versions existed.
     #[serde(default)]

@@ -57,15 +57,26 @@ pub fn start_point(
     let Some(stored) = stored else {
         return Ok(StartPoint::default());
     };
-    let changed = stored.size != identity.size || stored.head_hash != identity.head_hash;
-    if changed && mode.resume && !mode.force {
+    let change = if stored.size != identity.size {
+        Some(format!(
+            "size was {} bytes, is {} bytes",
+            stored.size, identity.size
+        ))
+    } else if stored.head_hash != identity.head_hash {
+        Some("its first bytes differ".to_owned())
+    } else if stored.modified_ns != identity.modified_ns {
+        Some("it was modified since".to_owned())
+    } else {
+        None
+    };
+    let changed = change.is_some();
+    if let Some(detail) = change
+        && mode.resume
+        && !mode.force
+    {
         return Err(ReaderError::FileChanged {
             path: identity.path.clone(),
-            detail: if stored.size != identity.size {
-                format!("size was {} bytes, is {} bytes", stored.size, identity.size)
-            } else {
-                "its first bytes differ".to_owned()
-            },
+            detail,
             line: stored.line,
         });
     }
@@ -115,6 +126,7 @@ pub fn checkpoint(
         path: identity.path.clone(),
         size: identity.size,
         head_hash: identity.head_hash.clone(),
+        modified_ns: identity.modified_ns,
         load,
         line,
         rows_read: counters.rows_read,
@@ -215,6 +227,7 @@ mod tests {
             path: "/data/a.csv".to_owned(),
             size,
             head_hash: head_hash.to_owned(),
+            modified_ns: Some(42),
             key: "file-1".to_owned(),
             is_stdin: false,
         }
@@ -286,7 +299,15 @@ mod tests {
 
     #[test]
     fn a_changed_file_is_a_new_load_and_refused_on_resume_unless_forced() {
-        for changed in [identity(101, "h"), identity(100, "other")] {
+        let rewritten_in_place = FileIdentity {
+            modified_ns: Some(43),
+            ..identity(100, "h")
+        };
+        for changed in [
+            identity(101, "h"),
+            identity(100, "other"),
+            rewritten_in_place,
+        ] {
             let fresh = start_point(&changed, Some(&stored()), mode(false, false, false))
                 .expect("read from the top");
             assert_eq!(fresh, StartPoint::default());

@@ -31,17 +31,22 @@ pub struct FileIdentity {
     pub size: u64,
     /// BLAKE3 (hex) of the first [`HEAD_BYTES`]; empty for standard input.
     pub head_hash: String,
+    /// Last modification, nanoseconds since the Unix epoch: a file rewritten in place with the
+    /// same size and first bytes (one phone number changed deep inside a nightly export) is a new
+    /// content all the same. None for standard input or where the file system has no times.
+    pub modified_ns: Option<u64>,
     /// The checkpoint's KV key: KV keys allow few characters, paths any, so the path is hashed.
     pub key: String,
     pub is_stdin: bool,
 }
 
 impl FileIdentity {
-    fn for_file(canonical_path: &str, size: u64, head: &[u8]) -> Self {
+    fn for_file(canonical_path: &str, size: u64, modified_ns: Option<u64>, head: &[u8]) -> Self {
         FileIdentity {
             path: canonical_path.to_owned(),
             size,
             head_hash: blake3::hash(head).to_hex().to_string(),
+            modified_ns,
             key: file_key(canonical_path),
             is_stdin: false,
         }
@@ -55,6 +60,7 @@ impl FileIdentity {
             path: "-".to_owned(),
             size: 0,
             head_hash: String::new(),
+            modified_ns: None,
             key: format!("stdin-{started}"),
             is_stdin: true,
         }
@@ -115,7 +121,12 @@ pub async fn open(path: &Path) -> Result<OpenedInput, ReaderError> {
         file.seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(|source| input_error(&shown, source))?;
-        let identity = FileIdentity::for_file(&canonical, metadata.len(), &head);
+        let modified_ns = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
+        let identity = FileIdentity::for_file(&canonical, metadata.len(), modified_ns, &head);
         (identity, Box::pin(InspectReader::new(file, count)))
     };
     let gzip = shown.ends_with(".gz");
@@ -596,8 +607,8 @@ mod tests {
 
     #[test]
     fn identity_key_is_a_valid_kv_key_and_depends_on_the_path_only() {
-        let a = FileIdentity::for_file("/data/a b/ü.csv", 10, b"id,x");
-        let b = FileIdentity::for_file("/data/a b/ü.csv", 20, b"id,y");
+        let a = FileIdentity::for_file("/data/a b/ü.csv", 10, Some(1), b"id,x");
+        let b = FileIdentity::for_file("/data/a b/ü.csv", 20, Some(2), b"id,y");
         assert_eq!(a.key, b.key);
         assert_ne!(a.head_hash, b.head_hash);
         assert!(
@@ -607,7 +618,7 @@ mod tests {
         );
         assert_ne!(
             a.key,
-            FileIdentity::for_file("/data/other.csv", 10, b"").key
+            FileIdentity::for_file("/data/other.csv", 10, None, b"").key
         );
     }
 

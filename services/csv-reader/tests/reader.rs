@@ -786,3 +786,37 @@ impl Drop for GzipPipe {
         let _ = self.child.wait();
     }
 }
+
+/// A nightly export written over yesterday's file: same path, same size, same first 64 KiB, one
+/// phone number changed deep inside. It is new content, so it must be read again as a new load,
+/// not taken for the file already read.
+#[tokio::test]
+async fn a_file_rewritten_in_place_with_the_same_size_and_head_is_read_again() -> anyhow::Result<()>
+{
+    let pipeline = Pipeline::new().await?;
+    let mut csv = String::from("id,first_name,last_name,email,phone\n");
+    for i in 0..3_000 {
+        csv.push_str(&format!("{i},Ann,Lee,a{i}@example.com,+1 555 {i:04}\n"));
+    }
+    let file = write_temp(csv.as_bytes(), ".csv")?;
+    let first = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!((first.published, first.complete), (3_000, true));
+
+    let edited = csv.replace("+1 555 2999", "+1 555 9999");
+    assert_eq!(edited.len(), csv.len());
+    assert!(csv.find("+1 555 2999").is_some_and(|at| at > 64 * 1024));
+    std::fs::write(file.path(), &edited)?;
+    let later = std::time::SystemTime::now() + Duration::from_secs(1);
+    std::fs::File::options()
+        .write(true)
+        .open(file.path())?
+        .set_modified(later)?;
+
+    let second = csv_reader::run(pipeline.config(file.path()), CancellationToken::new()).await?;
+    assert_eq!(
+        (second.rows_read, second.published),
+        (3_000, 3_000),
+        "read again as a new load: {second:#?}"
+    );
+    pipeline.delete_streams().await
+}

@@ -52,6 +52,7 @@ fn checkpoint(rows_read: u64, published: u64, deduplicated: u64, rejected: u64) 
         path: "customers.csv".to_owned(),
         size: 1234,
         head_hash: "00".repeat(16),
+        modified_ns: None,
         load: LOAD,
         line: rows_read + 1,
         rows_read,
