@@ -156,6 +156,12 @@ pub enum RowRejection {
          {MAX_FIELD_BYTES} bytes); reading went on at the next line"
     )]
     RowTooLong { bytes: u64, limit: u64 },
+    /// The column named by `csv-reader --version-column` does not hold a version.
+    #[error(
+        "field `{column}` (the version column) is {value:?}: not a whole number or a date-time \
+         (RFC 3339, `YYYY-MM-DD HH:MM:SS` in UTC, or `YYYY-MM-DD`)"
+    )]
+    InvalidVersion { column: String, value: String },
 }
 
 impl RowRejection {
@@ -172,6 +178,7 @@ impl RowRejection {
             RowRejection::RecordTooLarge { .. } => "record_too_large",
             RowRejection::UnterminatedQuote { .. } => "unterminated_quote",
             RowRejection::RowTooLong { .. } => "row_too_long",
+            RowRejection::InvalidVersion { .. } => "invalid_version",
         }
     }
 }
@@ -275,6 +282,12 @@ impl ColumnLayout {
 
     pub fn column_names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Where the column of this name (matched like the header: trimmed, case-insensitive) sits.
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        let wanted = name.trim().to_lowercase();
+        self.names.iter().position(|n| *n == wanted)
     }
 
     /// Turns one data row into a customer, or says why it is not one.

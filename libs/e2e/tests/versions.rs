@@ -244,3 +244,44 @@ async fn nats_killed_while_the_reader_publishes_keeps_the_later_line() -> anyhow
     assert_eq!(verified["ok"], 10_000, "{verified:#}");
     pipeline.stop().await
 }
+
+/// With `--version-column updated_at`, the row with the later `updated_at` wins, even when it comes
+/// earlier in the file, and a row whose `updated_at` is not a date is rejected, not guessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_column_orders_rows_by_their_data() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let env = PipelineEnv::new(&nats_url()?, &db.url);
+    let pipeline = Pipeline::start(env.clone(), MockFaults::default(), 1, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let people = ids("vc-", 50);
+    let mut text = String::from("id,first_name,last_name,email,updated_at\n");
+    for id in &people {
+        writeln!(
+            text,
+            "{id},New,Tester,{id}@example.com,2026-11-02T08:00:00Z"
+        )?;
+        writeln!(text, "{id},Old,Tester,{id}@example.com,2026-11-01 08:00:00")?;
+    }
+    writeln!(text, "vc-bad,Bad,Tester,bad@example.com,last tuesday")?;
+    let file = dir.path().join("versioned.csv");
+    std::fs::write(&file, text)?;
+    read(&env, &file, &["--version-column", "updated_at"]).await?;
+    pipeline.wait_drained(Duration::from_secs(120)).await?;
+    let client = db.client().await?;
+    let names: Vec<String> = client
+        .query("SELECT DISTINCT first_name FROM customers", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["New"], "the later updated_at wins everywhere");
+    let rejected: Vec<String> = client
+        .query("SELECT kind FROM rejected_rows", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rejected, ["invalid_version"]);
+    pipeline.verify().await?;
+    pipeline.stop().await
+}

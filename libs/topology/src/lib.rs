@@ -24,7 +24,7 @@ pub use setup::{
     Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
     TopologySettings, ensure_topology,
 };
-pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version};
+pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version, stamp_from_text};
 
 /// Header carrying the path of the file a row came from.
 pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";

@@ -102,6 +102,33 @@ impl Version {
     }
 }
 
+/// Reads a version column's value (`csv-reader --version-column`) as a stamp: a whole number as it
+/// is, or a date-time as milliseconds since the Unix epoch (RFC 3339; `YYYY-MM-DD HH:MM:SS[.f]` and
+/// `YYYY-MM-DD`, taken as UTC). Plain loads are stamped with their load number, itself a millisecond
+/// clock reading, so date-times compare with them on one time axis; whole numbers do not, and a
+/// customer's rows should come either always or never with a version column.
+pub fn stamp_from_text(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= MAX_VERSION_COMPONENT);
+    }
+    let millis = if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        time.timestamp_millis()
+    } else if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f") {
+        time.and_utc().timestamp_millis()
+    } else {
+        chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()?
+            .and_hms_opt(0, 0, 0)?
+            .and_utc()
+            .timestamp_millis()
+    };
+    u64::try_from(millis).ok()
+}
+
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}.{}", self.stamp, self.load, self.line)
@@ -143,6 +170,34 @@ mod tests {
             assert!(Version::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Version::parse("9223372036854775807.0.0").is_ok());
+    }
+
+    #[test]
+    fn version_columns_read_numbers_and_date_times() {
+        assert_eq!(stamp_from_text(" 42 "), Some(42));
+        assert_eq!(
+            stamp_from_text("2026-11-30T10:00:00Z"),
+            Some(1_796_032_800_000)
+        );
+        assert_eq!(
+            stamp_from_text("2026-11-30T11:00:00+01:00"),
+            Some(1_796_032_800_000)
+        );
+        assert_eq!(
+            stamp_from_text("2026-11-30 10:00:00.5"),
+            Some(1_796_032_800_500)
+        );
+        assert_eq!(stamp_from_text("2026-11-30"), Some(1_795_996_800_000));
+        for bad in [
+            "",
+            "yesterday",
+            "-5",
+            "1969-12-31",
+            "2026-13-01",
+            "99999999999999999999",
+        ] {
+            assert_eq!(stamp_from_text(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub struct ReaderConfig {
     /// the newest versions of their customers (how an older file is deliberately loaded again).
     #[arg(long, conflicts_with = "resume")]
     pub reload: bool,
+    /// A column whose value orders a customer's rows, as reverse-ETL tools do: a whole number, or a
+    /// date-time such as `updated_at` (RFC 3339, `YYYY-MM-DD HH:MM:SS` in UTC, or `YYYY-MM-DD`). Of
+    /// two rows of a customer the one with the greater value wins, whatever file or line it is
+    /// on; the load and the line only break ties. A row without a readable value is rejected.
+    #[arg(long, env = "CSV_READER_VERSION_COLUMN")]
+    pub version_column: Option<String>,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     pub summary_json: bool,
@@ -91,6 +97,7 @@ impl ReaderConfig {
             resume: false,
             force: false,
             reload: false,
+            version_column: None,
             summary_json: false,
             progress: ProgressMode::Off,
             checkpoint_interval: Duration::from_secs(2),
@@ -299,6 +306,7 @@ pub async fn run(
     let shown = config.input.display().to_string();
 
     let (mut rows, layout) = read_header(opened.reader, config.max_row_bytes, &shown).await?;
+    let version_column = version_column(&config, &layout, &shown)?;
     let mut record = ByteRecord::new();
 
     let client = connect(&config.nats).await?;
@@ -329,13 +337,14 @@ pub async fn run(
         tracing::info!(file = %identity.path, line = start.line, load, "resuming after the checkpointed line");
     }
 
-    let context = MessageContext::new(
+    let mut context = MessageContext::new(
         &names,
         &identity.path,
         &identity.key,
         load,
         max_message_bytes,
     );
+    context.version_column = version_column;
     let retry = RetryPolicy {
         attempts: config.publish_attempts,
         ..RetryPolicy::default()
@@ -512,6 +521,27 @@ async fn read_header(
     })?;
     rows.expect_width(layout.width()).map_err(unreadable)?;
     Ok((rows, layout))
+}
+
+/// Where the `--version-column` sits; a column missing from the header is a file-level problem.
+fn version_column(
+    config: &ReaderConfig,
+    layout: &ColumnLayout,
+    shown: &str,
+) -> Result<Option<usize>, ReaderError> {
+    let Some(name) = &config.version_column else {
+        return Ok(None);
+    };
+    layout
+        .column_index(name)
+        .map(Some)
+        .ok_or_else(|| ReaderError::BadHeader {
+            path: shown.to_owned(),
+            source: HeaderError::MissingColumns {
+                missing: format!("{name} (named by --version-column)"),
+                found: layout.column_names().join(", "),
+            },
+        })
 }
 
 /// The message of what the reader found: a row's customer or rejection, or a line it rejected.

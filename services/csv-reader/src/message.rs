@@ -7,7 +7,9 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use customer_record::{ColumnLayout, CustomerRecord, RowRejection, raw_row_text};
 use sync_topology::messages::RejectedRow;
-use sync_topology::{HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, IngestMessage, Names, Version, ids};
+use sync_topology::{
+    HEADER_SOURCE_FILE, HEADER_SOURCE_LINE, IngestMessage, Names, Version, ids, stamp_from_text,
+};
 
 use crate::ReaderError;
 
@@ -26,6 +28,9 @@ pub struct MessageContext {
     pub file_key: String,
     /// The load number of this run: with the line, the version of each row.
     pub load: u64,
+    /// `--version-column`: where the column sits whose value orders a customer's rows before the
+    /// load and line do.
+    pub version_column: Option<usize>,
     /// The server's largest message (its `max_payload`): a bigger row is rejected, not published.
     pub max_message_bytes: usize,
 }
@@ -44,6 +49,7 @@ impl MessageContext {
             source_file: source_file.to_owned(),
             file_key: file_key.to_owned(),
             load,
+            version_column: None,
             max_message_bytes,
         }
     }
@@ -112,9 +118,13 @@ pub fn row_message<'a>(
             Ok(record)
         }
     });
-    let rejection = match parsed {
-        Ok(record) => {
-            let message = customer_message(context, &record, line)?;
+    let versioned = parsed.and_then(|record| {
+        let version = version_of(context, layout, fields.clone(), line)?;
+        Ok((record, version))
+    });
+    let rejection = match versioned {
+        Ok((record, version)) => {
+            let message = customer_message_at(context, &record, version, line)?;
             // The server would refuse it and the whole run would stop on one row.
             let bytes = message.payload.len() + message.headers_len();
             if bytes <= context.max_message_bytes {
@@ -130,13 +140,48 @@ pub fn row_message<'a>(
     rejected_message(context, &rejection, raw_row_text(fields), line)
 }
 
+/// The row's version: `(load, load, line)`, or with a version column `(its value, load, line)`.
+fn version_of<'a>(
+    context: &MessageContext,
+    layout: &ColumnLayout,
+    mut fields: impl Iterator<Item = &'a [u8]>,
+    line: u64,
+) -> Result<Version, RowRejection> {
+    let Some(column) = context.version_column else {
+        return Ok(Version::row(context.load, line));
+    };
+    let raw = fields.nth(column).unwrap_or_default();
+    let text = String::from_utf8_lossy(raw);
+    let stamp = stamp_from_text(&text).ok_or_else(|| RowRejection::InvalidVersion {
+        column: layout
+            .column_names()
+            .get(column)
+            .cloned()
+            .unwrap_or_default(),
+        value: text.chars().take(64).collect(),
+    })?;
+    Ok(Version {
+        stamp,
+        load: context.load,
+        line,
+    })
+}
+
 /// The ingest message of a valid row: version `(load, line)`, in the contract's wire form.
 pub fn customer_message(
     context: &MessageContext,
     record: &CustomerRecord,
     line: u64,
 ) -> Result<OutgoingMessage, ReaderError> {
-    let version = Version::row(context.load, line);
+    customer_message_at(context, record, Version::row(context.load, line), line)
+}
+
+fn customer_message_at(
+    context: &MessageContext,
+    record: &CustomerRecord,
+    version: Version,
+    line: u64,
+) -> Result<OutgoingMessage, ReaderError> {
     let message = IngestMessage::from_row(record.clone(), version, &context.source_file, line);
     let (headers, payload) = message
         .encode(&ids::ingest_row(&version))
