@@ -44,30 +44,15 @@ pub fn rejected_row(file_key: &str, line: u64) -> String {
     format!("rejected:{file_key}:{line}")
 }
 
-/// Which outcome an ingest message got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutcomeKind {
-    Synced,
-    Superseded,
-    Dead,
-}
-
-impl OutcomeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutcomeKind::Synced => "synced",
-            OutcomeKind::Superseded => "superseded",
-            OutcomeKind::Dead => "dead",
-        }
-    }
-}
-
-/// The one outcome of one ingest message. Its stream sequence tells copies of a version apart
-/// (each copy needs its own outcome for the reconciliation), and the version beside it keeps a
-/// reused sequence (a stream that lost its tail or was recreated) from matching another record's
-/// outcome.
-pub fn outcome(kind: OutcomeKind, ingest_seq: u64, version: &Version) -> String {
-    format!("{}:{ingest_seq}:{version}", kind.as_str())
+/// The one outcome of one ingest message, whichever it is. Its stream sequence tells copies of a
+/// version apart (each copy needs its own outcome for the reconciliation), and the version beside
+/// it keeps a reused sequence (a stream that lost its tail or was recreated) from matching another
+/// record's outcome. The kind is not part of it: a message redelivered after its ack was lost
+/// (a NATS node killed, a leader change) may be judged again differently (synced the first time,
+/// superseded the second when a newer version was confirmed meanwhile), and that second outcome
+/// must be dropped by the results stream as the duplicate it is.
+pub fn outcome(ingest_seq: u64, version: &Version) -> String {
+    format!("outcome:{ingest_seq}:{version}")
 }
 
 /// The CRM's `Idempotency-Key` for sending a version: a retry of the same version is a replay the
@@ -98,10 +83,7 @@ mod tests {
             "replay:1700000000000.1700000000000.12:n1"
         );
         assert_eq!(rejected_row("file-x", 7), "rejected:file-x:7");
-        assert_eq!(
-            outcome(OutcomeKind::Superseded, 5, &v),
-            "superseded:5:1700000000000.1700000000000.12"
-        );
+        assert_eq!(outcome(5, &v), "outcome:5:1700000000000.1700000000000.12");
         assert_eq!(
             idempotency_key(&v, &hash),
             format!("cs1:1700000000000.1700000000000.12:{}", "ab".repeat(16))

@@ -65,6 +65,10 @@ pub struct Failing {
     pub version: Version,
     /// Failed deliveries of this version; reset when it is dead-lettered, so a redrive starts over.
     pub failures: u64,
+    /// The ingest message that was dead-lettered with this version: if it comes back (its ack was
+    /// lost), it is dead-lettered again rather than sent, so it keeps its one outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_seq: Option<u64>,
 }
 
 impl LedgerEntry {
@@ -79,6 +83,13 @@ impl LedgerEntry {
         .into_iter()
         .flatten()
         .max()
+    }
+
+    /// Whether the ingest message stored at `seq` was dead-lettered with `version`.
+    pub fn dead_lettered(&self, version: Version, seq: u64) -> bool {
+        self.failing
+            .as_ref()
+            .is_some_and(|f| f.version == version && f.dead_seq == Some(seq))
     }
 
     /// Failed deliveries so far of `version`.
@@ -324,6 +335,7 @@ mod tests {
             failing: Some(Failing {
                 version: v(10),
                 failures: 3,
+                dead_seq: None,
             }),
             ..LedgerEntry::default()
         };
@@ -408,11 +420,14 @@ mod tests {
             failing: Some(Failing {
                 version: v(4),
                 failures: 3,
+                dead_seq: Some(17),
             }),
             ..LedgerEntry::default()
         };
         assert_eq!(e.failures_of(v(4)), 3);
         assert_eq!(e.failures_of(v(5)), 0);
+        assert!(e.dead_lettered(v(4), 17));
+        assert!(!e.dead_lettered(v(4), 18) && !e.dead_lettered(v(5), 17));
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl Ledger {
                 entry.failing = Some(Failing {
                     version: subject.version,
                     failures: entry.failures_of(subject.version) + 1,
+                    dead_seq: None,
                 });
             }
             ours || counted
@@ -210,13 +211,15 @@ impl Ledger {
         Ok(())
     }
 
-    /// The version was dead-lettered: release the claim and keep the version as the newest known
-    /// (older versions stay superseded by it), with the count reset so a redrive starts over.
+    /// The version was dead-lettered (by the ingest message at `seq`): release the claim and keep
+    /// the version as the newest known (older versions stay superseded by it), with the count
+    /// reset so a redrive starts over.
     pub async fn mark_dead(
         &self,
         subject: Subject<'_>,
         held: &mut Held,
         in_doubt: bool,
+        seq: u64,
     ) -> Result<(), ProcessError> {
         self.update(subject.key, held, |entry| {
             if self.is_ours(entry.claim.as_ref(), subject.version) {
@@ -228,6 +231,7 @@ impl Ledger {
             entry.failing = Some(Failing {
                 version: subject.version,
                 failures: 0,
+                dead_seq: Some(seq),
             });
             true
         })

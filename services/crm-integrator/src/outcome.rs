@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use serde::Serialize;
 use sync_topology::Version;
-use sync_topology::ids::{self, OutcomeKind};
+use sync_topology::ids;
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncAction, SyncedOutcome};
 
 use crate::process::{Integrator, ProcessError, Settled, Task, time_phase};
@@ -84,7 +84,7 @@ pub(crate) async fn publish_synced(
         integrator,
         task.stream_seq,
         integrator.names.synced_subject(),
-        ids::outcome(OutcomeKind::Synced, task.stream_seq, &task.version),
+        ids::outcome(task.stream_seq, &task.version),
         encode(&outcome, "synced outcome")?,
     )
     .await?;
@@ -136,7 +136,7 @@ pub(crate) async fn superseded(
         integrator,
         task.stream_seq,
         integrator.names.superseded_subject(),
-        ids::outcome(OutcomeKind::Superseded, task.stream_seq, &task.version),
+        ids::outcome(task.stream_seq, &task.version),
         encode(&outcome, "superseded outcome")?,
     )
     .await?;
@@ -202,7 +202,7 @@ async fn publish_dead(
         integrator,
         stream_seq,
         integrator.names.dead_subject(),
-        ids::outcome(OutcomeKind::Dead, stream_seq, &letter.version()),
+        ids::outcome(stream_seq, &letter.version()),
         encode(letter, "dead letter")?,
     )
     .await?;

@@ -256,6 +256,18 @@ async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessEr
             integrator.ledger.read(&task.key).await?
         };
         let entry = current.as_ref().map(|h| &h.entry);
+        if task.delivered > 1
+            && entry.is_some_and(|e| e.dead_lettered(task.version, task.stream_seq))
+        {
+            // Its ack was lost after the dead letter: the same outcome again (the results stream
+            // drops it as a duplicate), never a send that would give it a second one.
+            let reason = "dead-lettered before; its acknowledgement was lost".to_owned();
+            let attempts = 0;
+            return Ok(Judged::Settled(
+                outcome::dead_letter(integrator, task, reason, CrmAnswer::default(), attempts)
+                    .await?,
+            ));
+        }
         let decision = decide(entry, task.version, &task.hash, task.force_resend, now_ms());
         let settled = match decision {
             Decision::AlreadyConfirmed { crm_id } => {
@@ -605,7 +617,12 @@ async fn dead_letter_claimed(
     let attempts = claimed.held.entry.failures_of(task.version) + 1;
     integrator
         .ledger
-        .mark_dead(task.subject(), &mut claimed.held, claimed.in_doubt)
+        .mark_dead(
+            task.subject(),
+            &mut claimed.held,
+            claimed.in_doubt,
+            task.stream_seq,
+        )
         .await?;
     outcome::dead_letter(integrator, task, reason, answer, attempts).await
 }

@@ -358,3 +358,99 @@ fn copies_keep_their_version_under_a_fresh_id() {
         ids::ingest_row(&original.version)
     );
 }
+
+/// Takes the message at `seq` off a consumer of its own, as a redelivery would bring it again after
+/// its ack was lost (a NATS node killed, a leader change); `deliveries` times, handing it back in
+/// between, so the last one counts as a redelivery.
+async fn deliver_again(
+    pipeline: &Pipeline,
+    seq: u64,
+    deliveries: usize,
+) -> anyhow::Result<async_nats::jetstream::Message> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    let stream = pipeline
+        .js
+        .get_stream(pipeline.names.ingest_stream())
+        .await?;
+    let consumer: PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(format!("again{seq}")),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: seq,
+            },
+            ..Default::default()
+        })
+        .await?;
+    for n in 1..=deliveries {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await?;
+        let message = batch
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no message at {seq}"))?
+            .map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?;
+        if n == deliveries {
+            return Ok(message);
+        }
+        message
+            .ack_with(async_nats::jetstream::AckKind::Nak(None))
+            .await
+            .map_err(|e| anyhow::anyhow!("nak failed: {e}"))?;
+    }
+    anyhow::bail!("no deliveries asked for")
+}
+
+/// A message whose ack was lost is judged again when it comes back, maybe differently (synced the
+/// first time, superseded once a newer version is confirmed): its second outcome carries the same
+/// id as its first and is dropped, so it keeps exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_ack_was_lost_keeps_one_outcome() -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
+    let pipeline = Pipeline::new().await?;
+    let integrator =
+        crm_integrator::connect(&pipeline.config(&mock.url)?, shutdown.clone()).await?;
+    let (v1, v2) = (customer("lost", "First"), customer("lost", "Second"));
+    let first_seq = pipeline.publish(&v1, 2).await?;
+    for message in take(&pipeline, 1).await? {
+        crm_integrator::process_message(&integrator, message).await?;
+    }
+    pipeline.publish(&v2, 3).await?;
+    for message in take(&pipeline, 1).await? {
+        crm_integrator::process_message(&integrator, message).await?;
+    }
+    let again = deliver_again(&pipeline, first_seq, 2).await?;
+    assert!(matches!(
+        crm_integrator::process_message(&integrator, again).await?,
+        Settled::Superseded { .. }
+    ));
+    let outcomes = pipeline.outcomes().await?;
+    assert_eq!(outcomes.settled_seqs().len(), 2);
+    assert!(outcomes.superseded.is_empty(), "dropped: {outcomes:?}");
+
+    // A dead-lettered message that comes back is dead-lettered again, not sent.
+    let mut refused = customer("lost-dead", "Refused");
+    refused.email = "not-an-address".to_owned();
+    let dead_seq = pipeline.publish(&refused, 4).await?;
+    for message in take(&pipeline, 1).await? {
+        assert_eq!(
+            crm_integrator::process_message(&integrator, message).await?,
+            Settled::DeadLettered
+        );
+    }
+    let requests = mock.stats().requests;
+    let again = deliver_again(&pipeline, dead_seq, 2).await?;
+    assert_eq!(
+        crm_integrator::process_message(&integrator, again).await?,
+        Settled::DeadLettered
+    );
+    assert_eq!(mock.stats().requests, requests, "no second send");
+    let outcomes = pipeline.outcomes().await?;
+    assert_eq!(outcomes.settled_seqs().len(), 3);
+    assert_eq!(outcomes.dead.len(), 1);
+    Ok(())
+}
