@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv};
-use backon::{BackoffBuilder as _, ExponentialBuilder};
 use bytes::Bytes;
 use customer_record::{ContentHash, CustomerRecord, ledger_key};
 use governor::DefaultDirectRateLimiter;
@@ -20,9 +19,11 @@ use sync_topology::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::crm::{CrmClient, CrmReply, Transient, Write};
+use crate::crm::{CrmClient, CrmReply, Write};
 use crate::fleet::FleetPause;
-use crate::flow::{Admission, Gate, Limiter, Signal, now_ms};
+use crate::flow::{Admission, Gate, Limiter, Slots, now_ms};
+use crate::policy;
+use crate::telemetry;
 use crate::ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
 
 /// Retries of one delivery done in-process before the message is handed back with a NAK.
@@ -39,6 +40,8 @@ pub struct Integrator {
     pub(crate) gate: Arc<Gate>,
     pub(crate) fleet: FleetPause,
     pub(crate) limiter: Arc<Limiter>,
+    /// Messages in hand; a record waiting for its retry lets another in meanwhile.
+    pub(crate) slots: Arc<Slots>,
     pub(crate) rate: Option<DefaultDirectRateLimiter>,
     /// This process's name in ledger claims and pause notices.
     pub(crate) replica: String,
@@ -357,7 +360,15 @@ async fn settle(
             match integrator.gate.admit() {
                 Admission::Go { probe } => break probe,
                 Admission::Wait(wait) if wait <= integrator.max_inline_wait => {
-                    if !wait_inline(integrator, inbound, &mut held, in_doubt, wait).await? {
+                    // Waiting out a short hold lets another message in meanwhile (bounded).
+                    let Some(parked) = integrator.slots.park() else {
+                        let reason = "holding, and as many records already wait";
+                        return hand_back(integrator, inbound, &mut held, in_doubt, wait, reason)
+                            .await;
+                    };
+                    let waited = wait_inline(integrator, inbound, &mut held, in_doubt, wait).await?;
+                    parked.resume().await;
+                    if !waited {
                         return hand_back(
                             integrator,
                             inbound,
@@ -401,26 +412,22 @@ async fn settle(
         }
         let looking_up = in_doubt;
         let request_started = Instant::now();
+        // A hung request holds its slot no longer than the deadline the limiter learned.
+        let deadline = permit.deadline();
         let reply = if looking_up {
-            integrator.crm.look_up(&record.id).await
+            integrator.crm.look_up(&record.id, deadline).await
         } else {
             let write = if create { Write::Create } else { Write::Update };
             let key = idempotency_key(inbound);
-            integrator.crm.write(write, &record, &key).await
+            integrator.crm.write(write, &record, &key, deadline).await
         };
-        let signal = match &reply {
-            CrmReply::Transient(t) if t.status == Some(429) => Signal::RateLimited,
-            CrmReply::Transient(t) if t.congestion => Signal::Congested,
-            _ => Signal::Answered,
-        };
-        permit.finish(signal);
+        // The fault policy: this answer feeds the limiter, the breaker and the overload rule.
+        let pause = policy::answered(permit, &integrator.gate, &reply, probe);
         time_phase("crm_request", request_started);
         count_reply(&reply, looking_up);
-        integrator.gate.record(match &reply {
-            CrmReply::Stored(_) | CrmReply::NotFound | CrmReply::Refused { .. } => Some(true),
-            CrmReply::Transient(t) if t.status == Some(429) => None,
-            CrmReply::Transient(_) => Some(false),
-        });
+        if let Some(pause) = pause {
+            integrator.fleet.announce(pause).await;
+        }
         if probe {
             tracing::info!(seq = inbound.seq, "circuit breaker probe answered");
         }
@@ -483,26 +490,22 @@ async fn settle(
             CrmReply::Transient(failure) => {
                 in_doubt |= failure.maybe_applied;
                 attempt += 1;
-                metrics::counter!("crm_integrator_retries_total").increment(1);
-                if let Some(retry_after) = failure.retry_after
-                    && matches!(failure.status, Some(429 | 503))
-                    && !retry_after.is_zero()
-                {
-                    integrator
-                        .fleet
-                        .announce(
-                            retry_after,
-                            format!(
-                                "HTTP {} with Retry-After",
-                                failure.status.unwrap_or_default()
-                            ),
-                        )
-                        .await;
-                }
-                let delay = retry_delay(&failure, inbound.delivered, attempt);
+                telemetry::plain("crm_integrator_retries_total").increment(1);
+                // This record's own wait (its Retry-After, or backoff): the fleet goes on.
+                let delay = integrator
+                    .gate
+                    .retry_delay(&failure, inbound.delivered, attempt);
                 tracing::debug!(seq = inbound.seq, id = %record.id, attempt, ?delay, %failure, "CRM request failed");
-                if delay <= integrator.max_inline_wait && attempt < MAX_INLINE_ATTEMPTS {
-                    if !wait_inline(integrator, inbound, &mut held, in_doubt, delay).await? {
+                // Waiting lets another message in meanwhile; when too many wait already, the
+                // server keeps the record for its delay instead.
+                let parked = (delay <= integrator.max_inline_wait && attempt < MAX_INLINE_ATTEMPTS)
+                    .then(|| integrator.slots.park())
+                    .flatten();
+                if let Some(parked) = parked {
+                    let waited =
+                        wait_inline(integrator, inbound, &mut held, in_doubt, delay).await?;
+                    parked.resume().await;
+                    if !waited {
                         return hand_back(
                             integrator,
                             inbound,
@@ -547,8 +550,7 @@ async fn settle(
 
 /// Where a record's time goes, for profiling: `crm_integrator_phase_seconds{phase}`.
 fn time_phase(phase: &'static str, started: Instant) {
-    metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase)
-        .record(started.elapsed().as_secs_f64());
+    telemetry::phase(phase).record(started.elapsed().as_secs_f64());
 }
 
 fn idempotency_key(inbound: &Inbound) -> String {
@@ -563,37 +565,15 @@ fn idempotency_key(inbound: &Inbound) -> String {
     }
 }
 
-/// Exponential backoff with full jitter, never shorter than the CRM's `Retry-After`.
-fn retry_delay(failure: &Transient, delivered: u64, attempt: u32) -> Duration {
-    let step = (delivered.saturating_sub(1) as usize).saturating_add(attempt as usize);
-    let ceiling = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_factor(2.0)
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build()
-        .nth(step.saturating_sub(1))
-        .unwrap_or(Duration::from_secs(30));
-    let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
-    match failure.retry_after {
-        // A little spread so the fleet does not return in lockstep.
-        Some(after) => after + Duration::from_millis(rand::random_range(0..=100)),
-        None => jittered,
-    }
-}
-
 fn count_reply(reply: &CrmReply, looking_up: bool) {
     let status = match reply {
-        CrmReply::Stored(_) => "2xx".to_owned(),
-        CrmReply::NotFound => "404".to_owned(),
-        CrmReply::Refused { status, .. } => status.to_string(),
-        CrmReply::Transient(t) => t
-            .status
-            .map_or_else(|| "no_answer".to_owned(), |s| s.to_string()),
+        CrmReply::Stored(_) => "2xx",
+        CrmReply::NotFound => "404",
+        CrmReply::Refused { status, .. } => telemetry::status_label(*status),
+        CrmReply::Transient(t) => t.status.map_or("no_answer", telemetry::status_label),
     };
     let kind = if looking_up { "lookup" } else { "write" };
-    metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind)
-        .increment(1);
+    telemetry::crm_response(status, kind).increment(1);
 }
 
 async fn read_entry(integrator: &Integrator, key: &str) -> Result<Option<Held>, ProcessError> {
@@ -812,7 +792,7 @@ async fn defer(
             kind: "nak",
             message: err.to_string(),
         })?;
-    metrics::counter!("crm_integrator_deferred_total").increment(1);
+    telemetry::plain("crm_integrator_deferred_total").increment(1);
     Ok(Settled::Deferred { delay, reason })
 }
 
@@ -897,10 +877,16 @@ async fn publish(
     Ok(())
 }
 
-async fn double_ack(inbound: &Inbound) -> Result<(), ProcessError> {
+/// A plain ack, not a double ack: async-nats 0.51 creates and drops a subscription for every
+/// double ack, a cost per record, and learning that the ack landed changes nothing we do. An ack
+/// that is lost (rare: the outcome's PubAck came back a moment before) is the case a failed
+/// double ack always was: the message comes back after the ack wait, the ledger skips the hash it
+/// holds confirmed, and the outcome's `Nats-Msg-Id` makes the results stream drop a repeated
+/// outcome inside its dedup window.
+async fn ack(inbound: &Inbound) -> Result<(), ProcessError> {
     inbound
         .message
-        .double_ack()
+        .ack()
         .await
         .map_err(|err| ProcessError::Ack {
             seq: inbound.seq,
@@ -954,10 +940,9 @@ async fn publish_synced(
 
 async fn ack_synced(inbound: &Inbound, action: SyncAction) -> Result<Settled, ProcessError> {
     let started = Instant::now();
-    double_ack(inbound).await?;
+    ack(inbound).await?;
     time_phase("ack", started);
-    metrics::counter!("crm_integrator_records_total", "outcome" => "synced", "action" => action.as_str())
-        .increment(1);
+    telemetry::records("synced", action.as_str()).increment(1);
     Ok(Settled::Synced(action))
 }
 
@@ -1004,35 +989,7 @@ async fn dead_letter(
         body,
     )
     .await?;
-    double_ack(inbound).await?;
-    metrics::counter!("crm_integrator_records_total", "outcome" => "dead", "action" => "dead_lettered")
-        .increment(1);
+    ack(inbound).await?;
+    telemetry::records("dead", "dead_lettered").increment(1);
     Ok(Settled::DeadLettered)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn failure(retry_after: Option<Duration>) -> Transient {
-        Transient {
-            status: Some(503),
-            retry_after,
-            maybe_applied: false,
-            congestion: false,
-            detail: String::new(),
-        }
-    }
-
-    #[test]
-    fn backoff_grows_with_attempts_and_honours_retry_after() {
-        for _ in 0..100 {
-            assert!(retry_delay(&failure(None), 1, 1) <= Duration::from_millis(50));
-            assert!(retry_delay(&failure(None), 3, 2) <= Duration::from_millis(400));
-            assert!(retry_delay(&failure(None), 40, 9) <= Duration::from_secs(30));
-            assert!(
-                retry_delay(&failure(Some(Duration::from_secs(2))), 1, 1) >= Duration::from_secs(2)
-            );
-        }
-    }
 }
