@@ -277,10 +277,10 @@ impl Limiter {
         state.timeouts_long = ewma(state.timeouts_long, timed_out, BASELINE_WEIGHT);
         // Random 429s or hangs keep the short share near the long one; crossing a cap or a CRM
         // that stalls makes it jump.
-        let limit_burst = limited
-            && state.limited_short >= BURST_SHARE.max(2.0 * state.limited_long);
-        let timeout_burst = timed_out
-            && state.timeouts_short >= BURST_SHARE.max(2.0 * state.timeouts_long);
+        let limit_burst =
+            limited && state.limited_short >= BURST_SHARE.max(2.0 * state.limited_long);
+        let timeout_burst =
+            timed_out && state.timeouts_short >= BURST_SHARE.max(2.0 * state.timeouts_long);
         if signal == Signal::Answered {
             self.observe_deadline(&mut state, latency);
         }
@@ -293,7 +293,14 @@ impl Limiter {
             let ceiling = ((still_in_flight * 0.97) as usize).max(self.min);
             let lower = state.ceiling.is_none_or(|(c, _)| ceiling < c);
             let kept = state.ceiling.map(|(c, _)| c);
-            state.ceiling = Some((if lower { ceiling } else { kept.unwrap_or(ceiling) }, now));
+            state.ceiling = Some((
+                if lower {
+                    ceiling
+                } else {
+                    kept.unwrap_or(ceiling)
+                },
+                now,
+            ));
         }
         // Only ordinary answers say how long the CRM takes: a 429 comes back at once and would
         // teach a base latency the real requests can never match.
@@ -349,7 +356,8 @@ impl Limiter {
         let mut sorted = state.latencies.clone();
         let at = sorted.len() * 99 / 100;
         let (_, p99, _) = sorted.select_nth_unstable(at);
-        let deadline = (*p99 * DEADLINE_FACTOR).clamp(self.shortest_deadline, self.longest_deadline);
+        let deadline =
+            (*p99 * DEADLINE_FACTOR).clamp(self.shortest_deadline, self.longest_deadline);
         self.deadline_ms
             .store(deadline.as_millis() as u64, Ordering::Release);
     }
@@ -862,7 +870,11 @@ mod tests {
                 "{share} random {trouble:?}: limit {limit} < {floor}"
             );
             assert!(limit < 500.0, "{trouble:?} lowers the limit a little");
-            assert_eq!(lock(&limiter.state).ceiling, None, "{trouble:?}: no ceiling");
+            assert_eq!(
+                lock(&limiter.state).ceiling,
+                None,
+                "{trouble:?}: no ceiling"
+            );
         }
     }
 
@@ -901,7 +913,11 @@ mod tests {
     fn the_deadline_follows_the_answer_times_within_its_bounds() {
         let limiter = Limiter::adaptive(16, 500)
             .with_deadlines(Duration::from_millis(100), Duration::from_secs(10));
-        assert_eq!(limiter.deadline(), Duration::from_secs(10), "nothing learned yet");
+        assert_eq!(
+            limiter.deadline(),
+            Duration::from_secs(10),
+            "nothing learned yet"
+        );
         for n in 0..1_000u64 {
             limiter.record(Signal::Answered, Duration::from_millis(20 + n % 5));
         }

@@ -29,8 +29,8 @@ pub use config::{Config, ConfigError};
 pub use crm::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
 pub use fleet::{PAUSE_KEY, PauseNotice};
 pub use flow::{Gate, Limiter};
-pub use policy::{BreakerSettings, PauseRequest, Signal};
 pub use ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
+pub use policy::{BreakerSettings, PauseRequest, Signal};
 pub use process::{Integrator, ProcessError, Settled, process_message};
 
 /// How long one pull request waits on the server for messages.

@@ -126,9 +126,8 @@ impl Recent {
         bucket.total = bucket.total.saturating_add(1);
         bucket.marked = bucket.marked.saturating_add(u32::from(marked));
         if let Some(after) = retry_after {
-            bucket.longest_retry_after_ms = bucket
-                .longest_retry_after_ms
-                .max(after.as_millis() as u64);
+            bucket.longest_retry_after_ms =
+                bucket.longest_retry_after_ms.max(after.as_millis() as u64);
         }
     }
 

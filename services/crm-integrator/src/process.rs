@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::crm::{CrmClient, CrmReply, Write};
 use crate::fleet::FleetPause;
 use crate::flow::{Admission, Gate, Limiter, Slots, now_ms};
+use crate::ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
 use crate::policy;
 use crate::telemetry;
-use crate::ledger::{Claim, Confirmed, Decision, LedgerEntry, decide};
 
 /// Retries of one delivery done in-process before the message is handed back with a NAK.
 const MAX_INLINE_ATTEMPTS: u32 = 4;
@@ -366,7 +366,8 @@ async fn settle(
                         return hand_back(integrator, inbound, &mut held, in_doubt, wait, reason)
                             .await;
                     };
-                    let waited = wait_inline(integrator, inbound, &mut held, in_doubt, wait).await?;
+                    let waited =
+                        wait_inline(integrator, inbound, &mut held, in_doubt, wait).await?;
                     parked.resume().await;
                     if !waited {
                         return hand_back(

@@ -56,16 +56,18 @@ pub fn phase(phase: &'static str) -> Histogram {
 
 /// `crm_integrator_records_total{outcome, action}`.
 pub fn records(outcome: &'static str, action: &'static str) -> Counter {
-    counter(("records", outcome, action), || {
-        metrics::counter!("crm_integrator_records_total", "outcome" => outcome, "action" => action)
-    })
+    counter(
+        ("records", outcome, action),
+        || metrics::counter!("crm_integrator_records_total", "outcome" => outcome, "action" => action),
+    )
 }
 
 /// `crm_integrator_crm_responses_total{status, kind}`; `status` is "2xx", "no_answer" or a code.
 pub fn crm_response(status: &'static str, kind: &'static str) -> Counter {
-    counter(("crm", status, kind), || {
-        metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind)
-    })
+    counter(
+        ("crm", status, kind),
+        || metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind),
+    )
 }
 
 /// A counter without labels.
