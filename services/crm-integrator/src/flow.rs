@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::crm::Transient;
+use crate::crm::{CrmReply, Transient};
 use crate::policy::{self, BreakerSettings, Overload, PauseRequest, Recent, Signal};
 
 pub fn now_ms() -> i64 {
@@ -107,8 +107,12 @@ const TROUBLE_REDUCTION: f64 = 0.5;
 const BURST_WEIGHT: f64 = 1.0 / 64.0;
 const BASELINE_WEIGHT: f64 = 1.0 / 2048.0;
 const BURST_SHARE: f64 = 0.2;
-/// A request is given up after this many times the recent 99th-percentile answer time.
+/// A request is given up after this many times the recent 99th-percentile answer time, but never
+/// later than [`DEADLINE_BASE_FACTOR`] times the fastest recent answer: when our own host is the
+/// bottleneck every answer looks slow, and a deadline learned from that would let hung requests
+/// hold their slots for many seconds.
 const DEADLINE_FACTOR: u32 = 10;
+const DEADLINE_BASE_FACTOR: u32 = 50;
 const LATENCY_SAMPLES: usize = 256;
 
 /// Concurrency of CRM requests. Fixed mode keeps `--concurrency`; adaptive mode starts small,
@@ -309,11 +313,13 @@ impl Limiter {
             && Self::observe_latency(&mut state, latency, now);
         if self.adaptive {
             if latency_rose || limit_burst || timeout_burst {
-                // One decrease per round trip: the answers of one overloaded window all say the
-                // same.
+                // One decrease per round trip as it is now (not as it was unloaded): the answers
+                // of one overloaded window all say the same, and decreasing faster than answers
+                // come back collapses the limit.
                 let window = state
-                    .base_latency
+                    .smoothed_latency
                     .unwrap_or(latency)
+                    .max(latency.min(Duration::from_secs(1)))
                     .max(Duration::from_millis(20));
                 if state
                     .last_decrease
@@ -349,15 +355,19 @@ impl Limiter {
         }
         state.next_latency = (state.next_latency + 1) % LATENCY_SAMPLES;
         state.since_estimate += 1;
-        if state.latencies.len() < 64 || state.since_estimate < 32 {
+        // Early on every answer counts: the first requests must not keep the longest deadline.
+        let every = if state.latencies.len() < 64 { 1 } else { 32 };
+        if state.latencies.len() < 8 || state.since_estimate < every {
             return;
         }
         state.since_estimate = 0;
         let mut sorted = state.latencies.clone();
+        let fastest = sorted.iter().min().copied().unwrap_or_default();
         let at = sorted.len() * 99 / 100;
         let (_, p99, _) = sorted.select_nth_unstable(at);
-        let deadline =
-            (*p99 * DEADLINE_FACTOR).clamp(self.shortest_deadline, self.longest_deadline);
+        let deadline = (*p99 * DEADLINE_FACTOR)
+            .min(fastest * DEADLINE_BASE_FACTOR)
+            .clamp(self.shortest_deadline, self.longest_deadline);
         self.deadline_ms
             .store(deadline.as_millis() as u64, Ordering::Release);
     }
@@ -393,9 +403,52 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    /// How long this request may take before it is given up as hung.
-    pub fn deadline(&self) -> Duration {
-        self.deadline
+    /// Runs `request` until it answers or its deadline passes. The deadline is read again when
+    /// it is reached, so a request sent before the limiter learned the CRM's answer times is held
+    /// to what it learned meanwhile, not to the longest deadline it started with.
+    pub async fn bounded(
+        &self,
+        earlier_deliveries: u64,
+        is_write: bool,
+        request: impl std::future::Future<Output = CrmReply>,
+    ) -> CrmReply {
+        let mut request = std::pin::pin!(request);
+        loop {
+            let due = self.started + self.current_deadline(earlier_deliveries);
+            tokio::select! {
+                reply = &mut request => return reply,
+                () = tokio::time::sleep_until(due.into()) => {
+                    let deadline = self.current_deadline(earlier_deliveries);
+                    if self.started.elapsed() >= deadline {
+                        return CrmReply::Transient(Transient {
+                            status: None,
+                            retry_after: None,
+                            // Sent and unanswered: it may have been applied.
+                            maybe_applied: is_write,
+                            congestion: true,
+                            detail: format!(
+                                "timed out: no answer within {deadline:?} (the deadline learned \
+                                 from the CRM's answer times)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn current_deadline(&self, earlier_deliveries: u64) -> Duration {
+        let doublings = earlier_deliveries.saturating_sub(2).min(8) as u32;
+        (self.limiter.deadline() * 2u32.pow(doublings)).min(self.limiter.longest_deadline)
+    }
+
+    /// How long this request may take before it is given up as hung: the learned deadline,
+    /// doubled for each delivery of the same record after its third (so a record whose requests
+    /// are slow rather than hung still gets through within `--max-deliver`, while the few records
+    /// handed back after a run of random faults keep the short deadline), at most the longest.
+    pub fn deadline(&self, earlier_deliveries: u64) -> Duration {
+        let doublings = earlier_deliveries.saturating_sub(2).min(8) as u32;
+        (self.deadline * 2u32.pow(doublings)).min(self.limiter.longest_deadline)
     }
 
     pub fn finish(mut self, signal: Signal) {
@@ -609,6 +662,12 @@ impl Gate {
     }
 }
 
+/// Records that may wait for their retry in hand whatever the request limit is now: a limit that
+/// drops after a burst must not send the records already waiting back to the server (each hand-back
+/// is a redelivery, and a later, longer backoff). A waiting record costs a task and its message,
+/// a few KiB.
+pub const MIN_PARKED: usize = 1024;
+
 /// Messages taken from the consumer and not yet settled. What is pulled but not started stays
 /// small next to the ack wait; a record waiting for its retry (a `Retry-After`, a backoff, a
 /// pause) hands its place to a new message while it waits, up to as many waiting as there are
@@ -670,14 +729,15 @@ impl Slots {
             active: Capacity::new(capacity),
             in_hand: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
-            max_parked: AtomicUsize::new(capacity),
+            max_parked: AtomicUsize::new(capacity.max(MIN_PARKED)),
         })
     }
 
-    /// Places in hand, and as many for waiting records.
+    /// Places in hand, and as many for waiting records (at least [`MIN_PARKED`]).
     pub fn resize(&self, capacity: usize) {
         self.active.resize(capacity);
-        self.max_parked.store(capacity, Ordering::Release);
+        self.max_parked
+            .store(capacity.max(MIN_PARKED), Ordering::Release);
     }
 
     pub async fn acquire(self: &Arc<Self>) -> Slot {
@@ -1023,10 +1083,12 @@ mod tests {
         let parked = slots.park().expect("room to wait");
         let _c = slots.acquire().await;
         assert_eq!(slots.in_use(), 3);
-        // Waiting records are bounded too: two places, two waiting.
-        let second = slots.park().expect("a second may wait");
-        assert!(slots.park().is_none(), "no third");
-        drop(second);
+        // Waiting records are bounded too.
+        let more: Vec<_> = (1..MIN_PARKED)
+            .map(|_| slots.park().expect("room"))
+            .collect();
+        assert!(slots.park().is_none(), "no more than {MIN_PARKED}");
+        drop(more);
         // Back from its wait, the record needs a place again, and waits for one to free.
         let mut resume = std::pin::pin!(parked.resume());
         assert!(

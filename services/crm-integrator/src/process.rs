@@ -413,14 +413,18 @@ async fn settle(
         }
         let looking_up = in_doubt;
         let request_started = Instant::now();
-        // A hung request holds its slot no longer than the deadline the limiter learned.
-        let deadline = permit.deadline();
+        // A hung request holds its slot no longer than the deadline the limiter learned
+        // (longer for a record handed back before).
+        let earlier = inbound.delivered - 1;
+        let deadline = permit.deadline(earlier);
         let reply = if looking_up {
-            integrator.crm.look_up(&record.id, deadline).await
+            let request = integrator.crm.look_up(&record.id, deadline);
+            permit.bounded(earlier, false, request).await
         } else {
             let write = if create { Write::Create } else { Write::Update };
             let key = idempotency_key(inbound);
-            integrator.crm.write(write, &record, &key, deadline).await
+            let request = integrator.crm.write(write, &record, &key, deadline);
+            permit.bounded(earlier, true, request).await
         };
         // The fault policy: this answer feeds the limiter, the breaker and the overload rule.
         let pause = policy::answered(permit, &integrator.gate, &reply, probe);
