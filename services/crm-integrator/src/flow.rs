@@ -414,7 +414,10 @@ impl Permit<'_> {
     ) -> CrmReply {
         let mut request = std::pin::pin!(request);
         loop {
-            let due = self.started + self.current_deadline(earlier_deliveries);
+            // Looked at again at least every quarter second: what the limiter learns meanwhile
+            // (the first answers of a run) applies to the requests already out.
+            let due = (self.started + self.current_deadline(earlier_deliveries))
+                .min(Instant::now() + Duration::from_millis(250));
             tokio::select! {
                 reply = &mut request => return reply,
                 () = tokio::time::sleep_until(due.into()) => {
