@@ -665,12 +665,6 @@ impl Gate {
     }
 }
 
-/// Records that may wait for their retry in hand whatever the request limit is now: a limit that
-/// drops after a burst must not send the records already waiting back to the server (each hand-back
-/// is a redelivery, and a later, longer backoff). A waiting record costs a task and its message,
-/// a few KiB.
-pub const MIN_PARKED: usize = 1024;
-
 /// Messages taken from the consumer and not yet settled. What is pulled but not started stays
 /// small next to the ack wait; a record waiting for its retry (a `Retry-After`, a backoff, a
 /// pause) hands its place to a new message while it waits, up to as many waiting as there are
@@ -732,15 +726,15 @@ impl Slots {
             active: Capacity::new(capacity),
             in_hand: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
-            max_parked: AtomicUsize::new(capacity.max(MIN_PARKED)),
+            max_parked: AtomicUsize::new(capacity),
         })
     }
 
-    /// Places in hand, and as many for waiting records (at least [`MIN_PARKED`]).
+    /// Places in hand, and as many for waiting records. Not more: every message in hand is
+    /// stuck for the ack wait (and its claim for the lease) if this replica dies.
     pub fn resize(&self, capacity: usize) {
         self.active.resize(capacity);
-        self.max_parked
-            .store(capacity.max(MIN_PARKED), Ordering::Release);
+        self.max_parked.store(capacity, Ordering::Release);
     }
 
     pub async fn acquire(self: &Arc<Self>) -> Slot {
@@ -1086,12 +1080,10 @@ mod tests {
         let parked = slots.park().expect("room to wait");
         let _c = slots.acquire().await;
         assert_eq!(slots.in_use(), 3);
-        // Waiting records are bounded too.
-        let more: Vec<_> = (1..MIN_PARKED)
-            .map(|_| slots.park().expect("room"))
-            .collect();
-        assert!(slots.park().is_none(), "no more than {MIN_PARKED}");
-        drop(more);
+        // Waiting records are bounded too: two places, two waiting.
+        let second = slots.park().expect("a second may wait");
+        assert!(slots.park().is_none(), "no third");
+        drop(second);
         // Back from its wait, the record needs a place again, and waits for one to free.
         let mut resume = std::pin::pin!(parked.resume());
         assert!(
