@@ -14,6 +14,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "[bench] installing ${missing[*]} with apt-get" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The version the benchmarked server reports in its INFO line, not whichever nats-server is on PATH.
+nats_version() {
+  python3 - "${NATS_URL:-nats://127.0.0.1:4222}" <<'PY' 2>/dev/null || echo unknown
+import json, socket, sys
+from urllib.parse import urlparse
+url = urlparse(sys.argv[1].split(",")[0])
+with socket.create_connection((url.hostname or "127.0.0.1", url.port or 4222), 3) as s:
+    line = s.makefile().readline()
+print("v" + json.loads(line.split(" ", 1)[1])["version"])
+PY
+}
 SECTIONS="$ROOT/.run/bench"
 mkdir -p "$SECTIONS"
 for script in deploy/local/bench.d/*.sh; do
@@ -30,7 +41,7 @@ done
   echo
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
   echo "- kernel: $(uname -r); rustc: $(rustc --version)"
-  echo "- nats-server: $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown); PostgreSQL: $(psql --version | awk '{print $3}')"
+  echo "- nats-server: $(nats_version) (the server at NATS_URL; sections that start their own run \$NATS_SERVER_BIN, $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown)); PostgreSQL: $(psql --version | awk '{print $3}')"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   for section in "$SECTIONS"/*.md; do

@@ -3,8 +3,8 @@
 # Expects the environment of .run/env (the Makefile sources it) and release binaries.
 # ROWS=N sizes the generated file (default 20000); REPLICAS=N integrators (default 2);
 # FAILURE_RATE / RATE_LIMIT_RATE / TIMEOUT_RATE set crm-mock's faults; KEEP=1 leaves the services
-# running. RETRY_AFTER_SECS (default 0) is what the injected 429s ask for: they are random, not a sign
-# of load, and any Retry-After above 0 pauses the whole integrator fleet that long. Exits non-zero unless the run reconciles exactly with no duplicate in the CRM.
+# running. The injected 429s carry crm-mock's default Retry-After (1 s): it delays the refused record,
+# not the fleet. Exits non-zero unless the run reconciles exactly with no duplicate in the CRM.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN="$ROOT/target/release"
@@ -49,7 +49,6 @@ say "generating $ROWS customers (1% bad rows, 2% exact repeats, 2% changed repea
 say "starting crm-mock with faults: $FAILURE_RATE 5xx, $RATE_LIMIT_RATE 429, $TIMEOUT_RATE timeouts, 5±5 ms latency; $REPLICAS integrators"
 "$BIN/crm-mock" --listen "127.0.0.1:$MOCK_PORT" --token "$CRM_API_TOKEN" --seed 7 \
   --failure-rate "$FAILURE_RATE" --rate-limit-rate "$RATE_LIMIT_RATE" --timeout-rate "$TIMEOUT_RATE" --hang-ms 3000 \
-  --retry-after-secs "${RETRY_AFTER_SECS:-0}" \
   --latency-ms 5 --jitter-ms 5 >"$WORK/crm-mock.log" 2>&1 &
 pids+=($!)
 "$BIN/persister" --metrics-addr 127.0.0.1:0 >"$WORK/persister.log" 2>&1 &

@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
-# crm-integrator throughput, one replica, release build, real NATS (.run/env) and crm-mock:
-#  (a) no faults, no latency: records/s draining a pre-filled ingest stream, beside the plain HTTP
-#      rate wrk gets from the same crm-mock in the same run (target >= 50%);
-#  (b) --latency-ms 20 --max-concurrency 200 --failure-rate 0.1: successful creates/s with
-#      --concurrency 256 and with adaptive concurrency, vs capacity 200/0.020*0.9 = 9000/s (>= 90%).
+# crm-integrator, one replica, release build, against crm-mock and fair references measured in the
+# same run on a nats-server of its own ($NATS_SERVER_BIN from .run/env, file store in a temp dir):
+#  (a) instant CRM: records/s draining a pre-filled ingest stream, vs references (1) and (2)
+#      running together (target >= 70%);
+#  (b) --latency-ms 20 --max-concurrency 200 --failure-rate 0.1: creates/s, vs reference (1)
+#      against the same cap (target >= 90%);
+#  (c) 20,000 rows at --latency-ms 5: goodput with 20% 5xx + 5% 429 (Retry-After 1) + 2% 30-s
+#      hangs vs without faults (target >= 50%);
+#  (d) libs/e2e/testdata/MOCK_DATA.csv through csv-reader with those faults (target: drained < 60 s).
+# Reference (1) `crm-reference`: the integrator's CrmClient, Idempotency-Key, concurrency, retries;
+# no NATS. Reference (2) `jetstream-reference`: pull, publish an outcome with a dedup id, ack; no CRM.
+# Each figure is the median of RUNS (3) runs, integrator and references alternating.
 # Prints one Markdown section on stdout; progress on stderr.
-#   COUNT_A=200000 COUNT_B=100000 deploy/local/bench.d/crm-integrator.sh
+#   COUNT_A=100000 COUNT_B=50000 RUNS=3 deploy/local/bench.d/crm-integrator.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 cd "$ROOT"
 # shellcheck disable=SC1091
 . .run/env
-COUNT_A=${COUNT_A:-200000}
-COUNT_B=${COUNT_B:-100000}
-WRK_SECS=${WRK_SECS:-10}
+COUNT_A=${COUNT_A:-100000}
+COUNT_B=${COUNT_B:-50000}
+COUNT_C=${COUNT_C:-20000}
+RUNS=${RUNS:-3}
+REF_CONCURRENCY=${REF_CONCURRENCY:-256}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
-RUN_ID="$(date +%s)_$$"
+NATS_BIN=${NATS_SERVER_BIN:?NATS_SERVER_BIN must name the pinned nats-server (.run/env)}
 WORK=$(mktemp -d)
 PIDS=()
-NAMESPACES=()
+B=target/release
+TICKS=$(getconf CLK_TCK)
 
 log() { echo "[crm-integrator bench] $*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "${NAMESPACES[@]}"; do
-    target/release/integrator-bench-fill --nats-url "$NATS_URL" --namespace "$ns" --delete >&2 || true
-  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -35,10 +42,28 @@ trap cleanup EXIT
 log "building release binaries"
 cargo build --release -q --workspace --bins >&2  # same feature set as `make release`: no rebuild
 
+# A nats-server of our own: the shared one serves other engineers' tests at the same time.
+NATS_PORT=$(free_port)
+"$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$WORK/js" >"$WORK/nats.log" 2>&1 &
+NATS_PID=$!
+PIDS+=("$NATS_PID")
+export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+for _ in $(seq 1 100); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $NATS_PORT), 1)" 2>/dev/null && break
+  sleep 0.1
+done
+NATS_VERSION=$("$NATS_BIN" --version)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+us_per() { echo "scale=0; $1 * 1000000 / $TICKS / $2" | bc -l; }  # ticks, records
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+rate() { echo "scale=0; $1 / $2" | bc -l; }
+
 MOCK_PID=
 start_mock() {
   MOCK_PORT=$(free_port)
-  target/release/crm-mock --listen "127.0.0.1:$MOCK_PORT" "$@" >"$WORK/mock.log" 2>&1 &
+  $B/crm-mock --listen "127.0.0.1:$MOCK_PORT" "$@" >"$WORK/mock.log" 2>&1 &
   MOCK_PID=$!
   PIDS+=("$MOCK_PID")
   for _ in $(seq 1 100); do
@@ -50,122 +75,184 @@ start_mock() {
 stop_mock() { kill "$MOCK_PID" 2>/dev/null || true; wait "$MOCK_PID" 2>/dev/null || true; }
 mock_stat() { curl -fs "http://127.0.0.1:$MOCK_PORT/stats" | jq -r "$1"; }
 
-# Fills a fresh namespace with $2 records, runs one integrator with flags $3.. until the consumer is
-# drained; sets SECS, RSS_KB, LOOKUPS.
-drain_run() {
-  local ns="$1" count="$2"; shift 2
-  NAMESPACES+=("$ns")
-  log "filling $ns with $count records"
-  target/release/integrator-bench-fill --nats-url "$NATS_URL" --namespace "$ns" --count "$count" >&2
+NS_N=0
+new_namespace() { NS_N=$((NS_N + 1)); NS="bench_int_${NS_N}"; }
+fill() { $B/integrator-bench-fill --namespace "$NS" --count "$1" >&2; }
+drop_namespace() { $B/integrator-bench-fill --namespace "$NS" --delete >&2 || true; }
+
+# Runs one integrator (flags "$@") on $NS until its consumer is drained. Sets SECS and CPU_*.
+integrator_run() {
+  local records="$1"; shift
   local metrics_port; metrics_port=$(free_port)
-  log "draining with: crm-integrator $*"
-  SYNC_NAMESPACE="$ns" CRM_URL="http://127.0.0.1:$MOCK_PORT" RUST_LOG=warn \
-    target/release/crm-integrator --metrics-addr "127.0.0.1:$metrics_port" "$@" 2>"$WORK/integrator.log" &
+  local nats0 mock0
+  nats0=$(cpu_ticks "$NATS_PID"); mock0=$(cpu_ticks "$MOCK_PID")
+  SYNC_NAMESPACE="$NS" CRM_URL="http://127.0.0.1:$MOCK_PORT" RUST_LOG=warn \
+    $B/crm-integrator --metrics-addr "127.0.0.1:$metrics_port" "$@" 2>"$WORK/integrator.log" &
   local pid=$!
   PIDS+=("$pid")
-  local nats_before mock_before
-  nats_before=$(cpu_ticks "$NATS_PID"); mock_before=$(cpu_ticks "$MOCK_PID")
-  SECS=$(target/release/integrator-bench-fill --nats-url "$NATS_URL" --namespace "$ns" --wait-drained --timeout-secs "$DRAIN_TIMEOUT")
-  RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  CPU_US="integrator $(us_per_record "$(cpu_ticks "$pid")" "$count") µs, nats-server $(us_per_record $(( $(cpu_ticks "$NATS_PID") - nats_before )) "$count") µs, crm-mock $(us_per_record $(( $(cpu_ticks "$MOCK_PID") - mock_before )) "$count") µs"
+  SECS=$($B/integrator-bench-fill --namespace "$NS" --wait-drained --timeout-secs "$DRAIN_TIMEOUT")
+  CPU_INT=$(us_per "$(cpu_ticks "$pid")" "$records")
+  CPU_NATS=$(us_per $(( $(cpu_ticks "$NATS_PID") - nats0 )) "$records")
+  CPU_MOCK=$(us_per $(( $(cpu_ticks "$MOCK_PID") - mock0 )) "$records")
   curl -fs "http://127.0.0.1:$metrics_port/metrics" >"$WORK/metrics.txt" || true
   LIMIT=$(awk '/^crm_integrator_concurrency_limit / {print $2}' "$WORK/metrics.txt")
+  PAUSES=$(awk '/^crm_integrator_pauses_total / {print $2}' "$WORK/metrics.txt")
   kill -TERM "$pid"; wait "$pid" || true
 }
-ratio() { echo "scale=3; $1 / $2" | bc -l; }
-# CPU time (clock ticks) a process has used so far; 0 when it is not ours to read.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-NATS_PID=$(cat .run/nats/nats.pid 2>/dev/null || echo 0)
-TICKS=$(getconf CLK_TCK)
-us_per_record() { echo "scale=0; $1 * 1000000 / $TICKS / $2" | bc -l; }
-rate() { echo "scale=0; $1 / $2" | bc -l; }
-phase_ms() { # mean ms of one phase from the last metrics scrape
-  awk -v p="$1" '$0 ~ "phase_seconds_sum\\{phase=\""p"\"" {s=$2} $0 ~ "phase_seconds_count\\{phase=\""p"\"" {c=$2} END {if (c>0) printf "%.1f", s/c*1000; else print "n/a"}' "$WORK/metrics.txt"
+
+# Reference (1) alone (sets REF1_*), or with reference (2) on a filled $NS at the same time.
+ref1() {
+  /usr/bin/time -f '%U %S' -o "$WORK/ref1.time" $B/crm-reference --crm-url "http://127.0.0.1:$MOCK_PORT" \
+    --count "$1" --concurrency "$REF_CONCURRENCY" >"$WORK/ref1.json"
 }
+ref2() {
+  /usr/bin/time -f '%U %S' -o "$WORK/ref2.time" $B/jetstream-reference --namespace "$NS" --count "$1" >"$WORK/ref2.json"
+}
+time_us() { awk -v n="$2" -v t=1000000 '{printf "%d", ($1 + $2) * t / n}' "$1"; }
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# (a) ---------------------------------------------------------------------------------------------
-start_mock
-log "wrk: POST /customers for ${WRK_SECS}s"
-cat >"$WORK/post.lua" <<'LUA'
-local n = 0
-local prefix = tostring(math.random(1, 1e9))
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  n = n + 1
-  local body = string.format('{"id":"w%s-%d","first_name":"Bench","last_name":"Customer","email":"c%d@bench.example.com","phone":"+1 555 0100","attributes":{"segment":"b"}}', prefix, n, n)
-  return wrk.format(nil, "/customers", nil, body)
-end
-LUA
-WRK_CMD="wrk -t2 -c64 -d${WRK_SECS}s -s post.lua http://127.0.0.1:$MOCK_PORT/customers"
-WRK_RPS=$(cd "$WORK" && wrk -t2 -c64 -d"${WRK_SECS}s" -s post.lua "http://127.0.0.1:$MOCK_PORT/customers" | awk '/Requests\/sec/ {printf "%d", $2}')
-curl -fs -X POST "http://127.0.0.1:$MOCK_PORT/reset" >/dev/null
-drain_run "bench_int_a_$RUN_ID" "$COUNT_A"
-A_SECS=$SECS; A_RSS=$RSS_KB; A_LIMIT=${LIMIT:-n/a}; A_CPU=$CPU_US
-A_CREATED=$(mock_stat .created); A_DUP=$(mock_stat .duplicate_effects)
-A_RATE=$(rate "$COUNT_A" "$A_SECS")
-A_PHASES="claim $(phase_ms claim) ms, CRM request $(phase_ms crm_request) ms, confirm $(phase_ms confirm) ms ∥ outcome $(phase_ms publish_outcome) ms, ack $(phase_ms ack) ms"
-stop_mock
+# (a) instant CRM ----------------------------------------------------------------------------------
+A_INT=(); A_REF=(); A_R1=(); A_R2=(); A_DUP=0
+for run in $(seq 1 "$RUNS"); do
+  start_mock
+  new_namespace; fill "$COUNT_A"
+  log "(a) run $run: integrator, $COUNT_A records"
+  integrator_run "$COUNT_A"
+  A_INT+=("$(rate "$COUNT_A" "$SECS")")
+  A_DUP=$((A_DUP + $(mock_stat .duplicate_effects)))
+  A_CPU_INT+=("$CPU_INT"); A_CPU_NATS+=("$CPU_NATS"); A_CPU_MOCK+=("$CPU_MOCK"); A_LIMIT=${LIMIT:-n/a}
+  drop_namespace; stop_mock
+  start_mock
+  new_namespace; fill "$COUNT_A"
+  log "(a) run $run: references (1) and (2) together"
+  nats0=$(cpu_ticks "$NATS_PID"); mock0=$(cpu_ticks "$MOCK_PID")
+  ref1 "$COUNT_A" & r1=$!
+  ref2 "$COUNT_A" & r2=$!
+  wait "$r1" "$r2"
+  s1=$(jq -r .seconds "$WORK/ref1.json"); s2=$(jq -r .seconds "$WORK/ref2.json")
+  slower=$(printf '%s\n%s\n' "$s1" "$s2" | sort -g | tail -1)
+  A_REF+=("$(rate "$COUNT_A" "$slower")"); A_R1+=("$(rate "$COUNT_A" "$s1")"); A_R2+=("$(rate "$COUNT_A" "$s2")")
+  A_CPU_REF1+=("$(time_us "$WORK/ref1.time" "$COUNT_A")"); A_CPU_REF2+=("$(time_us "$WORK/ref2.time" "$COUNT_A")")
+  A_CPU_RNATS+=("$(us_per $(( $(cpu_ticks "$NATS_PID") - nats0 )) "$COUNT_A")")
+  A_CPU_RMOCK+=("$(us_per $(( $(cpu_ticks "$MOCK_PID") - mock0 )) "$COUNT_A")")
+  A_DUP=$((A_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+done
 
-# (b) ---------------------------------------------------------------------------------------------
+# (b) 20 ms, cap 200, 10% errors -------------------------------------------------------------------
 B_MOCK_FLAGS="--latency-ms 20 --max-concurrency 200 --failure-rate 0.1"
-CAPACITY=9000
-# shellcheck disable=SC2086
-start_mock $B_MOCK_FLAGS
-# What a plain HTTP client gets from this mock: wrk just under the cap (over it, 429s).
-B_WRK_CONNS=190
-log "wrk: POST /customers, $B_WRK_CONNS connections, for ${WRK_SECS}s"
-B_WRK_OUT=$(cd "$WORK" && wrk -t2 -c"$B_WRK_CONNS" -d"${WRK_SECS}s" -s post.lua "http://127.0.0.1:$MOCK_PORT/customers")
-B_WRK_RPS=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$B_WRK_OUT")
-B_WRK_TOTAL=$(awk '/requests in/ {print $1}' <<<"$B_WRK_OUT")
-B_WRK_NON2XX=$(awk '/Non-2xx/ {print $NF}' <<<"$B_WRK_OUT")
-B_WRK_LATENCY=$(awk '/Latency/ {print $2; exit}' <<<"$B_WRK_OUT")
-B_WRK_OK_RATE=$(echo "scale=0; $B_WRK_RPS * ($B_WRK_TOTAL - ${B_WRK_NON2XX:-0}) / $B_WRK_TOTAL" | bc -l)
-curl -fs -X POST "http://127.0.0.1:$MOCK_PORT/reset" >/dev/null
-drain_run "bench_int_b_$RUN_ID" "$COUNT_B" --concurrency 256
-B_SECS=$SECS; B_RSS=$RSS_KB
-B_CREATED=$(mock_stat .created); B_DUP=$(mock_stat .duplicate_effects)
-B_LIMITED=$(mock_stat .injected.concurrency_limited); B_ERR=$(mock_stat .injected.error)
-B_RATE=$(rate "$B_CREATED" "$B_SECS")
-B_PHASES="claim $(phase_ms claim) ms, CRM request $(phase_ms crm_request) ms, confirm $(phase_ms confirm) ms ∥ outcome $(phase_ms publish_outcome) ms, ack $(phase_ms ack) ms"
-stop_mock
+B_FIX=(); B_ADA=(); B_REF=(); B_DUP=0; B_LIMITED=()
+for run in $(seq 1 "$RUNS"); do
+  # shellcheck disable=SC2086
+  start_mock $B_MOCK_FLAGS
+  new_namespace; fill "$COUNT_B"
+  log "(b) run $run: integrator --concurrency 256"
+  integrator_run "$COUNT_B" --concurrency 256
+  B_FIX+=("$(rate "$(mock_stat .created)" "$SECS")"); B_LIMITED+=("$(mock_stat .injected.concurrency_limited)")
+  B_CPU_INT+=("$CPU_INT"); B_CPU_NATS+=("$CPU_NATS"); B_CPU_MOCK+=("$CPU_MOCK")
+  B_DUP=$((B_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+  # shellcheck disable=SC2086
+  start_mock $B_MOCK_FLAGS
+  new_namespace; fill "$COUNT_B"
+  log "(b) run $run: integrator, adaptive"
+  integrator_run "$COUNT_B"
+  B_ADA+=("$(rate "$(mock_stat .created)" "$SECS")"); B_ADA_LIMIT=${LIMIT:-n/a}
+  B_DUP=$((B_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+  # shellcheck disable=SC2086
+  start_mock $B_MOCK_FLAGS
+  log "(b) run $run: reference (1), concurrency $REF_CONCURRENCY"
+  mock0=$(cpu_ticks "$MOCK_PID")
+  ref1 "$COUNT_B"
+  B_REF+=("$(jq -r '.stored_per_second | floor' "$WORK/ref1.json")")
+  B_CPU_REF1+=("$(time_us "$WORK/ref1.time" "$COUNT_B")")
+  B_CPU_RMOCK+=("$(us_per $(( $(cpu_ticks "$MOCK_PID") - mock0 )) "$COUNT_B")")
+  B_DUP=$((B_DUP + $(mock_stat .duplicate_effects)))
+  stop_mock
+done
 
-# shellcheck disable=SC2086
-start_mock $B_MOCK_FLAGS
-drain_run "bench_int_c_$RUN_ID" "$COUNT_B"
-C_SECS=$SECS; C_RSS=$RSS_KB; C_LIMIT=${LIMIT:-n/a}
-C_CREATED=$(mock_stat .created); C_DUP=$(mock_stat .duplicate_effects)
-C_LIMITED=$(mock_stat .injected.concurrency_limited)
-C_RATE=$(rate "$C_CREATED" "$C_SECS")
-stop_mock
+# (c) goodput under the issue's fault mix ------------------------------------------------------------
+FAULTS="--failure-rate 0.2 --rate-limit-rate 0.05 --timeout-rate 0.02"
+C_OK=(); C_FAULT=(); C_DUP=0; C_PAUSES=0
+for run in $(seq 1 "$RUNS"); do
+  start_mock --latency-ms 5
+  new_namespace; fill "$COUNT_C"
+  log "(c) run $run: no faults"
+  integrator_run "$COUNT_C"
+  C_OK+=("$(rate "$COUNT_C" "$SECS")")
+  C_DUP=$((C_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+  # shellcheck disable=SC2086
+  start_mock --latency-ms 5 $FAULTS --seed "$run"
+  new_namespace; fill "$COUNT_C"
+  log "(c) run $run: $FAULTS"
+  integrator_run "$COUNT_C"
+  C_FAULT+=("$(rate "$COUNT_C" "$SECS")"); C_FAULT_SECS+=("$SECS")
+  C_PAUSES=$((C_PAUSES + ${PAUSES:-0}))
+  C_STATS=$(curl -fs "http://127.0.0.1:$MOCK_PORT/stats" | jq -c '{requests, created, duplicate_effects, injected: {error: .injected.error, rate_limited: .injected.rate_limited, timeout: .injected.timeout}}')
+  C_DUP=$((C_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+done
+
+# (d) MOCK_DATA.csv with the faults -------------------------------------------------------------------
+D_SECS=(); D_DUP=0
+for run in $(seq 1 "$RUNS"); do
+  # shellcheck disable=SC2086
+  start_mock $FAULTS --seed "$run"
+  new_namespace; fill 0
+  SYNC_NAMESPACE="$NS" $B/csv-reader libs/e2e/testdata/MOCK_DATA.csv --progress off >/dev/null 2>&1
+  log "(d) run $run: MOCK_DATA.csv"
+  integrator_run 1000
+  D_SECS+=("$SECS")
+  D_DUP=$((D_DUP + $(mock_stat .duplicate_effects)))
+  drop_namespace; stop_mock
+done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+a_int=$(median "${A_INT[@]}"); a_ref=$(median "${A_REF[@]}")
+b_fix=$(median "${B_FIX[@]}"); b_ada=$(median "${B_ADA[@]}"); b_ref=$(median "${B_REF[@]}")
+c_ok=$(median "${C_OK[@]}"); c_fault=$(median "${C_FAULT[@]}")
+d_secs=$(median "${D_SECS[@]}")
+verdict() { if [ "$(echo "$1 >= $2" | bc -l)" = 1 ]; then echo met; else echo "**missed**"; fi; }
 
 cat <<MD
 ## crm-integrator
 
-One replica (release build) draining a pre-filled ingest stream on the local nats-server into
-crm-mock, everything on this machine's $(nproc) cores (NATS, mock, integrator and load generator share them).
-Per record: 4 NATS round trips (claim = KV create, then confirm KV update ∥ outcome publish, then
-double ack) plus one CRM request; pulls are batched. Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
+One replica (release build) draining a pre-filled ingest stream into crm-mock, beside two
+references measured in the same run: (1) \`crm-reference\`, a stateless driver sending the
+integrator's exact requests (its \`CrmClient\`, \`Idempotency-Key\`, concurrency $REF_CONCURRENCY,
+retrying failures, honouring \`Retry-After\`), no NATS; (2) \`jetstream-reference\`, the per-record
+JetStream work no design can avoid (pull, publish an outcome with a dedup id and await its PubAck,
+ack), no CRM. Everything on this machine's $(nproc) cores, on a nats-server of its own
+($NATS_VERSION, file store). Figures are medians of $RUNS runs, integrator and references alternating;
+every run's values are listed. Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
 
-| scenario | records | seconds | rate | target | ratio | duplicates | peak RSS |
-|---|---|---|---|---|---|---|---|
-| (a) no faults, no latency, adaptive concurrency | $COUNT_A | $A_SECS | $A_RATE records/s | ≥ 50% of wrk's $WRK_RPS req/s | $(ratio "$A_RATE" "$WRK_RPS") | $A_DUP | $((A_RSS / 1024)) MiB |
-| (b) 20 ms, cap 200, 10% errors, \`--concurrency 256\` | $COUNT_B | $B_SECS | $B_RATE creates/s | ≥ 90% of $CAPACITY/s | $(ratio "$B_RATE" "$CAPACITY") | $B_DUP | $((B_RSS / 1024)) MiB |
-| (b) same, adaptive (no \`--concurrency\`) | $COUNT_B | $C_SECS | $C_RATE creates/s | ≥ 90% of $CAPACITY/s | $(ratio "$C_RATE" "$CAPACITY") | $C_DUP | $((C_RSS / 1024)) MiB |
+| scenario | integrator | reference | ratio | target | met | duplicates |
+|---|---|---|---|---|---|---|
+| (a) instant CRM, $COUNT_A records, adaptive | $a_int records/s | $a_ref records/s: (1) and (2) together | $(ratio "$a_int" "$a_ref") | ≥ 0.70 | $(verdict "$(ratio "$a_int" "$a_ref")" 0.70) | $A_DUP |
+| (b) 20 ms, cap 200, 10% 5xx, \`--concurrency 256\` | $b_fix creates/s | $b_ref creates/s: (1) alone | $(ratio "$b_fix" "$b_ref") | ≥ 0.90 | $(verdict "$(ratio "$b_fix" "$b_ref")" 0.90) | $B_DUP |
+| (b) same, adaptive | $b_ada creates/s | $b_ref creates/s | $(ratio "$b_ada" "$b_ref") | ≥ 0.90 | $(verdict "$(ratio "$b_ada" "$b_ref")" 0.90) | |
+| (c) $COUNT_C rows, 5 ms: 20% 5xx + 5% 429 + 2% 30-s hangs | $c_fault records/s | $c_ok records/s without faults | $(ratio "$c_fault" "$c_ok") | ≥ 0.50 | $(verdict "$(ratio "$c_fault" "$c_ok")" 0.50) | $C_DUP |
+| (d) MOCK_DATA.csv (1,000 rows), same faults, no latency | drained in $d_secs s | | | < 60 s | $(verdict 60 "$d_secs") | $D_DUP |
 
-- (a) plain HTTP rate: \`$WRK_CMD\` (POST of a customer, same mock, same run): $WRK_RPS req/s.
-  Created by the integrator: $A_CREATED; adaptive limit at the end: $A_LIMIT.
-  Mean time per phase: $A_PHASES.
-  CPU per record: $A_CPU (the $(nproc) cores give $(( $(nproc) * 1000000 / (WRK_RPS / 2) )) µs per record at 50% of wrk's rate).
-- (b) mock: \`crm-mock $B_MOCK_FLAGS\`. Fixed 256: $B_CREATED created, $B_ERR injected errors retried,
-  $B_LIMITED answered 429 for the concurrency cap (each 429 pauses the fleet for its Retry-After and
-  lowers the replica's ceiling to what was in flight). Mean time per phase: $B_PHASES.
-  Adaptive: $C_CREATED created, $C_LIMITED concurrency-cap 429s, limit at the end $C_LIMIT.
-  Plain HTTP reference on the same mock: \`wrk -t2 -c$B_WRK_CONNS\` got $B_WRK_RPS req/s at $B_WRK_LATENCY mean latency, of which
-  $B_WRK_OK_RATE/s succeeded ($(ratio "$B_WRK_OK_RATE" "$CAPACITY") of $CAPACITY/s): what a load generator with no state reaches here.
-  The replica reaches $(ratio "$B_RATE" "$B_WRK_OK_RATE") (fixed) and $(ratio "$C_RATE" "$B_WRK_OK_RATE") (adaptive) of that.
-- Command: \`COUNT_A=$COUNT_A COUNT_B=$COUNT_B deploy/local/bench.d/crm-integrator.sh\`
+- (a) runs: integrator ${A_INT[*]} records/s; references together ${A_REF[*]} (the slower of the two
+  bounds the pair: (1) alone finished at ${A_R1[*]}, (2) at ${A_R2[*]} records/s while sharing the
+  machine). Adaptive limit at the end: $A_LIMIT.
+  CPU µs per record, integrator run: integrator $(median "${A_CPU_INT[@]}"), nats-server
+  $(median "${A_CPU_NATS[@]}"), crm-mock $(median "${A_CPU_MOCK[@]}"); reference run: crm-reference
+  $(median "${A_CPU_REF1[@]}"), jetstream-reference $(median "${A_CPU_REF2[@]}"), nats-server
+  $(median "${A_CPU_RNATS[@]}"), crm-mock $(median "${A_CPU_RMOCK[@]}").
+- (b) mock \`crm-mock $B_MOCK_FLAGS\`: runs fixed ${B_FIX[*]}, adaptive ${B_ADA[*]}, reference (1)
+  ${B_REF[*]} creates/s; 429s for the cap in the fixed runs: ${B_LIMITED[*]}; adaptive limit at
+  the end $B_ADA_LIMIT. CPU µs per record, fixed: integrator $(median "${B_CPU_INT[@]}"), nats-server
+  $(median "${B_CPU_NATS[@]}"), crm-mock $(median "${B_CPU_MOCK[@]}"); reference (1)
+  $(median "${B_CPU_REF1[@]}"), crm-mock under it $(median "${B_CPU_RMOCK[@]}").
+- (c) mock \`crm-mock --latency-ms 5 $FAULTS\` (Retry-After 1 s and 30-s hangs are its defaults):
+  runs without faults ${C_OK[*]}, with faults ${C_FAULT[*]} records/s (${C_FAULT_SECS[*]} s);
+  fleet pauses called: $C_PAUSES; last faulty run's mock counts: \`$C_STATS\`.
+- (d) \`csv-reader libs/e2e/testdata/MOCK_DATA.csv\`, then one integrator against \`crm-mock $FAULTS\`:
+  ${D_SECS[*]} s from the integrator's start to nothing pending or unacked.
+- Command: \`COUNT_A=$COUNT_A COUNT_B=$COUNT_B RUNS=$RUNS deploy/local/bench.d/crm-integrator.sh\`
   (or \`BENCH_ONLY=crm-integrator deploy/local/bench.sh\`).
 MD

@@ -130,12 +130,14 @@ impl CrmClient {
         url
     }
 
-    /// `POST /customers` or `PUT /customers/{id}` with the idempotency key.
+    /// `POST /customers` or `PUT /customers/{id}` with the idempotency key, given up after
+    /// `timeout` (at most the client's request timeout).
     pub async fn write(
         &self,
         write: Write,
         customer: &CustomerRecord,
         idempotency_key: &str,
+        timeout: Duration,
     ) -> CrmReply {
         let request = match write {
             Write::Create => self.http.post(self.customer_url(None)),
@@ -143,17 +145,19 @@ impl CrmClient {
         };
         let sent = request
             .header("Idempotency-Key", idempotency_key)
+            .timeout(timeout)
             .json(customer)
             .send()
             .await;
         classify(sent, true).await
     }
 
-    /// `GET /customers/{id}`.
-    pub async fn look_up(&self, customer_id: &str) -> CrmReply {
+    /// `GET /customers/{id}`, given up after `timeout`.
+    pub async fn look_up(&self, customer_id: &str, timeout: Duration) -> CrmReply {
         let sent = self
             .http
             .get(self.customer_url(Some(customer_id)))
+            .timeout(timeout)
             .send()
             .await;
         classify(sent, false).await

@@ -35,10 +35,9 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         timeout_rate: 0.02,
         hang_ms: 1500,
         latency_ms: 1,
-        // The injected 429s are random, not a sign of load: with `Retry-After: 1` each would pause
-        // the whole fleet for a second (as it must for a real CRM; crm-integrator's own tests prove
-        // that), and 5% of them would stretch this run to most of an hour.
-        extra: vec!["--retry-after-secs".into(), "0".into()],
+        // The mock's default `Retry-After: 1`: random 429s delay their own records, never the
+        // fleet (crm-integrator's fault policy).
+        extra: Vec::new(),
     };
     let mut pipeline =
         Pipeline::start(env.clone(), faults, 3, &["--request-timeout-ms", "500"]).await?;

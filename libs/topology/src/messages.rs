@@ -153,6 +153,23 @@ impl DeadLetter {
     }
 }
 
+/// Key of the fleet-wide CRM pause in the control bucket.
+pub const PAUSE_KEY: &str = "crm_pause";
+
+/// Stored under [`PAUSE_KEY`] by an integrator whose CRM signals overload: every integrator holds
+/// its requests until `until_ms`; `syncctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseNotice {
+    /// Unix milliseconds until which no replica sends to the CRM.
+    pub until_ms: i64,
+    pub set_by: String,
+    /// The cause, in words: which answers, how many, over how long.
+    pub reason: String,
+    /// Unix milliseconds when the pause was called (0 in notices from older replicas).
+    #[serde(default)]
+    pub since_ms: i64,
+}
+
 /// Stored in the checkpoints bucket by the reader, keyed by the file's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {

@@ -34,9 +34,14 @@ pub struct Config {
     /// Requests-per-second budget for this replica.
     #[arg(long, env = "CRM_RPS")]
     pub rps: Option<NonZeroU32>,
-    /// Deadline of one CRM request, in milliseconds.
+    /// Longest deadline of one CRM request, in milliseconds. Within it, a request is given up as
+    /// hung after ten times the CRM's recent 99th-percentile answer time, but never sooner than
+    /// --min-request-timeout-ms.
     #[arg(long, default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// Shortest deadline of one CRM request, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    pub min_request_timeout_ms: u64,
     /// Deliveries after which a record that still fails goes to the dead subject. (The consumer
     /// has no server-side cap: deliveries spent waiting for an older version are not failures.)
     #[arg(long, default_value_t = 10)]
@@ -58,13 +63,24 @@ pub struct Config {
     /// message back with a delayed NAK.
     #[arg(long, default_value_t = 2_000)]
     pub max_inline_wait_ms: u64,
-    /// Consecutive CRM failures (5xx, timeouts) that open the circuit breaker.
-    #[arg(long, default_value_t = 10)]
-    pub breaker_threshold: u32,
+    /// Share of failed answers (5xx, timeouts, connection errors) within --breaker-window-ms that
+    /// opens the circuit breaker.
+    #[arg(long, default_value_t = 0.5)]
+    pub breaker_failure_share: f64,
+    /// Answers the breaker's window must hold before its share can open it.
+    #[arg(long, default_value_t = 20)]
+    pub breaker_min_requests: u32,
+    /// The breaker's window, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub breaker_window_ms: u64,
     /// First cool-down of an open breaker before one probe request, in milliseconds; doubles
     /// while probes fail.
     #[arg(long, default_value_t = 1_000)]
     pub breaker_cooldown_ms: u64,
+    /// Longest fleet-wide pause, and longest wait of one record's retry, in milliseconds, whatever
+    /// the CRM's Retry-After says.
+    #[arg(long, default_value_t = 60_000)]
+    pub max_pause_ms: u64,
 }
 
 impl Config {
@@ -79,18 +95,30 @@ impl Config {
             max_concurrency: 512,
             rps: None,
             request_timeout_ms: 10_000,
+            min_request_timeout_ms: 1_000,
             max_deliver: 10,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             consumer: "integrators".to_owned(),
             fetch_batch: 128,
             max_inline_wait_ms: 2_000,
-            breaker_threshold: 10,
+            breaker_failure_share: 0.5,
+            breaker_min_requests: 20,
+            breaker_window_ms: 10_000,
             breaker_cooldown_ms: 1_000,
+            max_pause_ms: 60_000,
         }
     }
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+
+    pub fn min_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.min_request_timeout_ms.max(1)).min(self.request_timeout())
+    }
+
+    pub fn max_pause(&self) -> Duration {
+        Duration::from_millis(self.max_pause_ms)
     }
 
     pub fn max_inline_wait(&self) -> Duration {
@@ -110,6 +138,9 @@ impl Config {
         if self.fetch_batch == 0 {
             return Err(ConfigError::Zero("fetch-batch"));
         }
+        if !(self.breaker_failure_share > 0.0 && self.breaker_failure_share <= 1.0) {
+            return Err(ConfigError::Share("breaker-failure-share"));
+        }
         if !matches!(self.crm_url.scheme(), "http" | "https") {
             return Err(ConfigError::CrmScheme(self.crm_url.to_string()));
         }
@@ -124,6 +155,8 @@ impl Config {
 pub enum ConfigError {
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
+    #[error("--{0} must be a share above 0 and at most 1")]
+    Share(&'static str),
     #[error("--crm-url {0} must be an http:// or https:// URL")]
     CrmScheme(String),
     #[error("--crm-token / CRM_API_TOKEN is set but empty (unset it to send no token)")]
@@ -142,13 +175,17 @@ impl fmt::Debug for Config {
             .field("max_concurrency", &self.max_concurrency)
             .field("rps", &self.rps)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("min_request_timeout_ms", &self.min_request_timeout_ms)
             .field("max_deliver", &self.max_deliver)
             .field("metrics_addr", &self.metrics_addr)
             .field("consumer", &self.consumer)
             .field("fetch_batch", &self.fetch_batch)
             .field("max_inline_wait_ms", &self.max_inline_wait_ms)
-            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_failure_share", &self.breaker_failure_share)
+            .field("breaker_min_requests", &self.breaker_min_requests)
+            .field("breaker_window_ms", &self.breaker_window_ms)
             .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
+            .field("max_pause_ms", &self.max_pause_ms)
             .finish()
     }
 }

@@ -1,26 +1,18 @@
-//! The pause every replica obeys: a replica that receives `Retry-After` writes "pause until T" to
-//! the control bucket, and every replica watches that key and holds its requests until T.
+//! The pause every replica obeys: a replica whose fault policy finds the CRM overloaded (a large
+//! share of 429s that lasted, or a long `Retry-After`) writes "pause until T, because …" to the
+//! control bucket, and every replica watches that key and holds its requests until T. `syncctl
+//! status` reads the same key to show a pause in force.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt as _;
-use serde::{Deserialize, Serialize};
+pub use sync_topology::messages::{PAUSE_KEY, PauseNotice};
 use tokio_util::sync::CancellationToken;
 
 use crate::flow::{Gate, now_ms};
-
-/// Key of the shared pause in the control bucket.
-pub const PAUSE_KEY: &str = "crm_pause";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PauseNotice {
-    /// Unix milliseconds until which no replica sends to the CRM.
-    pub until_ms: i64,
-    pub set_by: String,
-    pub reason: String,
-}
+use crate::policy::PauseRequest;
 
 /// Publishes this replica's pauses and applies everyone's.
 #[derive(Debug, Clone)]
@@ -40,22 +32,26 @@ impl FleetPause {
     }
 
     /// Pauses this replica at once and tells the others. A failed write is logged, not fatal: this
-    /// replica still pauses, and the others will draw their own 429s.
-    pub async fn announce(&self, wait: Duration, reason: String) {
-        let until_ms = now_ms() + wait.as_millis() as i64;
+    /// replica still pauses, and the others will draw their own 429s. The gate caps the pause at
+    /// `--max-pause-ms`.
+    pub async fn announce(&self, pause: PauseRequest) {
+        let since_ms = now_ms();
+        let wait = pause.wait.min(self.gate.max_pause());
+        let until_ms = since_ms + wait.as_millis() as i64;
         if !self.gate.pause_until(until_ms) {
             return;
         }
         tracing::warn!(
             pause_ms = wait.as_millis() as u64,
-            %reason,
-            "CRM asked for a pause: holding requests on every replica"
+            cause = %pause.cause,
+            "CRM overloaded: holding requests on every replica"
         );
         metrics::counter!("crm_integrator_pauses_total").increment(1);
         let notice = PauseNotice {
             until_ms,
             set_by: self.replica.clone(),
-            reason,
+            reason: pause.cause,
+            since_ms,
         };
         let body = match serde_json::to_vec(&notice) {
             Ok(body) => body,
@@ -126,7 +122,7 @@ impl FleetPause {
                         set_by = %notice.set_by,
                         reason = %notice.reason,
                         pause_ms = notice.until_ms - now_ms(),
-                        "pausing: another replica was asked to hold off"
+                        "pausing: another replica found the CRM overloaded"
                     );
                 }
             }

@@ -1,12 +1,17 @@
 //! How hard the integrator pushes the CRM: the request concurrency limit (fixed, or adaptive
-//! AIMD), the pause a CRM asks for with `Retry-After`, and the circuit breaker that stops sending
-//! while the CRM is down. All of it is per replica except the pause, which `fleet.rs` shares.
+//! AIMD, lowered in proportion to the share of troubled answers), each request's deadline, the
+//! pause a CRM asks for, the circuit breaker that stops sending while the CRM is down, and the
+//! messages in hand. All of it is per replica except the pause, which `fleet.rs` shares; what
+//! each answer means is decided in `policy.rs`.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::policy::{self, BreakerSettings, Overload, PauseRequest, Recent, Signal};
+use crm_client::{CrmReply, Transient};
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -19,30 +24,114 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// How one request went, as a congestion signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// Answered (any answer that is not congestion, including refusals and random 5xx).
-    Answered,
-    /// 429: the CRM refused for load. Lowers the ceiling to what was in flight.
-    RateLimited,
-    /// A client-side timeout: the CRM is struggling.
-    Congested,
+/// A semaphore whose size changes while permits are out: a waiter is woken only when a permit is
+/// there for it (one waiter per freed permit, in order), never all of them to race for it.
+#[derive(Debug)]
+struct Capacity {
+    semaphore: Arc<Semaphore>,
+    sizes: Mutex<Sizes>,
 }
 
+#[derive(Debug, Default)]
+struct Sizes {
+    target: usize,
+    /// Permits out that must not come back, because the size shrank below what was out.
+    owed: usize,
+}
+
+impl Capacity {
+    fn new(size: usize) -> Self {
+        Capacity {
+            semaphore: Arc::new(Semaphore::new(size)),
+            sizes: Mutex::new(Sizes {
+                target: size,
+                owed: 0,
+            }),
+        }
+    }
+
+    fn resize(&self, size: usize) {
+        let mut sizes = lock(&self.sizes);
+        if size > sizes.target {
+            let grow = size - sizes.target;
+            let settled = grow.min(sizes.owed);
+            sizes.owed -= settled;
+            self.semaphore.add_permits(grow - settled);
+        } else if size < sizes.target {
+            let shrink = sizes.target - size;
+            let forgotten = self.semaphore.forget_permits(shrink);
+            sizes.owed += shrink - forgotten;
+        }
+        sizes.target = size;
+    }
+
+    async fn acquire(&self) -> OwnedSemaphorePermit {
+        self.semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let mut sizes = lock(&self.sizes);
+        if sizes.owed > 0 {
+            sizes.owed -= 1;
+            permit.forget();
+        } else {
+            drop(permit);
+        }
+    }
+
+    /// One permit more than the size, until [`Capacity::take_back`].
+    fn lend(&self) {
+        self.semaphore.add_permits(1);
+    }
+
+    /// Takes a lent permit back now: a free one if there is one, else the next one released.
+    fn take_back(&self) {
+        match self.semaphore.clone().try_acquire_owned() {
+            Ok(permit) => permit.forget(),
+            Err(_) => lock(&self.sizes).owed += 1,
+        }
+    }
+}
+
+/// Weight of one answer in the trouble share (about the last 100 answers).
+const TROUBLE_WEIGHT: f64 = 1.0 / 100.0;
+/// The limit is lowered by this fraction of the trouble share: 20% troubled answers, 10% fewer
+/// requests in flight.
+const TROUBLE_REDUCTION: f64 = 0.5;
+/// Short and long memories of the 429 and timeout shares; a burst is a short share of at least
+/// [`BURST_SHARE`] and twice the long one.
+const BURST_WEIGHT: f64 = 1.0 / 64.0;
+const BASELINE_WEIGHT: f64 = 1.0 / 2048.0;
+const BURST_SHARE: f64 = 0.2;
+/// A request is given up after this many times the recent 99th-percentile answer time, but never
+/// later than [`DEADLINE_BASE_FACTOR`] times the fastest recent answer: when our own host is the
+/// bottleneck every answer looks slow, and a deadline learned from that would let hung requests
+/// hold their slots for many seconds.
+const DEADLINE_FACTOR: u32 = 10;
+const DEADLINE_BASE_FACTOR: u32 = 50;
+const LATENCY_SAMPLES: usize = 256;
+
 /// Concurrency of CRM requests. Fixed mode keeps `--concurrency`; adaptive mode starts small,
-/// grows while answers come back at the usual latency, and backs off multiplicatively on 429s,
-/// timeouts and rising latency. Either way a 429 teaches a ceiling (the requests still in flight
-/// when it came back) that is probed again only after a quiet while, because every 429 costs a
-/// fleet pause.
+/// grows while answers come back at the usual latency, and backs off multiplicatively on rising
+/// latency and on bursts of 429s or timeouts. Either way a burst of 429s teaches a ceiling (the
+/// requests still in flight when it came back), and the limit in force is lowered in proportion
+/// to the share of troubled answers (5xx, 429, timeouts), never collapsed by them.
 #[derive(Debug)]
 pub struct Limiter {
     adaptive: bool,
     min: usize,
     max: usize,
     state: Mutex<LimiterState>,
+    slots: Capacity,
     in_flight: AtomicUsize,
-    freed: Notify,
+    applied: AtomicUsize,
+    deadline_ms: AtomicU64,
+    shortest_deadline: Duration,
+    longest_deadline: Duration,
 }
 
 #[derive(Debug)]
@@ -55,14 +144,27 @@ struct LimiterState {
     base_latency: Option<Duration>,
     base_latency_at: Instant,
     smoothed_latency: Option<Duration>,
+    trouble: f64,
+    limited_short: f64,
+    limited_long: f64,
+    timeouts_short: f64,
+    timeouts_long: f64,
+    /// Answer times of the last successful requests, for the deadline.
+    latencies: Vec<Duration>,
+    next_latency: usize,
+    since_estimate: usize,
 }
 
-/// After this long without a 429, the learned ceiling is probed 5% upward. A probe that overshoots
-/// costs one `Retry-After` pause of the fleet, so this is a trade: a ceiling learned low (requests
-/// reordered on their way to the CRM make it err low) recovers within a few minutes, while
-/// overshooting costs at most one pause per half minute.
+/// After this long without a burst of 429s, the learned ceiling is probed 5% upward. A probe that
+/// overshoots costs a burst of 429s (each record retried after its Retry-After), so this is a
+/// trade: a ceiling learned low recovers within a few minutes, while overshooting costs at most
+/// one burst per half minute.
 const CEILING_QUIET: Duration = Duration::from_secs(30);
 const DECREASE_FACTOR: f64 = 0.8;
+
+fn ewma(current: f64, hit: bool, weight: f64) -> f64 {
+    current + (f64::from(u8::from(hit)) - current) * weight
+}
 
 impl Limiter {
     pub fn fixed(concurrency: usize) -> Self {
@@ -73,6 +175,15 @@ impl Limiter {
     pub fn adaptive(initial: usize, max: usize) -> Self {
         let max = max.max(1);
         Self::build(true, 1, max, initial.clamp(1, max))
+    }
+
+    /// Request deadlines between `shortest` and `longest` (default 1 s and 10 s).
+    pub fn with_deadlines(mut self, shortest: Duration, longest: Duration) -> Self {
+        self.longest_deadline = longest.max(Duration::from_millis(1));
+        self.shortest_deadline = shortest.min(self.longest_deadline);
+        self.deadline_ms
+            .store(self.longest_deadline.as_millis() as u64, Ordering::Release);
+        self
     }
 
     fn build(adaptive: bool, min: usize, max: usize, initial: usize) -> Self {
@@ -88,9 +199,21 @@ impl Limiter {
                 base_latency: None,
                 base_latency_at: Instant::now(),
                 smoothed_latency: None,
+                trouble: 0.0,
+                limited_short: 0.0,
+                limited_long: 0.0,
+                timeouts_short: 0.0,
+                timeouts_long: 0.0,
+                latencies: Vec::with_capacity(LATENCY_SAMPLES),
+                next_latency: 0,
+                since_estimate: 0,
             }),
+            slots: Capacity::new(initial),
             in_flight: AtomicUsize::new(0),
-            freed: Notify::new(),
+            applied: AtomicUsize::new(initial),
+            deadline_ms: AtomicU64::new(10_000),
+            shortest_deadline: Duration::from_secs(1),
+            longest_deadline: Duration::from_secs(10),
         }
     }
 
@@ -100,49 +223,45 @@ impl Limiter {
 
     /// The number of requests allowed in flight now.
     pub fn limit(&self) -> usize {
-        let state = lock(&self.state);
-        Self::effective(&state, self.max)
-    }
-
-    fn effective(state: &LimiterState, max: usize) -> usize {
-        let limit = (state.limit.floor() as usize).clamp(1, max);
-        match state.ceiling {
-            Some((ceiling, _)) => limit.min(ceiling.max(1)),
-            None => limit,
-        }
+        self.applied.load(Ordering::Acquire)
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Waits for a free request slot.
+    /// How long the next request may take before it is given up as hung: ten times the recent
+    /// 99th-percentile answer time, between the shortest and the longest deadline.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms.load(Ordering::Acquire))
+    }
+
+    /// Waits for a free request slot (woken alone, in turn).
     pub async fn acquire(&self) -> Permit<'_> {
-        loop {
-            let freed = self.freed.notified();
-            let limit = self.limit();
-            let current = self.in_flight.load(Ordering::Acquire);
-            if current < limit
-                && self
-                    .in_flight
-                    .compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                return Permit {
-                    limiter: self,
-                    started: Instant::now(),
-                    done: false,
-                };
-            }
-            if current < limit {
-                continue;
-            }
-            freed.await;
+        let permit = self.slots.acquire().await;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Permit {
+            limiter: self,
+            permit: Some(permit),
+            started: Instant::now(),
+            deadline: self.deadline(),
         }
     }
 
+    fn effective(&self, state: &LimiterState) -> usize {
+        let mut base = state.limit;
+        if let Some((ceiling, _)) = state.ceiling {
+            base = base.min(ceiling as f64);
+        }
+        let lowered = base * (1.0 - state.trouble * TROUBLE_REDUCTION);
+        (lowered.floor() as usize).clamp(self.min, self.max)
+    }
+
     fn record(&self, signal: Signal, latency: Duration) {
-        let now = Instant::now();
+        self.record_at(signal, latency, Instant::now());
+    }
+
+    fn record_at(&self, signal: Signal, latency: Duration, now: Instant) {
         let mut state = lock(&self.state);
         if let Some((_, since)) = state.ceiling
             && now.duration_since(since) > CEILING_QUIET
@@ -153,63 +272,104 @@ impl Limiter {
                 .map(|(c, _)| (c + (c / 20).max(1), now))
                 .filter(|(c, _)| *c < self.max);
         }
+        let limited = signal == Signal::RateLimited;
+        let timed_out = signal == Signal::TimedOut;
+        state.trouble = ewma(state.trouble, signal.is_trouble(), TROUBLE_WEIGHT);
+        state.limited_short = ewma(state.limited_short, limited, BURST_WEIGHT);
+        state.limited_long = ewma(state.limited_long, limited, BASELINE_WEIGHT);
+        state.timeouts_short = ewma(state.timeouts_short, timed_out, BURST_WEIGHT);
+        state.timeouts_long = ewma(state.timeouts_long, timed_out, BASELINE_WEIGHT);
+        // Random 429s or hangs keep the short share near the long one; crossing a cap or a CRM
+        // that stalls makes it jump.
+        let limit_burst =
+            limited && state.limited_short >= BURST_SHARE.max(2.0 * state.limited_long);
+        let timeout_burst =
+            timed_out && state.timeouts_short >= BURST_SHARE.max(2.0 * state.timeouts_long);
+        if signal == Signal::Answered {
+            self.observe_deadline(&mut state, latency);
+        }
+        if limit_burst {
+            // What the CRM holds is what is still in flight when its 429 comes back: the
+            // requests it accepted and has not answered. Our count runs ahead of the CRM's (it
+            // includes the answers' way back), so keep a small margin; taking the minimum (never
+            // compounding) keeps one burst of 429s from collapsing the ceiling.
+            let still_in_flight = self.in_flight.load(Ordering::Acquire) as f64;
+            let ceiling = ((still_in_flight * 0.97) as usize).max(self.min);
+            let lower = state.ceiling.is_none_or(|(c, _)| ceiling < c);
+            let kept = state.ceiling.map(|(c, _)| c);
+            state.ceiling = Some((
+                if lower {
+                    ceiling
+                } else {
+                    kept.unwrap_or(ceiling)
+                },
+                now,
+            ));
+        }
         // Only ordinary answers say how long the CRM takes: a 429 comes back at once and would
         // teach a base latency the real requests can never match.
         let latency_rose = self.adaptive
             && signal == Signal::Answered
             && Self::observe_latency(&mut state, latency, now);
-        let congested = match signal {
-            Signal::Answered => latency_rose,
-            Signal::RateLimited => {
-                // What the CRM holds is what is still in flight when its 429 comes back: the
-                // requests it accepted and has not answered (a 429 comes back at once, and the
-                // pause it triggers stops new requests, so later 429s of a burst see fewer). The
-                // count when this request started says little when many start together, since
-                // they reach the CRM in any order. Our count runs ahead of the CRM's (it
-                // includes the answers' way back), so keep a small margin; taking the minimum
-                // (never compounding) keeps one burst of 429s from collapsing the ceiling.
-                let still_in_flight = self.in_flight.load(Ordering::Acquire) as f64;
-                let ceiling = ((still_in_flight * 0.97) as usize).max(self.min);
-                let lower = state.ceiling.is_none_or(|(c, _)| ceiling < c);
-                if lower {
-                    state.ceiling = Some((ceiling, now));
-                } else if let Some((c, _)) = state.ceiling {
-                    state.ceiling = Some((c, now));
+        if self.adaptive {
+            if latency_rose || limit_burst || timeout_burst {
+                // One decrease per round trip as it is now (not as it was unloaded): the answers
+                // of one overloaded window all say the same, and decreasing faster than answers
+                // come back collapses the limit.
+                let window = state
+                    .smoothed_latency
+                    .unwrap_or(latency)
+                    .max(latency.min(Duration::from_secs(1)))
+                    .max(Duration::from_millis(20));
+                if state
+                    .last_decrease
+                    .is_none_or(|at| now.duration_since(at) > window)
+                {
+                    state.limit = (state.limit * DECREASE_FACTOR).max(self.min as f64);
+                    state.slow_start = false;
+                    state.last_decrease = Some(now);
                 }
-                true
+            } else if signal == Signal::Answered {
+                let cap = state.ceiling.map_or(self.max, |(c, _)| c.min(self.max)) as f64;
+                let step = if state.slow_start {
+                    1.0
+                } else {
+                    1.0 / state.limit.max(1.0)
+                };
+                state.limit = (state.limit + step).min(cap.max(self.min as f64));
             }
-            Signal::Congested => true,
-        };
-        if !self.adaptive {
+        }
+        let applied = self.effective(&state);
+        if applied != self.applied.swap(applied, Ordering::AcqRel) {
+            self.slots.resize(applied);
+            metrics::gauge!("crm_integrator_concurrency_limit").set(applied as f64);
+        }
+    }
+
+    fn observe_deadline(&self, state: &mut LimiterState, latency: Duration) {
+        if state.latencies.len() < LATENCY_SAMPLES {
+            state.latencies.push(latency);
+        } else {
+            let at = state.next_latency;
+            state.latencies[at] = latency;
+        }
+        state.next_latency = (state.next_latency + 1) % LATENCY_SAMPLES;
+        state.since_estimate += 1;
+        // Early on every answer counts: the first requests must not keep the longest deadline.
+        let every = if state.latencies.len() < 64 { 1 } else { 32 };
+        if state.latencies.len() < 8 || state.since_estimate < every {
             return;
         }
-        if congested {
-            // One decrease per round trip: the answers of one overloaded window all say the same.
-            let window = state
-                .base_latency
-                .unwrap_or(latency)
-                .max(Duration::from_millis(20));
-            if state
-                .last_decrease
-                .is_none_or(|at| now.duration_since(at) > window)
-            {
-                state.limit = (state.limit * DECREASE_FACTOR).max(self.min as f64);
-                state.slow_start = false;
-                state.last_decrease = Some(now);
-            }
-        } else if signal == Signal::Answered {
-            let cap = state.ceiling.map_or(self.max, |(c, _)| c.min(self.max)) as f64;
-            let step = if state.slow_start {
-                1.0
-            } else {
-                1.0 / state.limit.max(1.0)
-            };
-            state.limit = (state.limit + step).min(cap.max(self.min as f64));
-        }
-        drop(state);
-        let limit = self.limit();
-        metrics::gauge!("crm_integrator_concurrency_limit").set(limit as f64);
-        self.freed.notify_waiters();
+        state.since_estimate = 0;
+        let mut sorted = state.latencies.clone();
+        let fastest = sorted.iter().min().copied().unwrap_or_default();
+        let at = sorted.len() * 99 / 100;
+        let (_, p99, _) = sorted.select_nth_unstable(at);
+        let deadline = (*p99 * DEADLINE_FACTOR)
+            .min(fastest * DEADLINE_BASE_FACTOR)
+            .clamp(self.shortest_deadline, self.longest_deadline);
+        self.deadline_ms
+            .store(deadline.as_millis() as u64, Ordering::Release);
     }
 
     /// Tracks the unloaded latency and says whether this answer took markedly longer.
@@ -237,21 +397,73 @@ impl Limiter {
 #[derive(Debug)]
 pub struct Permit<'a> {
     limiter: &'a Limiter,
+    permit: Option<OwnedSemaphorePermit>,
     started: Instant,
-    done: bool,
+    deadline: Duration,
 }
 
 impl Permit<'_> {
+    /// Runs `request` until it answers or its deadline passes. The deadline is read again when
+    /// it is reached, so a request sent before the limiter learned the CRM's answer times is held
+    /// to what it learned meanwhile, not to the longest deadline it started with.
+    pub async fn bounded(
+        &self,
+        earlier_deliveries: u64,
+        is_write: bool,
+        request: impl std::future::Future<Output = CrmReply>,
+    ) -> CrmReply {
+        let mut request = std::pin::pin!(request);
+        loop {
+            // Looked at again at least every quarter second: what the limiter learns meanwhile
+            // (the first answers of a run) applies to the requests already out.
+            let due = (self.started + self.current_deadline(earlier_deliveries))
+                .min(Instant::now() + Duration::from_millis(250));
+            tokio::select! {
+                reply = &mut request => return reply,
+                () = tokio::time::sleep_until(due.into()) => {
+                    let deadline = self.current_deadline(earlier_deliveries);
+                    if self.started.elapsed() >= deadline {
+                        return CrmReply::Transient(Transient {
+                            status: None,
+                            retry_after: None,
+                            // Sent and unanswered: it may have been applied.
+                            maybe_applied: is_write,
+                            congestion: true,
+                            unreachable: false,
+                            detail: format!(
+                                "timed out: no answer within {deadline:?} (the deadline learned \
+                                 from the CRM's answer times)"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn current_deadline(&self, earlier_deliveries: u64) -> Duration {
+        let doublings = earlier_deliveries.saturating_sub(2).min(8) as u32;
+        (self.limiter.deadline() * 2u32.pow(doublings)).min(self.limiter.longest_deadline)
+    }
+
+    /// How long this request may take before it is given up as hung: the learned deadline,
+    /// doubled for each delivery of the same record after its third (so a record whose requests
+    /// are slow rather than hung still gets through within `--max-deliver`, while the few records
+    /// handed back after a run of random faults keep the short deadline), at most the longest.
+    pub fn deadline(&self, earlier_deliveries: u64) -> Duration {
+        let doublings = earlier_deliveries.saturating_sub(2).min(8) as u32;
+        (self.deadline * 2u32.pow(doublings)).min(self.limiter.longest_deadline)
+    }
+
     pub fn finish(mut self, signal: Signal) {
         self.release();
         self.limiter.record(signal, self.started.elapsed());
     }
 
     fn release(&mut self) {
-        if !self.done {
-            self.done = true;
+        if let Some(permit) = self.permit.take() {
             self.limiter.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.limiter.freed.notify_waiters();
+            self.limiter.slots.release(permit);
         }
     }
 }
@@ -269,19 +481,21 @@ pub enum Admission {
     Wait(Duration),
 }
 
-/// The CRM-requested pause (local copy of the fleet's) and the circuit breaker.
+/// The CRM-requested pause (local copy of the fleet's), the overload rule that calls for one,
+/// and the circuit breaker.
 #[derive(Debug)]
 pub struct Gate {
     pause_until_ms: AtomicI64,
     breaker: Mutex<Breaker>,
-    threshold: u32,
-    base_cooldown: Duration,
+    overload: Mutex<Overload>,
+    settings: BreakerSettings,
+    max_pause: Duration,
     probe_timeout: Duration,
 }
 
 #[derive(Debug)]
 struct Breaker {
-    consecutive_failures: u32,
+    window: Recent,
     state: BreakerState,
     cooldown: Duration,
 }
@@ -296,22 +510,40 @@ enum BreakerState {
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
 
 impl Gate {
-    pub fn new(threshold: u32, cooldown: Duration, probe_timeout: Duration) -> Self {
+    pub fn new(settings: BreakerSettings, max_pause: Duration, probe_timeout: Duration) -> Self {
+        let settings = BreakerSettings {
+            failure_share: settings.failure_share.clamp(0.01, 1.0),
+            min_requests: settings.min_requests.max(1),
+            ..settings
+        };
         Gate {
             pause_until_ms: AtomicI64::new(0),
             breaker: Mutex::new(Breaker {
-                consecutive_failures: 0,
+                window: Recent::new(settings.window, 10),
                 state: BreakerState::Closed,
-                cooldown,
+                cooldown: settings.cooldown,
             }),
-            threshold: threshold.max(1),
-            base_cooldown: cooldown,
+            overload: Mutex::new(Overload::new(max_pause)),
+            settings,
+            max_pause,
             probe_timeout,
         }
     }
 
-    /// Extends the pause to `until_ms` (Unix ms); never shortens it. True when it was extended.
+    /// The longest pause, and the longest wait of one record's retry.
+    pub fn max_pause(&self) -> Duration {
+        self.max_pause
+    }
+
+    /// When a record that failed with `failure` tries again (see [`policy::retry_delay`]).
+    pub fn retry_delay(&self, failure: &Transient, delivered: u64, attempt: u32) -> Duration {
+        policy::retry_delay(failure, delivered, attempt, self.max_pause)
+    }
+
+    /// Extends the pause to `until_ms` (Unix ms), at most the longest pause from now; never
+    /// shortens it. True when it was extended.
     pub fn pause_until(&self, until_ms: i64) -> bool {
+        let until_ms = until_ms.min(now_ms() + self.max_pause.as_millis() as i64);
         let previous = self.pause_until_ms.fetch_max(until_ms, Ordering::AcqRel);
         let extended = until_ms > previous;
         if extended {
@@ -365,199 +597,506 @@ impl Gate {
         }
     }
 
-    /// Feeds the breaker: `Some(true)` an answer that shows the CRM works, `Some(false)` a
-    /// failure that suggests it does not (5xx, timeout), `None` neither (429, 4xx).
-    pub fn record(&self, healthy: Option<bool>) {
+    /// Feeds the breaker and the overload rule with one answer; returns the fleet pause the
+    /// overload rule calls for, if any.
+    pub fn record(
+        &self,
+        signal: Signal,
+        retry_after: Option<Duration>,
+        probe: bool,
+    ) -> Option<PauseRequest> {
+        let now = Instant::now();
+        self.feed_breaker(signal, probe, now);
+        lock(&self.overload).observe(now, signal, retry_after)
+    }
+
+    fn feed_breaker(&self, signal: Signal, probe: bool, now: Instant) {
+        // A 429 says the CRM works and is busy: neither health nor failure.
+        let healthy = match signal {
+            Signal::Answered => Some(true),
+            Signal::RateLimited => None,
+            Signal::Failed | Signal::TimedOut => Some(false),
+        };
         let mut breaker = lock(&self.breaker);
-        match healthy {
-            None => {
-                // A probe that drew a 429 still showed the CRM answers; hand the turn back.
-                if let BreakerState::HalfOpen { .. } = breaker.state {
+        match breaker.state {
+            BreakerState::Closed => {
+                let Some(healthy) = healthy else { return };
+                breaker.window.observe(now, !healthy, None);
+                let tally = breaker.window.tally(now);
+                if tally.total >= self.settings.min_requests
+                    && tally.share() >= self.settings.failure_share
+                {
                     breaker.state = BreakerState::Open {
-                        until: Instant::now(),
+                        until: now + breaker.cooldown,
                     };
+                    metrics::gauge!("crm_integrator_breaker_open").set(1.0);
+                    tracing::warn!(
+                        failed = tally.marked,
+                        answers = tally.total,
+                        window_s = tally.span.as_secs_f64(),
+                        cooldown = ?breaker.cooldown,
+                        "CRM keeps failing: circuit breaker open, sending stopped"
+                    );
                 }
             }
-            Some(true) => {
-                if breaker.state != BreakerState::Closed {
+            // Open or half-open: only the probe's answer decides; late answers of requests sent
+            // before it opened say nothing new.
+            _ if !probe => {}
+            _ => match healthy {
+                None => {
+                    // A probe that drew a 429 still showed the CRM answers; hand the turn back.
+                    breaker.state = BreakerState::Open { until: now };
+                }
+                Some(true) => {
                     tracing::info!("CRM answers again: circuit breaker closed");
                     metrics::gauge!("crm_integrator_breaker_open").set(0.0);
+                    breaker.window.clear();
+                    breaker.state = BreakerState::Closed;
+                    breaker.cooldown = self.settings.cooldown;
                 }
-                breaker.consecutive_failures = 0;
-                breaker.state = BreakerState::Closed;
-                breaker.cooldown = self.base_cooldown;
-            }
-            Some(false) => {
-                breaker.consecutive_failures = breaker.consecutive_failures.saturating_add(1);
-                let now = Instant::now();
-                match breaker.state {
-                    BreakerState::HalfOpen { .. } => {
-                        breaker.cooldown = (breaker.cooldown * 2).min(MAX_COOLDOWN);
-                        breaker.state = BreakerState::Open {
-                            until: now + breaker.cooldown,
-                        };
-                        tracing::warn!(cooldown = ?breaker.cooldown, "CRM probe failed: breaker stays open");
-                    }
-                    BreakerState::Closed if breaker.consecutive_failures >= self.threshold => {
-                        breaker.state = BreakerState::Open {
-                            until: now + breaker.cooldown,
-                        };
-                        metrics::gauge!("crm_integrator_breaker_open").set(1.0);
-                        tracing::warn!(
-                            failures = breaker.consecutive_failures,
-                            cooldown = ?breaker.cooldown,
-                            "CRM keeps failing: circuit breaker open, sending stopped"
-                        );
-                    }
-                    _ => {}
+                Some(false) => {
+                    breaker.cooldown = (breaker.cooldown * 2).min(MAX_COOLDOWN);
+                    breaker.state = BreakerState::Open {
+                        until: now + breaker.cooldown,
+                    };
+                    tracing::warn!(cooldown = ?breaker.cooldown, "CRM probe failed: breaker stays open");
                 }
-            }
+            },
         }
     }
 }
 
-/// Messages taken from the consumer and not yet settled, bounded so that what is pulled but not
-/// started stays small next to the ack wait.
-#[derive(Debug, Default)]
+/// Messages taken from the consumer and not yet settled. What is pulled but not started stays
+/// small next to the ack wait; a record waiting for its retry (a `Retry-After`, a backoff, a
+/// pause) hands its place to a new message while it waits, up to as many waiting as there are
+/// places, so records that wait never starve the CRM of work.
+#[derive(Debug)]
 pub struct Slots {
-    in_use: AtomicUsize,
-    freed: Notify,
+    active: Capacity,
+    in_hand: AtomicUsize,
+    parked: AtomicUsize,
+    max_parked: AtomicUsize,
+}
+
+/// A message's place in hand; dropping it frees the place.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.slots.in_hand.fetch_sub(1, Ordering::AcqRel);
+            self.slots.active.release(permit);
+        }
+    }
+}
+
+/// A record waiting outside the places in hand; [`Parked::resume`] takes a place again.
+#[derive(Debug)]
+pub struct Parked<'a> {
+    slots: &'a Slots,
+    resumed: bool,
+}
+
+impl Parked<'_> {
+    /// Waits for a place among the messages in hand again.
+    pub async fn resume(mut self) {
+        self.slots.active.acquire().await.forget();
+        self.slots.parked.fetch_sub(1, Ordering::AcqRel);
+        self.resumed = true;
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        if !self.resumed {
+            // Leaving without waiting for a place (shutdown, an error): take the place back at
+            // once, or from the next message that leaves.
+            self.slots.parked.fetch_sub(1, Ordering::AcqRel);
+            self.slots.active.take_back();
+        }
+    }
 }
 
 impl Slots {
-    pub async fn acquire(&self, capacity: usize) {
-        loop {
-            let freed = self.freed.notified();
-            let current = self.in_use.load(Ordering::Acquire);
-            if current < capacity {
-                if self
-                    .in_use
-                    .compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    return;
-                }
-                continue;
-            }
-            freed.await;
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            active: Capacity::new(capacity),
+            in_hand: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            max_parked: AtomicUsize::new(capacity),
+        })
+    }
+
+    /// Places in hand, and as many for waiting records. Not more: every message in hand is
+    /// stuck for the ack wait (and its claim for the lease) if this replica dies.
+    pub fn resize(&self, capacity: usize) {
+        self.active.resize(capacity);
+        self.max_parked.store(capacity, Ordering::Release);
+    }
+
+    pub async fn acquire(self: &Arc<Self>) -> Slot {
+        let permit = self.active.acquire().await;
+        self.in_hand.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            slots: self.clone(),
+            permit: Some(permit),
         }
     }
 
-    pub fn release(&self) {
-        self.in_use.fetch_sub(1, Ordering::AcqRel);
-        self.freed.notify_waiters();
+    /// Lets a new message in while this record waits; `None` when as many already wait as
+    /// there are places (the caller hands the record back to the server instead).
+    pub fn park(&self) -> Option<Parked<'_>> {
+        let max = self.max_parked.load(Ordering::Acquire);
+        self.parked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.active.lend();
+        Some(Parked {
+            slots: self,
+            resumed: false,
+        })
     }
 
+    /// Messages in hand, waiting ones included.
     pub fn in_use(&self) -> usize {
-        self.in_use.load(Ordering::Acquire)
+        self.in_hand.load(Ordering::Acquire)
+    }
+
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Acquire)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng as _, SeedableRng as _};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn gate() -> Gate {
+        Gate::new(
+            BreakerSettings {
+                failure_share: 0.5,
+                min_requests: 20,
+                window: Duration::from_secs(10),
+                cooldown: Duration::ZERO,
+            },
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+    }
 
     #[tokio::test]
-    async fn fixed_limit_holds_and_a_rate_limit_sets_a_ceiling() {
+    async fn fixed_limit_holds_and_one_429_costs_little() {
         let limiter = Limiter::fixed(8);
         let permits: Vec<_> = futures::future::join_all((0..8).map(|_| limiter.acquire())).await;
         assert_eq!(limiter.in_flight(), 8);
         let ninth = tokio::time::timeout(Duration::from_millis(20), limiter.acquire()).await;
         assert!(ninth.is_err(), "a ninth request must wait");
         let mut permits = permits.into_iter();
-        // A 429 came back while 7 others were still in flight: at most 97% of 7 from now on.
+        // One 429 is one record's trouble: it lowers the limit by half its share of the recent
+        // answers, and teaches no ceiling.
         let last = permits.next_back().expect("eight permits");
         last.finish(Signal::RateLimited);
-        assert_eq!(limiter.limit(), 6);
+        assert_eq!(limiter.limit(), 7);
+        assert_eq!(lock(&limiter.state).ceiling, None);
         drop(permits);
         assert_eq!(limiter.in_flight(), 0);
     }
 
     #[tokio::test]
-    async fn adaptive_limit_grows_on_success_and_shrinks_on_congestion() {
-        let limiter = Limiter::adaptive(4, 100);
-        for _ in 0..20 {
-            limiter.acquire().await.finish(Signal::Answered);
+    async fn a_freed_slot_wakes_one_waiter_and_a_shrunk_limit_holds() {
+        let limiter = Arc::new(Limiter::fixed(2));
+        let first = limiter.acquire().await;
+        let second = limiter.acquire().await;
+        let woken = Arc::new(AtomicUsize::new(0));
+        let mut waiters = Vec::new();
+        for _ in 0..5 {
+            let (limiter, woken) = (limiter.clone(), woken.clone());
+            waiters.push(tokio::spawn(async move {
+                let permit = limiter.acquire().await;
+                woken.fetch_add(1, Ordering::SeqCst);
+                // Hold it so the count shows who got through.
+                std::future::pending::<()>().await;
+                drop(permit);
+            }));
         }
-        let grown = limiter.limit();
-        assert!(grown > 4, "slow start should grow the limit, got {grown}");
-        limiter.acquire().await.finish(Signal::Congested);
-        let shrunk = limiter.limit();
-        assert!(shrunk < grown, "{shrunk} !< {grown}");
-        // Several congestion answers of the same window count once.
-        limiter.acquire().await.finish(Signal::Congested);
-        assert_eq!(limiter.limit(), shrunk);
+        tokio::task::yield_now().await;
+        drop(first);
+        e2e_like_wait(|| woken.load(Ordering::SeqCst) == 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "one slot, one waiter");
+        // Shrinking below what is out: the next release is kept, nobody else gets in.
+        limiter.slots.resize(1);
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(woken.load(Ordering::SeqCst), 1);
+        limiter.slots.resize(3);
+        e2e_like_wait(|| woken.load(Ordering::SeqCst) == 3).await;
+        for waiter in waiters {
+            waiter.abort();
+        }
+    }
+
+    async fn e2e_like_wait(done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !done() {
+                tokio::time::sleep(MS).await;
+            }
+        })
+        .await
+        .expect("condition within 5 s");
     }
 
     #[tokio::test]
-    async fn a_burst_of_429s_teaches_the_count_the_crm_accepted() {
-        // 256 requests start together; the CRM takes 200 and refuses the rest at once, in any
-        // order of their start.
-        let limiter = Limiter::fixed(256);
-        let mut permits: Vec<_> =
-            futures::future::join_all((0..256).map(|_| limiter.acquire())).await;
-        let refused: Vec<_> = permits.drain(..56).collect();
-        for permit in refused {
-            permit.finish(Signal::RateLimited);
+    async fn adaptive_limit_grows_on_success_and_shrinks_on_rising_latency() {
+        let limiter = Limiter::adaptive(4, 100);
+        for _ in 0..20 {
+            limiter.record(Signal::Answered, 5 * MS);
         }
-        assert_eq!(limiter.limit(), 194, "97% of the 200 still in flight");
+        let grown = limiter.limit();
+        assert!(grown > 4, "slow start should grow the limit, got {grown}");
+        for _ in 0..200 {
+            limiter.record(Signal::Answered, 500 * MS);
+        }
+        let shrunk = limiter.limit();
+        assert!(shrunk < grown, "{shrunk} !< {grown}");
+    }
+
+    #[test]
+    fn a_burst_of_429s_teaches_the_count_the_crm_accepted() {
+        // 256 requests start together; the CRM takes 200 and refuses the rest at once.
+        let limiter = Limiter::fixed(256);
+        limiter.in_flight.store(256, Ordering::SeqCst);
+        for _ in 0..56 {
+            limiter.in_flight.fetch_sub(1, Ordering::SeqCst);
+            limiter.record(Signal::RateLimited, MS);
+        }
+        let ceiling = lock(&limiter.state).ceiling.map(|(c, _)| c);
+        assert_eq!(ceiling, Some(194), "97% of the 200 still in flight");
+    }
+
+    /// Feeds `answers` answers to `limiter`, 1,000 a second from `start`, each troubled
+    /// (`trouble`) with probability `share`, while the limiter believes it has its whole limit in
+    /// flight.
+    fn feed(
+        limiter: &Limiter,
+        start: Instant,
+        answers: u32,
+        share: f64,
+        trouble: Signal,
+        seed: u64,
+    ) -> Instant {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut now = start;
+        for _ in 0..answers {
+            now += MS;
+            limiter
+                .in_flight
+                .store(limiter.limit().saturating_sub(1), Ordering::SeqCst);
+            let signal = if rng.random_bool(share) {
+                trouble
+            } else {
+                Signal::Answered
+            };
+            limiter.record_at(signal, 5 * MS, now);
+        }
+        now
+    }
+
+    #[test]
+    fn random_timeouts_and_429s_lower_the_limit_in_proportion_never_collapse_it() {
+        for (trouble, share) in [
+            (Signal::TimedOut, 0.02),
+            (Signal::RateLimited, 0.05),
+            (Signal::Failed, 0.20),
+        ] {
+            let limiter = Limiter::adaptive(16, 500);
+            feed(&limiter, Instant::now(), 50_000, share, trouble, 3);
+            let limit = limiter.limit() as f64;
+            // The limit in force is what the CRM could take, less half the trouble share.
+            let floor = 500.0 * (1.0 - share * TROUBLE_REDUCTION) * 0.9;
+            assert!(
+                limit >= floor,
+                "{share} random {trouble:?}: limit {limit} < {floor}"
+            );
+            assert!(limit < 500.0, "{trouble:?} lowers the limit a little");
+            assert_eq!(
+                lock(&limiter.state).ceiling,
+                None,
+                "{trouble:?}: no ceiling"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fixed_limit_keeps_its_level_under_the_issues_fault_mix() {
+        let limiter = Limiter::fixed(256);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+        for _ in 0..50_000 {
+            limiter
+                .in_flight
+                .store(limiter.limit().saturating_sub(1), Ordering::SeqCst);
+            let roll: f64 = rng.random();
+            let signal = match roll {
+                r if r < 0.20 => Signal::Failed,
+                r if r < 0.25 => Signal::RateLimited,
+                r if r < 0.27 => Signal::TimedOut,
+                _ => Signal::Answered,
+            };
+            limiter.record(signal, 5 * MS);
+        }
+        let limit = limiter.limit();
+        assert!((200..=230).contains(&limit), "limit {limit}");
+    }
+
+    #[test]
+    fn a_stalling_crm_still_brings_the_adaptive_limit_down() {
+        let limiter = Limiter::adaptive(16, 500);
+        let now = feed(&limiter, Instant::now(), 5_000, 0.0, Signal::TimedOut, 1);
+        assert_eq!(limiter.limit(), 500);
+        // Half of all requests hang from now on.
+        feed(&limiter, now, 2_000, 0.5, Signal::TimedOut, 2);
+        assert!(limiter.limit() < 250, "limit {}", limiter.limit());
+    }
+
+    #[test]
+    fn the_deadline_follows_the_answer_times_within_its_bounds() {
+        let limiter = Limiter::adaptive(16, 500)
+            .with_deadlines(Duration::from_millis(100), Duration::from_secs(10));
+        assert_eq!(
+            limiter.deadline(),
+            Duration::from_secs(10),
+            "nothing learned yet"
+        );
+        for n in 0..1_000u64 {
+            limiter.record(Signal::Answered, Duration::from_millis(20 + n % 5));
+        }
+        assert_eq!(limiter.deadline(), Duration::from_millis(240));
+        for _ in 0..1_000 {
+            limiter.record(Signal::Answered, MS);
+        }
+        assert_eq!(limiter.deadline(), Duration::from_millis(100));
     }
 
     #[test]
     fn an_instant_429_does_not_make_ordinary_answers_look_slow() {
         let limiter = Limiter::adaptive(100, 500);
-        let ms = Duration::from_millis;
         for _ in 0..50 {
-            limiter.record(Signal::Answered, ms(80));
+            limiter.record(Signal::Answered, 80 * MS);
         }
         limiter.record(Signal::RateLimited, Duration::from_micros(200));
         // Were the 429's 0.2 ms the base, every 80 ms answer would read as a latency rise.
-        assert_eq!(lock(&limiter.state).base_latency, Some(ms(80)));
+        assert_eq!(lock(&limiter.state).base_latency, Some(80 * MS));
     }
 
     #[test]
-    fn pause_only_extends() {
-        let gate = Gate::new(3, Duration::from_millis(100), Duration::from_secs(1));
+    fn pause_only_extends_and_is_capped() {
+        let gate = gate();
         let until = now_ms() + 10_000;
         assert!(gate.pause_until(until));
         assert!(!gate.pause_until(until - 5_000));
         assert!(matches!(gate.admit(), Admission::Wait(d) if d > Duration::from_secs(5)));
+        gate.pause_until(now_ms() + 3_600_000);
+        let held = gate.paused_for().expect("paused");
+        assert!(held <= Duration::from_secs(60), "{held:?}");
     }
 
     #[test]
-    fn breaker_opens_after_consecutive_failures_and_closes_after_a_good_probe() {
-        let gate = Gate::new(3, Duration::ZERO, Duration::from_secs(1));
-        gate.record(Some(false));
-        gate.record(Some(false));
-        gate.record(Some(true));
-        gate.record(Some(false));
-        gate.record(Some(false));
-        assert!(
-            !gate.breaker_open(),
-            "a success in between resets the count"
-        );
-        gate.record(Some(false));
-        assert!(gate.breaker_open());
+    fn the_breaker_stays_closed_under_random_failures_and_opens_when_most_fail() {
+        let gate = gate();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+        for _ in 0..20_000 {
+            let roll: f64 = rng.random();
+            let signal = match roll {
+                r if r < 0.20 => Signal::Failed,
+                r if r < 0.25 => Signal::RateLimited,
+                r if r < 0.27 => Signal::TimedOut,
+                _ => Signal::Answered,
+            };
+            gate.record(signal, None, false);
+            assert!(!gate.breaker_open(), "opened on noise");
+        }
+        // Too few answers say nothing, however bad.
+        let fresh = gate_with_min(20);
+        for _ in 0..19 {
+            fresh.record(Signal::Failed, None, false);
+        }
+        assert!(!fresh.breaker_open());
+        fresh.record(Signal::Failed, None, false);
+        assert!(fresh.breaker_open(), "20 failures of 20");
+        // Most requests failing, with successes among them, opens it too.
+        let mostly = gate_with_min(20);
+        for n in 0..100 {
+            let signal = if n % 3 == 0 {
+                Signal::Answered
+            } else {
+                Signal::Failed
+            };
+            mostly.record(signal, None, false);
+        }
+        assert!(mostly.breaker_open());
         // Zero cool-down: one probe may go, the next caller waits for its answer.
-        assert_eq!(gate.admit(), Admission::Go { probe: true });
-        assert!(matches!(gate.admit(), Admission::Wait(_)));
-        gate.record(Some(true));
-        assert!(!gate.breaker_open());
-        assert_eq!(gate.admit(), Admission::Go { probe: false });
+        assert_eq!(mostly.admit(), Admission::Go { probe: true });
+        assert!(matches!(mostly.admit(), Admission::Wait(_)));
+        // A late success of an older request does not close it; the probe's does.
+        mostly.record(Signal::Answered, None, false);
+        assert!(mostly.breaker_open());
+        mostly.record(Signal::Answered, None, true);
+        assert!(!mostly.breaker_open());
+        assert_eq!(mostly.admit(), Admission::Go { probe: false });
+    }
+
+    fn gate_with_min(min_requests: u32) -> Gate {
+        Gate::new(
+            BreakerSettings {
+                failure_share: 0.5,
+                min_requests,
+                window: Duration::from_secs(10),
+                cooldown: Duration::ZERO,
+            },
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
     }
 
     #[tokio::test]
-    async fn slots_block_at_capacity() {
-        let slots = Slots::default();
-        slots.acquire(2).await;
-        slots.acquire(2).await;
+    async fn slots_block_at_capacity_and_a_waiting_record_lets_another_in() {
+        let slots = Slots::new(2);
+        let a = slots.acquire().await;
+        let _b = slots.acquire().await;
         assert!(
-            tokio::time::timeout(Duration::from_millis(20), slots.acquire(2))
+            tokio::time::timeout(Duration::from_millis(20), slots.acquire())
                 .await
                 .is_err()
         );
-        slots.release();
-        slots.acquire(2).await;
-        assert_eq!(slots.in_use(), 2);
+        // The record behind `a` waits for its Retry-After: a third message may come in.
+        let parked = slots.park().expect("room to wait");
+        let _c = slots.acquire().await;
+        assert_eq!(slots.in_use(), 3);
+        // Waiting records are bounded too: two places, two waiting.
+        let second = slots.park().expect("a second may wait");
+        assert!(slots.park().is_none(), "no third");
+        drop(second);
+        // Back from its wait, the record needs a place again, and waits for one to free.
+        let mut resume = std::pin::pin!(parked.resume());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut resume)
+                .await
+                .is_err(),
+            "no free place yet"
+        );
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(5), resume)
+            .await
+            .expect("resumed once a place freed");
+        assert_eq!(slots.parked(), 0);
     }
 }

@@ -9,7 +9,9 @@ mod fleet;
 mod flow;
 mod ledger;
 mod outcome;
+mod policy;
 mod process;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ pub use config::{Config, ConfigError};
 pub use crm_client::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
 pub use fleet::{PAUSE_KEY, PauseNotice};
 pub use flow::{Gate, Limiter};
+pub use policy::{BreakerSettings, PauseRequest, Signal};
 pub use process::{Integrator, ProcessError, Settled, process_message};
 
 /// How long one pull request waits on the server for messages.
@@ -92,10 +95,13 @@ async fn connect_with_consumer(
     // A claim lives as long as an unacknowledged delivery, and always longer than one request, so
     // no one takes over while our request may still land.
     let claim_lease = ack_wait.max(request_timeout * 2 + Duration::from_secs(1));
-    let limiter = Arc::new(match config.concurrency {
-        Some(fixed) => Limiter::fixed(fixed),
-        None => Limiter::adaptive(16, config.max_concurrency),
-    });
+    let limiter = Arc::new(
+        match config.concurrency {
+            Some(fixed) => Limiter::fixed(fixed),
+            None => Limiter::adaptive(16, config.max_concurrency),
+        }
+        .with_deadlines(config.min_request_timeout(), request_timeout),
+    );
     let max_connections = config.concurrency.unwrap_or(config.max_concurrency);
     let crm = CrmClient::new(
         config.crm_url.clone(),
@@ -104,8 +110,13 @@ async fn connect_with_consumer(
         max_connections,
     )?;
     let gate = Arc::new(Gate::new(
-        config.breaker_threshold,
-        Duration::from_millis(config.breaker_cooldown_ms),
+        BreakerSettings {
+            failure_share: config.breaker_failure_share,
+            min_requests: config.breaker_min_requests,
+            window: Duration::from_millis(config.breaker_window_ms.max(1)),
+            cooldown: Duration::from_millis(config.breaker_cooldown_ms),
+        },
+        config.max_pause(),
         request_timeout + Duration::from_secs(1),
     ));
     let replica = format!(
@@ -128,6 +139,7 @@ async fn connect_with_consumer(
         crm,
         gate,
         fleet,
+        slots: flow::Slots::new(message_capacity(limiter.limit())),
         limiter,
         rate,
         max_deliver: config.max_deliver,
@@ -198,7 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Messages allowed in hand for a request limit. A record spends about as long in its ledger and
 /// outcome round trips to NATS as at the CRM, so twice the request limit keeps the CRM at its limit
 /// while the other half is in those phases; what waits for a request slot waits about one request
-/// latency, small next to the ack wait.
+/// latency, small next to the ack wait. Records waiting for a retry (a `Retry-After`, a backoff,
+/// a short pause) are not counted: as many again may wait beside these (see `flow::Slots`).
 fn message_capacity(request_limit: usize) -> usize {
     request_limit * 2 + 16
 }
@@ -212,15 +225,18 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let ack_wait = consumer.cached_info().config.ack_wait;
     let tracker = TaskTracker::new();
-    let slots = Arc::new(flow::Slots::default());
+    let slots = integrator.slots.clone();
     let mut messages = None;
+    let in_hand = metrics::gauge!("crm_integrator_messages_in_hand");
+    let waiting = metrics::gauge!("crm_integrator_messages_waiting");
+    let in_flight = metrics::gauge!("crm_integrator_requests_in_flight");
     health.set_ready(true);
     'consume: loop {
-        let capacity = message_capacity(integrator.limiter().limit());
-        tokio::select! {
+        slots.resize(message_capacity(integrator.limiter().limit()));
+        let slot = tokio::select! {
             () = shutdown.cancelled() => break,
-            () = slots.acquire(capacity) => {}
-        }
+            slot = slots.acquire() => slot,
+        };
         // Pulling while the CRM is off limits would only age messages in our hands. A short hold
         // keeps the pull: what it buffered is processed right after. A hold long enough to eat
         // into the ack wait drops it, so those messages come back once, after the ack wait,
@@ -234,10 +250,7 @@ async fn consume(
         }
         while let Some(wait) = integrator.gate().holding() {
             tokio::select! {
-                () = shutdown.cancelled() => {
-                    slots.release();
-                    break 'consume;
-                }
+                () = shutdown.cancelled() => break 'consume,
                 () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
             }
         }
@@ -253,7 +266,7 @@ async fn consume(
             {
                 Ok(stream) => messages.insert(stream),
                 Err(err) => {
-                    slots.release();
+                    drop(slot);
                     tracing::warn!(%err, "cannot start pulling from the consumer; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
@@ -263,19 +276,15 @@ async fn consume(
             },
         };
         let next = tokio::select! {
-            () = shutdown.cancelled() => {
-                slots.release();
-                break;
-            }
+            () = shutdown.cancelled() => break,
             next = stream.next() => next,
         };
         match next {
             Some(Ok(message)) => {
                 let integrator = integrator.clone();
-                let slots = slots.clone();
-                metrics::gauge!("crm_integrator_messages_in_hand").set(slots.in_use() as f64);
-                metrics::gauge!("crm_integrator_requests_in_flight")
-                    .set(integrator.limiter().in_flight() as f64);
+                in_hand.set(slots.in_use() as f64);
+                waiting.set(slots.parked() as f64);
+                in_flight.set(integrator.limiter().in_flight() as f64);
                 tracker.spawn(async move {
                     match process_message(&integrator, message).await {
                         Ok(settled) => tracing::trace!(?settled, "message settled"),
@@ -283,11 +292,11 @@ async fn consume(
                             tracing::warn!(%err, "message not settled; it will be redelivered")
                         }
                     }
-                    slots.release();
+                    drop(slot);
                 });
             }
             Some(Err(err)) => {
-                slots.release();
+                drop(slot);
                 tracing::warn!(%err, "pulling messages failed; re-subscribing");
                 messages = None;
                 tokio::select! {
@@ -296,7 +305,7 @@ async fn consume(
                 }
             }
             None => {
-                slots.release();
+                drop(slot);
                 messages = None;
             }
         }

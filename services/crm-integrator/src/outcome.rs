@@ -13,6 +13,7 @@ use sync_topology::ids;
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncAction, SyncedOutcome};
 
 use crate::process::{Integrator, ProcessError, Settled, Task, time_phase};
+use crate::telemetry;
 
 fn encode(value: &impl Serialize, what: &'static str) -> Result<Bytes, ProcessError> {
     serde_json::to_vec(value)
@@ -58,8 +59,7 @@ pub(crate) async fn ack(message: &jetstream::Message, seq: u64) -> Result<(), Pr
 
 fn count(integrator: &Integrator, outcome: &'static str, action: &'static str) {
     integrator.settled.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("crm_integrator_records_total", "outcome" => outcome, "action" => action)
-        .increment(1);
+    telemetry::records(outcome, action).increment(1);
 }
 
 pub(crate) async fn publish_synced(
@@ -226,6 +226,6 @@ pub(crate) async fn defer(
             kind: "nak",
             message: err.to_string(),
         })?;
-    metrics::counter!("crm_integrator_deferred_total").increment(1);
+    telemetry::plain("crm_integrator_deferred_total").increment(1);
     Ok(Settled::Deferred { delay, reason })
 }

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use backon::{BackoffBuilder as _, ExponentialBuilder};
 use customer_record::{ContentHash, CustomerRecord};
 use governor::DefaultDirectRateLimiter;
 use sync_topology::ledger::{Decision, decide};
@@ -18,9 +17,10 @@ use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::FleetPause;
-use crate::flow::{Admission, Gate, Limiter, Signal, now_ms};
+use crate::flow::{Admission, Gate, Limiter, Parked, Slots, now_ms};
 use crate::ledger::{Held, Ledger, MAX_CAS_CONFLICTS, Subject};
 use crate::outcome::{self, CrmAnswer};
+use crate::{policy, telemetry};
 use crm_client::{CrmClient, CrmReply, Transient, Write};
 
 /// Retries of one delivery done in-process before the message is handed back with a NAK.
@@ -35,6 +35,8 @@ pub struct Integrator {
     pub(crate) gate: Arc<Gate>,
     pub(crate) fleet: FleetPause,
     pub(crate) limiter: Arc<Limiter>,
+    /// Messages in hand; a record waiting for its retry lets another in meanwhile.
+    pub(crate) slots: Arc<Slots>,
     pub(crate) rate: Option<DefaultDirectRateLimiter>,
     /// Failed deliveries of a version after which it is dead-lettered.
     pub(crate) max_deliver: u64,
@@ -332,12 +334,12 @@ async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessEr
 }
 
 /// What to do after one CRM answer.
-enum Next {
+enum Next<'a> {
     Done(Settled),
     /// Send again at once (the lookup told us what to write).
     Again,
-    /// Wait this long in-process, then send again.
-    RetryAfter(Duration),
+    /// Wait this long in-process, then send again; meanwhile another message has our place.
+    RetryAfter(Duration, Parked<'a>),
 }
 
 /// Sends the claimed version until the CRM holds it, refuses it, or the message is handed back.
@@ -376,11 +378,24 @@ async fn send(
         }
         let looking_up = claimed.in_doubt;
         let request_started = Instant::now();
-        let reply = request(integrator, task, &claimed).await;
-        permit.finish(signal_of(&reply));
+        // A hung request holds its slot no longer than the deadline the limiter learned (longer
+        // for a record handed back before).
+        let earlier = task.delivered - 1;
+        let deadline = permit.deadline(earlier);
+        let reply = permit
+            .bounded(
+                earlier,
+                !looking_up,
+                request(integrator, task, &claimed, deadline),
+            )
+            .await;
+        // The fault policy: this answer feeds the limiter, the breaker and the overload rule.
+        let pause = policy::answered(permit, &integrator.gate, &reply, probe);
         time_phase("crm_request", request_started);
         count_reply(&reply, looking_up);
-        integrator.gate.record(health_of(&reply));
+        if let Some(pause) = pause {
+            integrator.fleet.announce(pause).await;
+        }
         if probe {
             tracing::info!(seq = task.stream_seq, "circuit breaker probe answered");
         }
@@ -453,8 +468,10 @@ async fn send(
         match next {
             Next::Done(settled) => return Ok(settled),
             Next::Again => {}
-            Next::RetryAfter(delay) => {
-                if !wait_inline(integrator, task, &mut claimed, delay).await? {
+            Next::RetryAfter(delay, parked) => {
+                let waited = wait_inline(integrator, task, &mut claimed, delay).await?;
+                parked.resume().await;
+                if !waited {
                     let reason = "shutting down".to_owned();
                     return hand_back(integrator, task, &mut claimed, delay, reason, false).await;
                 }
@@ -474,7 +491,15 @@ async fn admit(
         match integrator.gate.admit() {
             Admission::Go { probe } => return Ok(Ok(probe)),
             Admission::Wait(wait) if wait <= integrator.max_inline_wait => {
-                if !wait_inline(integrator, task, claimed, wait).await? {
+                // Waiting out a short hold lets another message in meanwhile (bounded).
+                let Some(parked) = integrator.slots.park() else {
+                    let reason = "holding, and as many records already wait".to_owned();
+                    let settled = hand_back(integrator, task, claimed, wait, reason, false).await?;
+                    return Ok(Err(settled));
+                };
+                let waited = wait_inline(integrator, task, claimed, wait).await?;
+                parked.resume().await;
+                if !waited {
                     let reason = "shutting down".to_owned();
                     let settled = hand_back(integrator, task, claimed, wait, reason, false).await?;
                     return Ok(Err(settled));
@@ -495,9 +520,14 @@ async fn admit(
 }
 
 /// One request: a lookup when in doubt, otherwise the write with the version's idempotency key.
-async fn request(integrator: &Integrator, task: &Task, claimed: &Claimed) -> CrmReply {
+async fn request(
+    integrator: &Integrator,
+    task: &Task,
+    claimed: &Claimed,
+    deadline: Duration,
+) -> CrmReply {
     if claimed.in_doubt {
-        return integrator.crm.look_up(&task.record.id).await;
+        return integrator.crm.look_up(&task.record.id, deadline).await;
     }
     let write = if claimed.create {
         Write::Create
@@ -509,54 +539,36 @@ async fn request(integrator: &Integrator, task: &Task, claimed: &Claimed) -> Crm
     } else {
         ids::idempotency_key(&task.version, &task.hash)
     };
-    integrator.crm.write(write, &task.record, &key).await
-}
-
-fn signal_of(reply: &CrmReply) -> Signal {
-    match reply {
-        CrmReply::Transient(t) if t.status == Some(429) => Signal::RateLimited,
-        CrmReply::Transient(t) if t.congestion => Signal::Congested,
-        _ => Signal::Answered,
-    }
-}
-
-/// For the breaker: `Some(true)` the CRM works, `Some(false)` it may not (5xx, timeouts, refused
-/// credentials), `None` neither (429).
-fn health_of(reply: &CrmReply) -> Option<bool> {
-    match reply {
-        CrmReply::Stored(_) | CrmReply::NotFound | CrmReply::Refused { .. } => Some(true),
-        CrmReply::Unauthorized { .. } => Some(false),
-        CrmReply::Transient(t) if t.status == Some(429) => None,
-        CrmReply::Transient(_) => Some(false),
-    }
+    integrator
+        .crm
+        .write(write, &task.record, &key, deadline)
+        .await
 }
 
 /// A transient failure: retry in-process while the wait is short, otherwise hand the message
 /// back, counting the failed delivery; dead-letter once `--max-deliver` deliveries failed.
-async fn on_failure(
-    integrator: &Integrator,
+async fn on_failure<'a>(
+    integrator: &'a Integrator,
     task: &Task,
     claimed: &mut Claimed,
     failure: Transient,
     attempt: u32,
-) -> Result<Next, ProcessError> {
+) -> Result<Next<'a>, ProcessError> {
     claimed.in_doubt |= failure.maybe_applied;
-    metrics::counter!("crm_integrator_retries_total").increment(1);
-    if let Some(retry_after) = failure.retry_after
-        && matches!(failure.status, Some(429 | 503))
-        && !retry_after.is_zero()
-    {
-        let cause = format!(
-            "HTTP {} with Retry-After",
-            failure.status.unwrap_or_default()
-        );
-        integrator.fleet.announce(retry_after, cause).await;
-    }
+    telemetry::plain("crm_integrator_retries_total").increment(1);
+    // This record's own wait (its Retry-After, or backoff): the fleet goes on.
     let failures_before = claimed.held.entry.failures_of(task.version);
-    let delay = retry_delay(&failure, failures_before, attempt);
+    let delay = integrator
+        .gate
+        .retry_delay(&failure, failures_before + 1, attempt);
     tracing::debug!(seq = task.stream_seq, id = %task.record.id, attempt, ?delay, %failure, "CRM request failed");
-    if delay <= integrator.max_inline_wait && attempt < MAX_INLINE_ATTEMPTS {
-        return Ok(Next::RetryAfter(delay));
+    // Waiting lets another message in meanwhile; when too many wait already, the server keeps
+    // the record for its delay instead.
+    if delay <= integrator.max_inline_wait
+        && attempt < MAX_INLINE_ATTEMPTS
+        && let Some(parked) = integrator.slots.park()
+    {
+        return Ok(Next::RetryAfter(delay, parked));
     }
     // A CRM we cannot reach is the breaker's business, not this record's.
     let counts = !failure.unreachable;
@@ -674,70 +686,18 @@ async fn wait_inline(
 
 /// Where a record's time goes, for profiling: `crm_integrator_phase_seconds{phase}`.
 pub(crate) fn time_phase(phase: &'static str, started: Instant) {
-    metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase)
-        .record(started.elapsed().as_secs_f64());
-}
-
-/// Exponential backoff with full jitter, growing with the version's failed deliveries and this
-/// delivery's attempts, never shorter than the CRM's `Retry-After`.
-fn retry_delay(failure: &Transient, failed_deliveries: u64, attempt: u32) -> Duration {
-    let step = (failed_deliveries as usize).saturating_add(attempt as usize);
-    let ceiling = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_factor(2.0)
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build()
-        .nth(step.saturating_sub(1))
-        .unwrap_or(Duration::from_secs(30));
-    let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
-    match failure.retry_after {
-        // A little spread so the fleet does not return in lockstep.
-        Some(after) => after + Duration::from_millis(rand::random_range(0..=100)),
-        None => jittered,
-    }
+    telemetry::phase(phase).record(started.elapsed().as_secs_f64());
 }
 
 fn count_reply(reply: &CrmReply, looking_up: bool) {
     let status = match reply {
-        CrmReply::Stored(_) => "2xx".to_owned(),
-        CrmReply::NotFound => "404".to_owned(),
+        CrmReply::Stored(_) => "2xx",
+        CrmReply::NotFound => "404",
         CrmReply::Refused { status, .. } | CrmReply::Unauthorized { status, .. } => {
-            status.to_string()
+            telemetry::status_label(*status)
         }
-        CrmReply::Transient(t) => t
-            .status
-            .map_or_else(|| "no_answer".to_owned(), |s| s.to_string()),
+        CrmReply::Transient(t) => t.status.map_or("no_answer", telemetry::status_label),
     };
     let kind = if looking_up { "lookup" } else { "write" };
-    metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind)
-        .increment(1);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn failure(retry_after: Option<Duration>) -> Transient {
-        Transient {
-            status: Some(503),
-            retry_after,
-            maybe_applied: false,
-            congestion: false,
-            unreachable: false,
-            detail: String::new(),
-        }
-    }
-
-    #[test]
-    fn backoff_grows_with_attempts_and_honours_retry_after() {
-        for _ in 0..100 {
-            assert!(retry_delay(&failure(None), 0, 1) <= Duration::from_millis(50));
-            assert!(retry_delay(&failure(None), 2, 2) <= Duration::from_millis(400));
-            assert!(retry_delay(&failure(None), 40, 9) <= Duration::from_secs(30));
-            assert!(
-                retry_delay(&failure(Some(Duration::from_secs(2))), 0, 1) >= Duration::from_secs(2)
-            );
-        }
-    }
+    telemetry::crm_response(status, kind).increment(1);
 }

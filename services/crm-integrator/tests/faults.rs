@@ -52,6 +52,73 @@ async fn every_customer_reaches_a_faulty_crm_exactly_once() -> anyhow::Result<()
     Ok(())
 }
 
+/// The fault mix at the mock's defaults (`Retry-After: 1`, 30-s hangs) on a
+/// MOCK_DATA-sized input: random faults cost each record its own retry and never stop the fleet,
+/// so it drains in seconds (the figure is in BENCHMARKS.md; the deadline here only bounds the wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_records_drain_through_random_5xx_429s_and_hangs() -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mock = start_mock(
+        CrmMockConfig {
+            failure_rate: 0.20,
+            rate_limit_rate: 0.05,
+            timeout_rate: 0.02,
+            seed: 12,
+            ..CrmMockConfig::default()
+        },
+        &shutdown,
+    )
+    .await?;
+    assert_eq!(
+        (mock.config().retry_after_secs, mock.config().hang_ms),
+        (1, 30_000)
+    );
+    let pipeline = Pipeline::new().await?;
+    let records = customers("m", 1_000);
+    pipeline.publish_all(&records).await?;
+
+    let mut config = pipeline.config(&mock.url)?;
+    // The production deadlines: a hang is cut by what the CRM's answer times teach, not by a
+    // short test setting.
+    config.request_timeout_ms = 10_000;
+    config.min_request_timeout_ms = 1_000;
+    let started = std::time::Instant::now();
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
+    let outcomes = pipeline
+        .wait_for_outcomes(records.len(), Duration::from_secs(120))
+        .await?;
+    eprintln!(
+        "1,000 records drained in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let stats = mock.stats();
+    assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
+    assert_eq!(stats.customers, records.len() as u64, "{stats:?}");
+    assert!(
+        outcomes.dead.is_empty(),
+        "dead letters: {:?}",
+        outcomes.dead
+    );
+    assert_eq!(outcomes.synced.len(), records.len());
+    assert!(
+        stats.injected.error > 100
+            && stats.injected.rate_limited > 20
+            && stats.injected.timeout > 5,
+        "the faults were exercised: {stats:?}"
+    );
+    let pause = pipeline
+        .control()
+        .await?
+        .get(crm_integrator::PAUSE_KEY)
+        .await?;
+    assert!(pause.is_none(), "random 429s paused the fleet: {pause:?}");
+    assert!(!running.integrator.gate().breaker_open());
+    shutdown.cancel();
+    running.wait().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_customer_becomes_one_update() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();

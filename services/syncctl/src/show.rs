@@ -325,7 +325,7 @@ async fn crm_copy(check: &CrmCheck, id: &str) -> Result<Option<CustomerRecord>, 
         1,
     )
     .map_err(|e| CtlError::Usage(format!("cannot talk to the CRM at {}: {e}", check.url)))?;
-    match client.look_up(id).await {
+    match client.look_up(id, std::time::Duration::from_secs(10)).await {
         CrmReply::Stored(stored) => Ok(Some(stored.customer)),
         CrmReply::NotFound => Ok(None),
         CrmReply::Unauthorized { status, .. } => Err(CtlError::Usage(format!(

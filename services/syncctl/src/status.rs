@@ -28,7 +28,7 @@ use futures::TryStreamExt as _;
 use serde::Serialize;
 use service_kit::NatsArgs;
 use sync_store::TableCounts;
-use sync_topology::messages::Checkpoint;
+use sync_topology::messages::{Checkpoint, PAUSE_KEY, PauseNotice};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -49,6 +49,8 @@ pub struct Status {
     pub schema_version: Option<i32>,
     pub checkpoints: CheckpointTotals,
     pub outcomes: OutcomeCounts,
+    /// The fleet-wide CRM pause in force, if any, with its cause.
+    pub crm_pause: Option<PauseNotice>,
     pub equations: Vec<Equation>,
     /// Sum of the absolute differences of every equation: 0 when reconciled.
     pub difference: u64,
@@ -289,6 +291,7 @@ pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
             .await?,
     );
     let checkpoints = checkpoint_totals(&pipeline).await?;
+    let crm_pause = pause_in_force(&pipeline).await;
 
     let (tables, schema_version) = match &config.database_url {
         Some(url) => {
@@ -329,6 +332,7 @@ pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
         schema_version,
         checkpoints,
         outcomes,
+        crm_pause,
         equations,
         difference,
         reconciled: difference == 0,
@@ -363,6 +367,18 @@ fn fill_warnings(streams: &[&StreamStatus], used: u64, account_limit: i64) -> Ve
         ));
     }
     warnings
+}
+
+/// The pause notice in the control bucket while it holds; unreadable or missing shows as none.
+async fn pause_in_force(pipeline: &Pipeline) -> Option<PauseNotice> {
+    let control = pipeline
+        .js
+        .get_key_value(pipeline.names.control_bucket())
+        .await
+        .ok()?;
+    let value = control.get(PAUSE_KEY).await.ok()??;
+    let notice: PauseNotice = serde_json::from_slice(&value).ok()?;
+    (notice.until_ms > chrono::Utc::now().timestamp_millis()).then_some(notice)
 }
 
 async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, CtlError> {
@@ -501,6 +517,16 @@ impl fmt::Display for Status {
             "outcomes: synced {}  superseded {}  rejected {}  dead {}",
             o.synced, o.superseded, o.rejected, o.dead
         )?;
+        if let Some(p) = &self.crm_pause {
+            let left = p.until_ms - chrono::Utc::now().timestamp_millis();
+            writeln!(
+                f,
+                "CRM pause: every integrator holds for {:.1} s more (set by {}): {}",
+                left.max(0) as f64 / 1000.0,
+                p.set_by,
+                p.reason
+            )?;
+        }
         let c = &self.checkpoints;
         writeln!(
             f,

@@ -574,7 +574,7 @@ async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmRepor
         .map(|(id, hash)| {
             let client = client.clone();
             async move {
-                let reply = client.look_up(&id).await;
+                let reply = client.look_up(&id, Duration::from_secs(10)).await;
                 (id, hash, reply)
             }
         })

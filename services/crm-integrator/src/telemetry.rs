@@ -1,0 +1,92 @@
+//! Metric handles built once and reused: `metrics::counter!`/`histogram!` hash the name and labels
+//! and look the series up in the recorder on every call, which per record adds up.
+
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
+
+use metrics::{Counter, Histogram};
+
+type Labels = (&'static str, &'static str, &'static str);
+
+#[derive(Default)]
+struct Cache {
+    counters: RwLock<HashMap<Labels, Counter>>,
+    histograms: RwLock<HashMap<&'static str, Histogram>>,
+}
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Cache::default)
+}
+
+fn counter(key: Labels, build: impl FnOnce() -> Counter) -> Counter {
+    let counters = &cache().counters;
+    if let Some(counter) = counters
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return counter.clone();
+    }
+    counters
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(key)
+        .or_insert_with(build)
+        .clone()
+}
+
+/// `crm_integrator_phase_seconds{phase}`: where a record's time goes.
+pub fn phase(phase: &'static str) -> Histogram {
+    let histograms = &cache().histograms;
+    if let Some(histogram) = histograms
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(phase)
+    {
+        return histogram.clone();
+    }
+    histograms
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(phase)
+        .or_insert_with(|| metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase))
+        .clone()
+}
+
+/// `crm_integrator_records_total{outcome, action}`.
+pub fn records(outcome: &'static str, action: &'static str) -> Counter {
+    counter(
+        ("records", outcome, action),
+        || metrics::counter!("crm_integrator_records_total", "outcome" => outcome, "action" => action),
+    )
+}
+
+/// `crm_integrator_crm_responses_total{status, kind}`; `status` is "2xx", "no_answer" or a code.
+pub fn crm_response(status: &'static str, kind: &'static str) -> Counter {
+    counter(
+        ("crm", status, kind),
+        || metrics::counter!("crm_integrator_crm_responses_total", "status" => status, "kind" => kind),
+    )
+}
+
+/// A counter without labels.
+pub fn plain(name: &'static str) -> Counter {
+    counter((name, "", ""), || metrics::counter!(name))
+}
+
+/// An HTTP status as a static label: the common ones by name, anything else by class.
+pub fn status_label(status: u16) -> &'static str {
+    const NAMED: [&str; 12] = [
+        "400", "401", "403", "404", "408", "409", "422", "429", "500", "502", "503", "504",
+    ];
+    if let Some(name) = NAMED.iter().find(|name| name.parse() == Ok(status)) {
+        return name;
+    }
+    match status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
