@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use common::{Pipeline, customer, start_mock};
+use common::{Pipeline, customer, start_mock, take};
 use crm_integrator::Settled;
 use crm_mock::CrmMockConfig;
 use futures::StreamExt as _;
@@ -16,29 +16,6 @@ use sync_topology::ledger::{Claim, LedgerEntry, ledger_key};
 use sync_topology::messages::SyncAction;
 use sync_topology::{IngestMessage, Version, ids};
 use tokio_util::sync::CancellationToken;
-
-/// Takes the next `n` deliveries off the integrators' consumer, to settle by hand in any order.
-async fn take(
-    pipeline: &Pipeline,
-    n: usize,
-) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
-    let consumer: PullConsumer = pipeline
-        .js
-        .get_consumer_from_stream("integrators", pipeline.names.ingest_stream())
-        .await?;
-    let mut batch = consumer
-        .fetch()
-        .max_messages(n)
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
-        messages.push(message.map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?);
-    }
-    anyhow::ensure!(messages.len() == n, "took {} of {n}", messages.len());
-    Ok(messages)
-}
 
 /// Deliveries the integrators' consumer has made so far, redeliveries included.
 async fn deliveries(pipeline: &Pipeline) -> anyhow::Result<u64> {

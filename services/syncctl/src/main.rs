@@ -155,13 +155,10 @@ struct WaitArgs {
     timeout: Duration,
 }
 
+/// Where `verify --crm` and `show --crm` ask the CRM.
 #[derive(Debug, Args)]
-struct VerifyArgs {
-    #[command(flatten)]
-    nats: NatsArgs,
-    #[command(flatten)]
-    database: DatabaseArgs,
-    /// Also ask the CRM what it holds for each customer.
+struct CrmArgs {
+    /// Also ask the CRM what it holds.
     #[arg(long)]
     crm: bool,
     /// Base URL of the CRM API.
@@ -170,6 +167,27 @@ struct VerifyArgs {
     /// Bearer token for the CRM API.
     #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
     crm_token: Option<String>,
+}
+
+impl CrmArgs {
+    fn check(self, sample: Option<usize>, concurrency: usize) -> Option<syncctl::verify::CrmCheck> {
+        self.crm.then_some(syncctl::verify::CrmCheck {
+            url: self.crm_url,
+            token: self.crm_token,
+            sample,
+            concurrency,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    crm: CrmArgs,
     /// With --crm: check this many customers chosen at random instead of all.
     #[arg(long)]
     sample: Option<usize>,
@@ -189,15 +207,8 @@ struct ShowArgs {
     nats: NatsArgs,
     #[command(flatten)]
     database: DatabaseArgs,
-    /// Also ask the CRM what it holds.
-    #[arg(long)]
-    crm: bool,
-    /// Base URL of the CRM API.
-    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
-    crm_url: crm_client::Url,
-    /// Bearer token for the CRM API.
-    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
-    crm_token: Option<String>,
+    #[command(flatten)]
+    crm: CrmArgs,
     /// One JSON object on stdout, for scripts.
     #[arg(long)]
     json: bool,
@@ -377,12 +388,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 nats: args.nats,
                 database_url: args.database.database_url,
                 customer_id: args.customer_id,
-                crm: args.crm.then_some(syncctl::verify::CrmCheck {
-                    url: args.crm_url,
-                    token: args.crm_token,
-                    sample: None,
-                    concurrency: 1,
-                }),
+                crm: args.crm.check(None, 1),
             })
             .await?;
             if args.json {
@@ -477,12 +483,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {
-    let crm = args.crm.then_some(syncctl::verify::CrmCheck {
-        url: args.crm_url,
-        token: args.crm_token,
-        sample: args.sample,
-        concurrency: args.crm_concurrency,
-    });
+    let crm = args.crm.check(args.sample, args.crm_concurrency);
     let report = syncctl::verify::run(&syncctl::verify::VerifyConfig {
         nats: args.nats,
         database_url: args.database.database_url,
