@@ -6,14 +6,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 OUT="$ROOT/BENCHMARKS.md"
-# The load generator and the helpers the sections use come from apt on a fresh Debian machine.
-missing=()
-for tool in wrk jq bc curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-if [ "${#missing[@]}" -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || { echo "[bench] missing ${missing[*]}: run sudo apt-get install ${missing[*]}" >&2; exit 1; }
-  echo "[bench] installing ${missing[*]} with apt-get" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# The load generator and the helpers the sections use come from apt on a fresh Debian machine:
+# /usr/bin/time (package time) for peak RSS, free (procps) for the machine's memory.
+# shellcheck source=deploy/local/lib-need.bash
+. "$ROOT/deploy/local/lib-need.bash"
+NEED_TAG=bench
+need wrk:wrk jq:jq bc:bc curl:curl /usr/bin/time:time free:procps python3:python3 \
+  psql:postgresql-client || exit 1
 # The version the benchmarked server reports in its INFO line, not whichever nats-server is on PATH.
 nats_version() {
   python3 - "${NATS_URL:-nats://127.0.0.1:4222}" <<'PY' 2>/dev/null || echo unknown
