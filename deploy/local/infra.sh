@@ -48,7 +48,7 @@ pg_dir() {
   local home slug hash
   home=$(getent passwd postgres | cut -d: -f6)
   [ -n "$home" ] && [ "$home" != / ] || home=/var/lib/postgresql
-  slug=$(basename "$ROOT" | tr -c 'A-Za-z0-9_.-\n' '_')
+  slug=$(basename "$ROOT" | tr -c 'A-Za-z0-9_.\n-' '_')
   hash=$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)
   echo "$home/customer-sync-$slug-$hash"
 }
