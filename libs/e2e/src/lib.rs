@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
+pub mod cluster;
 pub mod expect;
 pub mod pipeline;
 
@@ -326,8 +327,10 @@ impl PrivatePostgres {
         } else {
             Command::new(&tool_path)
         };
+        // From /: the postgres user may not enter the test's working directory (a 0700 clone).
         let output = command
             .args(args)
+            .current_dir("/")
             .stdin(Stdio::null())
             .output()
             .await
@@ -356,6 +359,7 @@ impl Drop for PrivatePostgres {
         };
         let _ = command
             .args(["-D", &data, "-m", "immediate", "stop"])
+            .current_dir("/")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -462,4 +466,73 @@ pub async fn stream_messages(nats_url: &str, stream: &str) -> Option<u64> {
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(stream).await.ok()?;
     stream.info().await.ok().map(|info| info.state.messages)
+}
+
+/// A client of `nats_url`, which may list several servers of a cluster, comma-separated.
+pub async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> {
+    let servers: Vec<&str> = nats_url.split(',').map(str::trim).collect();
+    async_nats::connect(servers.as_slice())
+        .await
+        .with_context(|| format!("connecting to {nats_url}"))
+}
+
+/// For a failing test's message: every message of the ingest stream `stream` about one of `ids`,
+/// as `seq {n}: {Nats-Msg-Id}` (the id and content hash the reader published) with its source line,
+/// in stream order,
+/// plus the ledger entry of each id in `ledger_bucket`.
+pub async fn ingest_history(
+    nats_url: &str,
+    stream: &str,
+    ledger_bucket: &str,
+    ids: &[&str],
+) -> anyhow::Result<String> {
+    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("looking up stream {stream}"))?;
+    let state = handle.info().await?.state.clone();
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(message) = handle.get_raw_message(seq).await else {
+            continue;
+        };
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map_or(String::new(), |v| v.as_str().to_owned())
+        };
+        if let Some(id) = ids.iter().find(|id| msg_id.starts_with(&format!("{id}:"))) {
+            let line = header("Sync-Source-Line");
+            let replay_of = header("Sync-Replay-Of");
+            lines.push((
+                id.to_string(),
+                format!("seq {seq}: {msg_id}, source line {line}, replay of [{replay_of}]"),
+            ));
+        }
+    }
+    let ledger = js
+        .get_key_value(ledger_bucket)
+        .await
+        .with_context(|| format!("opening bucket {ledger_bucket}"))?;
+    let mut text = String::new();
+    for id in ids {
+        text.push_str(&format!("{id} in {stream}:\n"));
+        for (_, line) in lines.iter().filter(|(i, _)| i == id) {
+            text.push_str(&format!("  {line}\n"));
+        }
+        let entry = ledger.get(*id).await.ok().flatten();
+        text.push_str(&format!(
+            "  ledger: {}\n",
+            entry.map_or("none".to_owned(), |v| String::from_utf8_lossy(&v)
+                .into_owned())
+        ));
+    }
+    Ok(text)
 }
