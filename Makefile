@@ -57,9 +57,9 @@ bench: infra release
 soak: infra release
 	$(WITH_ENV) ROWS=1000000 deploy/local/soak.sh
 
-## The compose stack under podman (optional, not in CI): deploy/compose-test.sh.
+## The compose stack under podman (optional, not in CI): deploy/podman/compose-test.sh.
 compose-test:
-	deploy/compose-test.sh
+	deploy/podman/compose-test.sh
 
 clean:
 	@$(INFRA) clean
