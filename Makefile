@@ -36,8 +36,8 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 ## The binaries are built first: the end-to-end tests run them as separate processes.
-## The cluster tests (libs/e2e/tests/cluster.rs, names starting cluster_) find open bugs (README,
-## "Known, open"), so they run in `make test-cluster` until those are fixed; `make test TEST_SKIP=`
+## The cluster tests (libs/e2e/tests/cluster.rs, names starting cluster_) find an open bug (README,
+## end of "Guarantees"), so they run in `make test-cluster` until it is fixed; `make test TEST_SKIP=`
 ## runs them too.
 TEST_SKIP ?= --skip cluster_
 test: test-infra lint

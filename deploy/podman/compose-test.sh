@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make compose-test` (optional, not in CI): brings the compose stack up under podman, scales the
 # integrators to 3, reads MOCK_DATA.csv, waits for the pipeline to drain, checks `syncctl status`
-# (and `syncctl verify` when the binary has it) and crm-mock's duplicate count, and tears it down.
+# (and `syncctl verify --crm` when the binary has it) and crm-mock's duplicate count, and tears it down.
 #
 # It stands in for `docker compose up` on a Docker host, with what this kind of machine has: no
 # Docker engine and no container registry, but Debian's podman (run as a Docker API service) and
@@ -187,7 +187,7 @@ log "drained in $(since "$t_wait") s"
 compose run --rm -T syncctl status
 compose run --rm -T syncctl status --json >"$WORK/status.json"
 if compose run --rm -T syncctl --help 2>/dev/null | grep -qE '^\s+verify\b'; then
-  compose run --rm -T syncctl verify
+  compose run --rm -T syncctl verify --crm
 else
   log "syncctl has no verify subcommand yet: skipped"
 fi

@@ -52,6 +52,7 @@ impl PrivateNatsCluster {
             nodes,
             store: tempfile::Builder::new()
                 .prefix("e2e-nats-cluster-")
+                .disable_cleanup(std::env::var_os("E2E_KEEP_LOGS").is_some())
                 .tempdir()
                 .context("creating the cluster's store directory")?,
             bin: env_var("NATS_SERVER_BIN")?,
@@ -136,7 +137,7 @@ impl PrivateNatsCluster {
     pub async fn wait_healthy(&self, index: usize) -> anyhow::Result<()> {
         let node = &self.nodes[index];
         let url = format!("http://127.0.0.1:{}/healthz", node.monitor_port);
-        wait_for(
+        let healthy = wait_for(
             &format!("cluster node {} to report healthy at {url}", node.name),
             Duration::from_secs(60),
             || {
@@ -147,7 +148,14 @@ impl PrivateNatsCluster {
                 }
             },
         )
-        .await
+        .await;
+        healthy.map_err(|err| {
+            let log = std::fs::read_to_string(self.store.path().join(format!("{}.log", node.name)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::anyhow!("{err:#}; the end of its log:\n{}", tail.join("\n"))
+        })
     }
 
     /// SIGKILL, as in a crash: the node's store stays for its restart.

@@ -477,9 +477,8 @@ pub async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> 
 }
 
 /// For a failing test's message: every message of the ingest stream `stream` about one of `ids`,
-/// as `seq {n}: {Nats-Msg-Id}` (the id and content hash the reader published) with its source line,
-/// in stream order,
-/// plus the ledger entry of each id in `ledger_bucket`.
+/// as `seq {n}: version {load}.{line}, hash {content hash}` in stream order, plus the ledger entry
+/// of each id in `ledger_bucket`.
 pub async fn ingest_history(
     nats_url: &str,
     stream: &str,
@@ -497,23 +496,24 @@ pub async fn ingest_history(
         let Ok(message) = handle.get_raw_message(seq).await else {
             continue;
         };
-        let msg_id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let header = |name: &str| {
-            message
-                .headers
-                .get(name)
-                .map_or(String::new(), |v| v.as_str().to_owned())
+        let Ok(decoded) =
+            sync_topology::IngestMessage::decode(Some(&message.headers), &message.payload, seq)
+        else {
+            continue;
         };
-        if let Some(id) = ids.iter().find(|id| msg_id.starts_with(&format!("{id}:"))) {
-            let line = header("Sync-Source-Line");
-            let replay_of = header("Sync-Replay-Of");
+        let id = &decoded.message.record.id;
+        if ids.contains(&id.as_str()) {
+            let copy = decoded
+                .message
+                .copy_of
+                .map_or(String::new(), |of| format!(", copy of seq {of}"));
             lines.push((
-                id.to_string(),
-                format!("seq {seq}: {msg_id}, source line {line}, replay of [{replay_of}]"),
+                id.clone(),
+                format!(
+                    "seq {seq}: version {}, hash {}{copy}",
+                    decoded.message.version,
+                    decoded.hash.as_str()
+                ),
             ));
         }
     }
@@ -527,11 +527,56 @@ pub async fn ingest_history(
         for (_, line) in lines.iter().filter(|(i, _)| i == id) {
             text.push_str(&format!("  {line}\n"));
         }
-        let entry = ledger.get(*id).await.ok().flatten();
+        let entry = match sync_topology::ledger::ledger_key(id) {
+            Ok(key) => ledger.get(key).await.ok().flatten(),
+            Err(_) => None,
+        };
         text.push_str(&format!(
             "  ledger: {}\n",
             entry.map_or("none".to_owned(), |v| String::from_utf8_lossy(&v)
                 .into_owned())
+        ));
+    }
+    Ok(text)
+}
+
+/// For a failing test's message: the ingest sequences that got more than one outcome in the results
+/// stream `stream` (every ingest message must get exactly one), each with its outcomes as
+/// `seq {n} {subject} {Nats-Msg-Id}`.
+pub async fn repeated_outcomes(nats_url: &str, stream: &str) -> anyhow::Result<String> {
+    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("looking up stream {stream}"))?;
+    let state = handle.info().await?.state.clone();
+    let mut by_ingest: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(message) = handle.get_raw_message(seq).await else {
+            continue;
+        };
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap_or_default();
+        let Some(ingest_seq) = body["ingest_seq"].as_u64() else {
+            continue;
+        };
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map_or(String::new(), |v| v.as_str().to_owned());
+        by_ingest.entry(ingest_seq).or_default().push(format!(
+            "seq {seq} {} {msg_id} {}",
+            message.subject,
+            body["customer_id"]
+                .as_str()
+                .or(body["id"].as_str())
+                .unwrap_or("")
+        ));
+    }
+    let mut text = String::new();
+    for (ingest_seq, outcomes) in by_ingest.iter().filter(|(_, o)| o.len() > 1) {
+        text.push_str(&format!(
+            "ingest seq {ingest_seq}: {}\n",
+            outcomes.join("; ")
         ));
     }
     Ok(text)
