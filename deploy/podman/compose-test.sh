@@ -172,7 +172,13 @@ compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
 t_up=$(now)
 compose up -d --pull never --no-build --wait --wait-timeout 120
 UP_S=$(since "$t_up")
-log "up (healthy) in $UP_S s"
+log "up (healthy) in $UP_S s; setup ran $(compose logs setup 2>&1 | grep -c 'setup: attempt' | awk '{print $1 + 1}') time(s)"
+if [ "${CLUSTER:-0}" = 1 ]; then
+  replicas=$(curl -fsS "http://127.0.0.1:$NATS_MONITOR_PORT/jsz?streams=true&config=true" \
+    | jq -r '[.account_details[].stream_detail[] | "\(.name)=R\(.config.num_replicas)"] | join(" ")')
+  log "streams: $replicas"
+  grep -q "CUSTOMERS=R3" <<<"$replicas" || { log "FAIL: the ingest stream is not replicated 3 times"; exit 1; }
+fi
 t_scale=$(now)
 compose up -d --pull never --no-build --no-recreate --scale crm-integrator=3 --wait --wait-timeout 60
 log "scaled to 3 integrators in $(since "$t_scale") s"
