@@ -15,6 +15,7 @@
 #   deploy/local/infra.sh down    stop the private instances
 #   deploy/local/infra.sh clean   stop them and delete their data (PostgreSQL's lives outside .run/)
 #   deploy/local/infra.sh env     print the environment (source it: `. .run/env`)
+#   deploy/local/infra.sh nats-bin   fetch the pinned nats-server if needed, print its path
 #
 # Ports: SYNC_NATS_PORT (14222), SYNC_NATS_MONITOR_PORT (18222), SYNC_PG_PORT (15432).
 # PostgreSQL's data: PostgreSQL refuses to run as root, and the postgres user cannot enter a clone
@@ -223,5 +224,6 @@ case "${1:-up}" in
   down) down ;;
   clean) clean ;;
   env) cat "$RUN/env" ;;
-  *) die "usage: $0 up [--for-tests] | down | clean | env" ;;
+  nats-bin) mkdir -p "$RUN"; install_nats; nats_bin ;;
+  *) die "usage: $0 up [--for-tests] | down | clean | env | nats-bin" ;;
 esac

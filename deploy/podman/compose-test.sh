@@ -140,8 +140,7 @@ if ! have_image docker.io/library/postgres:15; then
 fi
 if ! have_image docker.io/library/nats:2.15.1-alpine; then
   log "making the nats:2.15.1-alpine stand-in"
-  nats_bin=${NATS_SERVER_BIN:-$ROOT/.run/nats-pkg/bin/nats-server}
-  [ -x "$nats_bin" ] || { deploy/local/infra.sh up --for-tests >/dev/null; nats_bin=$ROOT/.run/nats-pkg/bin/nats-server; }
+  nats_bin=$(deploy/local/infra.sh nats-bin)
   rm -rf "$WORK/nats-ctx" && mkdir -p "$WORK/nats-ctx"
   cp /bin/busybox "$nats_bin" deploy/podman/nats-entrypoint.sh deploy/podman/nats.Containerfile "$WORK/nats-ctx/"
   podman build --quiet -f "$WORK/nats-ctx/nats.Containerfile" -t docker.io/library/nats:2.15.1-alpine \
@@ -157,6 +156,7 @@ rm -rf "$WORK/app-ctx" && mkdir -p "$WORK/app-ctx/bin"
 for bin in "${BINARIES[@]}"; do strip -o "$WORK/app-ctx/bin/$bin" "target/release/$bin"; done
 podman build --quiet --build-arg RUNTIME=localhost/customer-sync-runtime:compose-test \
   -f deploy/podman/prebuilt.Containerfile -t "$SYNC_IMAGE" "$WORK/app-ctx" >/dev/null
+podman image prune -f >/dev/null 2>&1 || true  # the previous runs' untagged layers
 log "images ready in $(since "$t_images") s; image size $(podman image inspect "$SYNC_IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}') (binaries $(du -sh "$WORK/app-ctx/bin" | cut -f1))"
 
 # --- the stack ------------------------------------------------------------------------------------
