@@ -26,6 +26,17 @@ PY
 }
 SECTIONS="$ROOT/.run/bench"
 mkdir -p "$SECTIONS"
+# A section not measured on this machine yet (a fresh clone, BENCH_ONLY) is carried over from the
+# committed BENCHMARKS.md, found by its heading `## <script name>` or `## <script name>: ...`.
+for script in deploy/local/bench.d/*.sh; do
+  name=$(basename "$script" .sh)
+  [ -e "$SECTIONS/$name.md" ] || [ ! -f "$OUT" ] && continue
+  awk -v name="$name" '
+    /^## / { keep = ($0 == "## " name || index($0, "## " name ":") == 1) }
+    keep { print }
+  ' "$OUT" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$SECTIONS/$name.md"
+  [ -s "$SECTIONS/$name.md" ] || rm -f "$SECTIONS/$name.md"
+done
 for script in deploy/local/bench.d/*.sh; do
   name=$(basename "$script" .sh)
   if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then continue; fi
@@ -41,7 +52,7 @@ done
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
   echo "- kernel: $(uname -r); rustc: $(rustc --version)"
   echo "- nats-server: $(nats_version) (the server at NATS_URL; sections that start their own run \$NATS_SERVER_BIN, $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown)); PostgreSQL: $(psql --version | awk '{print $3}')"
-  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ) (sections not re-run then keep the figures, and the notes on load, of their own run)"
   echo
   for section in "$SECTIONS"/*.md; do
     [ -e "$section" ] || continue

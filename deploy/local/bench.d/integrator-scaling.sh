@@ -75,7 +75,7 @@ done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cat <<MD
-## crm-integrator replica scaling
+## integrator-scaling: crm-integrator replicas against a capped CRM
 
 Integrator replicas (release build, adaptive concurrency) sharing one durable consumer, each run
 draining $COUNT pre-filled records of a fresh namespace on the local nats-server into a fresh
