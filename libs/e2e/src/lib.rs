@@ -485,17 +485,9 @@ pub async fn ingest_history(
     ledger_bucket: &str,
     ids: &[&str],
 ) -> anyhow::Result<String> {
-    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("looking up stream {stream}"))?;
-    let state = handle.info().await?.state.clone();
+    let (js, messages) = every_message(nats_url, stream).await?;
     let mut lines: Vec<(String, String)> = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(message) = handle.get_raw_message(seq).await else {
-            continue;
-        };
+    for (seq, message) in messages {
         let Ok(decoded) =
             sync_topology::IngestMessage::decode(Some(&message.headers), &message.payload, seq)
         else {
@@ -544,17 +536,9 @@ pub async fn ingest_history(
 /// stream `stream` (every ingest message must get exactly one), each with its outcomes as
 /// `seq {n} {subject} {Nats-Msg-Id}`.
 pub async fn repeated_outcomes(nats_url: &str, stream: &str) -> anyhow::Result<String> {
-    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("looking up stream {stream}"))?;
-    let state = handle.info().await?.state.clone();
+    let (_, messages) = every_message(nats_url, stream).await?;
     let mut by_ingest: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(message) = handle.get_raw_message(seq).await else {
-            continue;
-        };
+    for (seq, message) in messages {
         let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap_or_default();
         let Some(ingest_seq) = body["ingest_seq"].as_u64() else {
             continue;
@@ -580,4 +564,28 @@ pub async fn repeated_outcomes(nats_url: &str, stream: &str) -> anyhow::Result<S
         ));
     }
     Ok(text)
+}
+
+/// Every message of `stream` with its sequence, read one by one (for small test streams only),
+/// and the JetStream context it was read with.
+async fn every_message(
+    nats_url: &str,
+    stream: &str,
+) -> anyhow::Result<(
+    async_nats::jetstream::Context,
+    Vec<(u64, async_nats::jetstream::message::StreamMessage)>,
+)> {
+    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("looking up stream {stream}"))?;
+    let state = handle.info().await?.state.clone();
+    let mut messages = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(message) = handle.get_raw_message(seq).await {
+            messages.push((seq, message));
+        }
+    }
+    Ok((js, messages))
 }
