@@ -31,6 +31,9 @@ RUN="$ROOT/.run"
 NATS_PORT=${SYNC_NATS_PORT:-14222}
 NATS_MONITOR_PORT=${SYNC_NATS_MONITOR_PORT:-18222}
 PG_PORT=${SYNC_PG_PORT:-15432}
+# The private servers' own URLs (a shell that sourced .run/env) still mean "the private servers".
+[ "${NATS_URL:-}" = "nats://127.0.0.1:$NATS_PORT" ] && unset NATS_URL
+[ "${DATABASE_URL:-}" = "postgres://postgres@127.0.0.1:$PG_PORT/postgres" ] && unset DATABASE_URL
 NATS_PKG="$RUN/nats-pkg"
 NATS_BIN="$NATS_PKG/bin/nats-server"
 NATS_VERSION=2.15.1
