@@ -36,14 +36,11 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 ## The binaries are built first: the end-to-end tests run them as separate processes.
-## The cluster tests (libs/e2e/tests/cluster.rs, names starting cluster_) find an open bug (README,
-## end of "Guarantees"), so they run in `make test-cluster` until it is fixed; `make test TEST_SKIP=`
-## runs them too.
-TEST_SKIP ?= --skip cluster_
 test: test-infra lint
 	cargo build --workspace --bins
-	$(WITH_ENV) cargo test --workspace --no-fail-fast -- $(TEST_SKIP)
+	$(WITH_ENV) cargo test --workspace --no-fail-fast
 
+## Only the 3-node cluster tests (libs/e2e/tests/cluster.rs; make test runs them too).
 test-cluster: test-infra
 	cargo build --workspace --bins
 	$(WITH_ENV) cargo test -p e2e --test cluster
