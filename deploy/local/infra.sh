@@ -31,9 +31,6 @@ RUN="$ROOT/.run"
 NATS_PORT=${SYNC_NATS_PORT:-14222}
 NATS_MONITOR_PORT=${SYNC_NATS_MONITOR_PORT:-18222}
 PG_PORT=${SYNC_PG_PORT:-15432}
-# The private servers' own URLs (a shell that sourced .run/env) still mean "the private servers".
-[ "${NATS_URL:-}" = "nats://127.0.0.1:$NATS_PORT" ] && unset NATS_URL
-[ "${DATABASE_URL:-}" = "postgres://postgres@127.0.0.1:$PG_PORT/postgres" ] && unset DATABASE_URL
 NATS_PKG="$RUN/nats-pkg"
 NATS_BIN="$NATS_PKG/bin/nats-server"
 NATS_VERSION=2.15.1
@@ -192,11 +189,19 @@ write_env() {
   } >"$RUN/env"
 }
 
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 up() {
   local for_tests=0
   [ "${1:-}" = --for-tests ] && for_tests=1
   mkdir -p "$RUN"
   tools
+  # The private servers' own URLs (a shell that sourced .run/env after `make down`) with nothing
+  # listening there mean "start the private servers", not "use servers someone else runs".
+  if [ "${NATS_URL:-}" = "nats://127.0.0.1:$NATS_PORT" ] && ! listening "$NATS_PORT"; then unset NATS_URL; fi
+  if [ "${DATABASE_URL:-}" = "postgres://postgres@127.0.0.1:$PG_PORT/postgres" ] && ! listening "$PG_PORT"; then
+    unset DATABASE_URL
+  fi
   nats_up
   pg_up
   test_servers "$for_tests"
