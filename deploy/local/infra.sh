@@ -120,9 +120,10 @@ nats_up() {
     log "private nats-server already running on $NATS_PORT"
   else
     log "starting private nats-server on 127.0.0.1:$NATS_PORT (store: .run/nats/jetstream)"
-    (cd "$ROOT" && nohup "$bin" -c "$ROOT/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" \
-      -m "$NATS_MONITOR_PORT" -P "$RUN/nats/nats.pid" \
-      >"$RUN/nats/nats.log" 2>&1 &)
+    # Every descriptor redirected: a server holding the caller's stdout would keep a pipe such as
+    # `make infra | tee log` open for as long as it runs.
+    (cd "$ROOT" && exec nohup "$bin" -c "$ROOT/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" \
+      -m "$NATS_MONITOR_PORT" -P "$RUN/nats/nats.pid") >"$RUN/nats/nats.log" 2>&1 </dev/null &
   fi
   for _ in $(seq 1 100); do
     curl -fsS "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true" >/dev/null 2>&1 && return 0
