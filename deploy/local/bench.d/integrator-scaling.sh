@@ -17,8 +17,25 @@ DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-600}
 MOCK_FLAGS="--latency-ms 20 --max-concurrency 200"
 CAPACITY=10000
 log() { echo "[integrator-scaling bench] $*" >&2; }
-# shellcheck source=deploy/local/bench.d/lib-integrator.bash
-. deploy/local/bench.d/lib-integrator.bash
+RUN_ID="$(date +%s)_$$"
+WORK=$(mktemp -d)
+PIDS=()
+NAMESPACES=()
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+bench_cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in "${NAMESPACES[@]}"; do
+    target/release/integrator-bench-fill --nats-url "$NATS_URL" --namespace "$ns" --delete >&2 || true
+  done
+  rm -rf "$WORK"
+}
+trap bench_cleanup EXIT
+
+log "building release binaries"
+cargo build --release -q --workspace --bins >&2  # with integrator-bench-fill; --workspace: one feature set
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
