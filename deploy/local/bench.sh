@@ -26,23 +26,25 @@ PY
 }
 SECTIONS="$ROOT/.run/bench"
 mkdir -p "$SECTIONS"
-# A section not measured on this machine yet (a fresh clone, BENCH_ONLY) is carried over from the
-# committed BENCHMARKS.md, found by its heading `## <script name>` or `## <script name>: ...`.
+# Each section this run measures is written fresh; every other one (BENCH_ONLY) is carried over
+# from the committed BENCHMARKS.md, found by its heading `## <script name>` or `## <name>: ...`.
+THIS_RUN=$(mktemp -d)
+trap 'rm -rf "$THIS_RUN"' EXIT
 for script in deploy/local/bench.d/*.sh; do
   name=$(basename "$script" .sh)
-  [ -e "$SECTIONS/$name.md" ] || [ ! -f "$OUT" ] && continue
-  awk -v name="$name" '
-    /^## / { keep = ($0 == "## " name || index($0, "## " name ":") == 1) }
-    keep { print }
-  ' "$OUT" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$SECTIONS/$name.md"
-  [ -s "$SECTIONS/$name.md" ] || rm -f "$SECTIONS/$name.md"
-done
-for script in deploy/local/bench.d/*.sh; do
-  name=$(basename "$script" .sh)
-  if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then continue; fi
+  if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then
+    [ -f "$OUT" ] || continue
+    awk -v name="$name" '
+      /^## / { keep = ($0 == "## " name || index($0, "## " name ":") == 1) }
+      keep { print }
+    ' "$OUT" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$THIS_RUN/$name.md"
+    [ -s "$THIS_RUN/$name.md" ] || rm -f "$THIS_RUN/$name.md"
+    continue
+  fi
   echo "[bench] $name" >&2
   bash "$script" >"$SECTIONS/$name.md.tmp"
   mv "$SECTIONS/$name.md.tmp" "$SECTIONS/$name.md"
+  cp "$SECTIONS/$name.md" "$THIS_RUN/$name.md"
 done
 {
   echo "# Benchmarks"
@@ -54,7 +56,7 @@ done
   echo "- nats-server: $(nats_version) (the server at NATS_URL; sections that start their own run \$NATS_SERVER_BIN, $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown)); PostgreSQL: $(psql --version | awk '{print $3}')"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ) (sections not re-run then keep the figures, and the notes on load, of their own run)"
   echo
-  for section in "$SECTIONS"/*.md; do
+  for section in "$THIS_RUN"/*.md; do
     [ -e "$section" ] || continue
     cat "$section"
     echo

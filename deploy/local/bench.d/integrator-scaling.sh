@@ -52,9 +52,11 @@ for n in $REPLICAS; do
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
   log "draining with $n integrator(s)"
   replicas=()
+  metrics=()
   for i in $(seq 1 "$n"); do
+    metrics+=("$(free_port)")
     SYNC_NAMESPACE="$ns" CRM_URL="http://127.0.0.1:$port" RUST_LOG=warn \
-      target/release/crm-integrator --metrics-addr "127.0.0.1:$(free_port)" 2>"$WORK/integrator-$n-$i.log" &
+      target/release/crm-integrator --metrics-addr "127.0.0.1:${metrics[-1]}" 2>"$WORK/integrator-$n-$i.log" &
     replicas+=($!)
     PIDS+=($!)
   done
@@ -64,7 +66,11 @@ for n in $REPLICAS; do
   limited=$(jq -r .injected.concurrency_limited <<<"$stats")
   duplicates=$(jq -r .duplicate_effects <<<"$stats")
   peak=$(jq -r '.concurrency_peak // "n/a"' <<<"$stats")
-  pauses=$(cat "$WORK"/integrator-"$n"-*.log | grep -c "CRM asked for a pause" || true)
+  pauses=0
+  for m in "${metrics[@]}"; do
+    p=$(curl -fs "http://127.0.0.1:$m/metrics" | awk '/^crm_integrator_pauses_total / {print $2}')
+    pauses=$((pauses + ${p:-0}))
+  done
   rate=$(echo "scale=0; $created / $secs" | bc -l)
   ratio=$(echo "scale=2; $rate / $CAPACITY" | bc -l)
   ROWS+=("| $n | $COUNT | $secs | $rate | $ratio | $limited | $pauses | $peak | $duplicates |")
@@ -84,13 +90,12 @@ draining $COUNT pre-filled records of a fresh namespace on the local nats-server
 requests it answers 429 with \`Retry-After: 1\`, which pauses the whole fleet). Everything shares this
 machine's $(nproc) cores. Load average before/after: $LOAD_BEFORE / $LOAD_AFTER.
 
-| integrators | records | seconds | creates/s | of capacity | 429s (cap) | fleet pauses logged | CRM concurrency peak | duplicates |
+| integrators | records | seconds | creates/s | of capacity | 429s (cap) | fleet pauses called | CRM concurrency peak | duplicates |
 |---|---|---|---|---|---|---|---|---|
 $(printf '%s\n' "${ROWS[@]}")
 
-- 429s are crm-mock's own count of requests over the cap; "fleet pauses logged" counts the
-  replicas' "CRM asked for a pause" warnings (a pause shared through the control bucket is logged
-  by the replica that drew the 429).
+- 429s are crm-mock's own count of requests over the cap; "fleet pauses called" adds up the
+  replicas' \`crm_integrator_pauses_total\` (a pause one replica calls holds them all).
 - Command: \`COUNT=$COUNT REPLICAS="$REPLICAS" deploy/local/bench.d/integrator-scaling.sh\`
   (or \`BENCH_ONLY=integrator-scaling deploy/local/bench.sh\`).
 MD
