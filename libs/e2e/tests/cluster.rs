@@ -112,7 +112,7 @@ async fn run(disruption: Disruption) -> anyhow::Result<()> {
         "csv-reader failed: {}",
         describe(&reader_out)
     );
-    wait_drained(&pipeline).await?;
+    pipeline.wait_drained(Duration::from_secs(90)).await?;
 
     let stats = pipeline.crm_stats().await?;
     assert_eq!(
@@ -131,21 +131,6 @@ async fn run(disruption: Disruption) -> anyhow::Result<()> {
     }
     pipeline.verify().await?;
     pipeline.stop().await
-}
-
-/// `syncctl wait`, run again when it fails on a JetStream request that timed out (a consumer whose
-/// leader is still being elected after the disruption): an operator would run it again too.
-async fn wait_drained(pipeline: &Pipeline) -> anyhow::Result<()> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match pipeline.wait_drained(Duration::from_secs(90)).await {
-            Err(err) if attempt < 3 && format!("{err:#}").contains("failed: timed out") => {
-                eprintln!("syncctl wait: a JetStream request timed out; running it again");
-            }
-            other => return other,
-        }
-    }
 }
 
 /// Waits until the CRM holds at least `customers` customers, with the services' logs on timeout.
