@@ -23,7 +23,7 @@ down:
 build:
 	cargo build --workspace --all-targets
 
-## Only the shipped binaries; the benchmark tools (libs/bench-tools, the *-bench helpers) are built by
+## Only the shipped binaries; the benchmark tools (libs/bench-tools) are built by
 ## the bench scripts, with the same feature set (--workspace), so nothing is rebuilt twice.
 release:
 	cargo build --workspace --release --bin csv-reader --bin crm-integrator --bin persister --bin crm-mock --bin syncctl

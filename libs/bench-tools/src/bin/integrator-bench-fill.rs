@@ -2,13 +2,11 @@
 //! customers in the fixed ingest format, or deletes the namespace afterwards. Also waits until
 //! the integrators' consumer has drained, printing the seconds it took.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use clap::Parser as _;
-use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
@@ -69,14 +67,7 @@ async fn main() -> anyhow::Result<()> {
     // One load per fill: a fill of another namespace, or another run, never collides.
     let load = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1);
     for n in 0..args.count {
-        let record = CustomerRecord::normalised(
-            &format!("{}{n}", args.prefix),
-            "Bench",
-            &format!("Customer{n}"),
-            &format!("c{n}@bench.example.com"),
-            Some("+1 555 0100"),
-            BTreeMap::from([("segment".to_owned(), "b".to_owned())]),
-        );
+        let record = bench_tools::bench_customer(&args.prefix, n);
         let message =
             IngestMessage::from_row(record, Version::row(load, n + 2), "bench.csv", n + 2);
         let (headers, body) = message.encode(&ids::ingest_row(&message.version))?;
