@@ -56,7 +56,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(url) = &args.migrate {
-        migrated_client(url).await?;
+        drop(migrated_client(url).await?);
         return Ok(());
     }
     if let Some(url) = &args.store_direct {
