@@ -21,8 +21,8 @@ pub use names::{InvalidNamespace, Names};
 pub use nats::{ConnectError, MIN_SERVER_VERSION, connect};
 pub use prune::{PruneError, PruneReport, StreamPrune, prune_settled};
 pub use setup::{
-    Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
-    TopologySettings, ensure_topology,
+    Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport, TeardownReport,
+    TopologySettings, ensure_topology, namespace_streams, teardown,
 };
 pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version, stamp_from_text};
 

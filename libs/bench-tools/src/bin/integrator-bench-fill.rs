@@ -44,17 +44,11 @@ async fn main() -> anyhow::Result<()> {
     let client = sync_topology::connect(&args.nats_url, None, "integrator-bench-fill").await?;
     let js = jetstream::new(client);
     if args.delete {
-        for stream in [
-            names.ingest_stream(),
-            names.results_stream(),
-            format!("KV_{}", names.ledger_bucket()),
-            format!("KV_{}", names.checkpoints_bucket()),
-            format!("KV_{}", names.control_bucket()),
-        ] {
-            if let Err(err) = js.delete_stream(&stream).await {
-                eprintln!("cannot delete {stream}: {err}");
-            }
-        }
+        let report = sync_topology::teardown(&js, &names).await?;
+        eprintln!(
+            "deleted {:?}; already absent {:?}",
+            report.deleted, report.absent
+        );
         return Ok(());
     }
     if args.wait_drained {

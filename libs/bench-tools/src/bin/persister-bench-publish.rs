@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use clap::Parser;
@@ -66,7 +66,8 @@ async fn main() -> anyhow::Result<()> {
     let client = sync_topology::connect(&args.nats.nats_url, None, "persister-bench").await?;
     let js = jetstream::new(client);
     if args.delete {
-        return delete_layout(&js, &names).await;
+        sync_topology::teardown(&js, &names).await?;
+        return Ok(());
     }
     let settings = sync_topology::TopologySettings::default();
     sync_topology::ensure_topology(&js, &names, &settings).await?;
@@ -208,27 +209,4 @@ fn csv_row(o: &SyncedOutcome) -> anyhow::Result<Vec<String>> {
         o.version().load.to_string(),
         o.version().line.to_string(),
     ])
-}
-
-async fn delete_layout(js: &jetstream::Context, names: &Names) -> anyhow::Result<()> {
-    let mut failures = Vec::new();
-    for stream in [names.ingest_stream(), names.results_stream()] {
-        if let Err(err) = js.delete_stream(&stream).await {
-            failures.push(format!("stream {stream}: {err}"));
-        }
-    }
-    for bucket in [
-        names.ledger_bucket(),
-        names.checkpoints_bucket(),
-        names.control_bucket(),
-    ] {
-        if let Err(err) = js.delete_key_value(&bucket).await {
-            failures.push(format!("bucket {bucket}: {err}"));
-        }
-    }
-    // Deletions are best effort; report what stayed so the operator can clean up by hand.
-    if !failures.is_empty() {
-        bail!("could not delete: {}", failures.join("; "));
-    }
-    Ok(())
 }
