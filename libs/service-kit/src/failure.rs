@@ -35,10 +35,18 @@ pub fn root_cause(err: &(dyn Error + 'static)) -> String {
         innermost = inner;
     }
     let text = flat(&innermost.to_string());
-    // "Connection refused (os error 111)": the number helps nobody.
-    let text = match text.rfind(" (os error ") {
-        Some(at) if text.ends_with(')') => text[..at].to_owned(),
-        _ => text,
+    // "…: error connecting to server: Connection refused (os error 111) (is it running?)", from
+    // an error that keeps its causes as text: the operating system's words are the reason, and
+    // its number helps nobody.
+    let text = match text.find(" (os error ") {
+        Some(at) => {
+            let before = &text[..at];
+            before
+                .rsplit_once(": ")
+                .map_or(before, |(_, last)| last)
+                .to_owned()
+        }
+        None => text,
     };
     let mut chars = text.chars();
     match chars.next() {
@@ -149,6 +157,12 @@ mod tests {
             "cannot connect to NATS at nats://h:4222: IO error: Connection refused (os error 111)"
         );
         assert_eq!(root_cause(&err), "connection refused");
+        let flat_causes = Layer(
+            "cannot connect to PostgreSQL at postgres://h:5432/db: error connecting to server: \
+             Connection refused (os error 111) (is it running?)",
+            None,
+        );
+        assert_eq!(root_cause(&flat_causes), "connection refused");
         let multi = Layer("first line\n  second line", None);
         assert_eq!(one_line(&multi), "first line second line");
     }

@@ -266,7 +266,7 @@ mod tests {
             Duration::from_secs(60),
             &shutdown,
             |_| true,
-            || std::future::pending(),
+            std::future::pending,
         )
         .await;
         assert!(matches!(cancelled, Ok(None)));

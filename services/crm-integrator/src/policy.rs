@@ -258,7 +258,21 @@ pub fn answered(
         CrmReply::Transient(t) => t.retry_after,
         _ => None,
     };
+    if matches!(signal, Signal::Failed | Signal::TimedOut) {
+        gate.note_failure(failure_detail(reply));
+    }
     gate.record(signal, retry_after, probe)
+}
+
+/// A failed answer in words, for the breaker's log lines and the readiness reason.
+fn failure_detail(reply: &CrmReply) -> String {
+    match reply {
+        CrmReply::Transient(t) => t.to_string(),
+        CrmReply::Unauthorized { status, .. } => {
+            format!("HTTP {status}: our credentials are refused (check CRM_API_TOKEN)")
+        }
+        other => format!("{other:?}"),
+    }
 }
 
 /// When this record tries again: exponential backoff with full jitter, never shorter than the

@@ -381,7 +381,8 @@ async fn deliver_again(
             ..Default::default()
         })
         .await?;
-    for n in 1..=deliveries {
+    let mut n = 0;
+    while n < deliveries {
         let mut batch = consumer
             .fetch()
             .max_messages(1)
@@ -393,6 +394,20 @@ async fn deliver_again(
             .await
             .ok_or_else(|| anyhow::anyhow!("no message at {seq}"))?
             .map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?;
+        let this_seq = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("no metadata: {e}"))?
+            .stream_sequence;
+        if this_seq != seq {
+            // The server may deliver the next message before the one handed back: take it off
+            // this private consumer and ask again.
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack failed: {e}"))?;
+            continue;
+        }
+        n += 1;
         if n == deliveries {
             return Ok(message);
         }
