@@ -76,7 +76,7 @@ impl Health {
         match problem {
             Some(reason) => {
                 if state.problems.get(check) != Some(&reason) {
-                    tracing::warn!(check, %reason, "not ready: {reason}");
+                    tracing::warn!(check, "not ready: {reason}");
                     state.problems.insert(check, reason);
                 }
             }

@@ -582,13 +582,10 @@ impl Gate {
         if breaker.state == BreakerState::Closed {
             return None;
         }
-        let open_for = breaker
-            .opened_at
-            .map_or(0.0, |at| at.elapsed().as_secs_f64());
-        let cooldown = breaker.cooldown;
         drop(breaker);
+        // Worded the same for as long as the cause stays the same: a change is logged.
         Some(format!(
-            "{} failing ({}): circuit breaker open for {open_for:.0}s, one probe every {cooldown:?}",
+            "{} failing ({}): circuit breaker open, probing until it answers",
             self.crm,
             self.last_failure()
         ))
@@ -707,11 +704,11 @@ impl Gate {
                     };
                     breaker.opened_at = Some(now);
                     self.breaker_openings.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("crm_integrator_breaker_openings_total").increment(1);
                     metrics::gauge!("crm_integrator_breaker_open").set(1.0);
                     let error = self.last_failure();
                     tracing::warn!(
                         crm = %self.crm,
-                        %error,
                         failed = tally.marked,
                         answers = tally.total,
                         window_s = tally.span.as_secs_f64(),
@@ -755,7 +752,6 @@ impl Gate {
                     let error = self.last_failure();
                     tracing::warn!(
                         crm = %self.crm,
-                        %error,
                         cooldown = ?breaker.cooldown,
                         "{} still failing ({error}): circuit breaker stays open, next probe in {:?}",
                         self.crm,

@@ -100,6 +100,14 @@ fn gauges(integrator: &Integrator) {
     metrics::gauge!("crm_integrator_messages_waiting").set(integrator.slots.parked() as f64);
     let open = integrator.gate().breaker_state() != "closed";
     metrics::gauge!("crm_integrator_breaker_open").set(f64::from(u8::from(open)));
+    let paused_until = integrator
+        .gate()
+        .paused_for()
+        .map_or(0, |left| now_ms() + left.as_millis() as i64);
+    metrics::gauge!("crm_integrator_paused_until_ms").set(paused_until as f64);
+    // Exported from the start, so a dashboard shows 0 rather than no data.
+    metrics::counter!("crm_integrator_pauses_total").increment(0);
+    metrics::counter!("crm_integrator_breaker_openings_total").increment(0);
 }
 
 /// `crm_integrator_consumer_pending`: what the shared consumer still has to settle (not yet
