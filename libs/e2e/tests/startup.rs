@@ -31,6 +31,54 @@ async fn spawn(
     Service::spawn(env, name, &args, logs, name).await
 }
 
+/// Every metric the Grafana dashboard (deploy/grafana/customer-sync.json) queries is one the
+/// services export, so a renamed metric cannot leave a panel empty unnoticed.
+async fn dashboard_metrics_are_exported(
+    http: &reqwest::Client,
+    addrs: &[&str],
+) -> anyhow::Result<()> {
+    let path = e2e::workspace_root().join("deploy/grafana/customer-sync.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let mut exported = String::new();
+    for addr in addrs {
+        let metrics = http.get(format!("http://{addr}/metrics")).send().await?;
+        exported.push_str(&metrics.text().await?);
+    }
+    let panels = dashboard["panels"].as_array().context("panels")?;
+    let exprs = panels
+        .iter()
+        .filter_map(|panel| panel["targets"].as_array())
+        .flatten()
+        .filter_map(|target| target["expr"].as_str());
+    let mut queried = Vec::new();
+    for expr in exprs {
+        for prefix in ["crm_integrator_", "persister_"] {
+            for (at, _) in expr.match_indices(prefix) {
+                // `$persister_job` is a dashboard variable, not a metric.
+                if expr[..at].ends_with('$') {
+                    continue;
+                }
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                queried.push(name);
+            }
+        }
+    }
+    anyhow::ensure!(!queried.is_empty(), "no metric found in {}", path.display());
+    for name in queried {
+        let line_start = |line: &str| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        };
+        anyhow::ensure!(
+            exported.lines().any(line_start),
+            "the dashboard queries {name}, which no service exports"
+        );
+    }
+    Ok(())
+}
+
 /// Waits for a one-shot command to exit 0.
 async fn exits_0(service: &mut Service) -> anyhow::Result<()> {
     let status = tokio::time::timeout(Duration::from_secs(60), service.child.wait())
@@ -131,6 +179,7 @@ async fn services_started_before_nats_wait_for_it_and_follow_it_in_their_readine
     let status = env.status().await?;
     assert_eq!(status["outcomes"]["synced"], 50, "{status}");
     assert_eq!(status["reconciled"], true, "{status}");
+    dashboard_metrics_are_exported(&http, &[&integrator_addr, &persister_addr]).await?;
 
     // NATS goes away: not ready, naming NATS and why; back: ready again.
     nats.stop().await?;

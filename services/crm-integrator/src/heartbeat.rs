@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flow::now_ms;
 use crate::process::Integrator;
-use crate::telemetry::Totals;
+use crate::telemetry::{self, Totals};
 
 /// How often readiness and the gauges are brought up to date.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -108,6 +108,8 @@ fn gauges(integrator: &Integrator) {
     // Exported from the start, so a dashboard shows 0 rather than no data.
     metrics::counter!("crm_integrator_pauses_total").increment(0);
     metrics::counter!("crm_integrator_breaker_openings_total").increment(0);
+    telemetry::plain("crm_integrator_retries_total").increment(0);
+    telemetry::plain("crm_integrator_deferred_total").increment(0);
 }
 
 /// `crm_integrator_consumer_pending`: what the shared consumer still has to settle (not yet

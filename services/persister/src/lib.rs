@@ -453,6 +453,9 @@ async fn watch(
     health: Health,
     shutdown: CancellationToken,
 ) {
+    // Exported from the start, so a dashboard shows 0 rather than no data.
+    metrics::counter!("persister_write_retries_total").increment(0);
+    metrics::counter!("persister_poison_messages_total").increment(0);
     let mut every = tokio::time::interval(WATCH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
