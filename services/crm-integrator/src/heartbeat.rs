@@ -44,15 +44,24 @@ pub(crate) async fn run(
         health.set_problem("crm", integrator.gate().breaker_problem());
         gauges(&integrator);
         if tick.is_multiple_of(BEATS_EVERY) {
-            backlog(&consumer).await;
+            // Bounded: with NATS away a request waits for its timeout, and readiness must not.
             let beat = heartbeat(&integrator, &health, started_at_ms, every_ms);
-            match serde_json::to_vec(&beat) {
-                Ok(body) => {
-                    if let Err(err) = control.put(&key, body.into()).await {
-                        tracing::debug!(%err, %key, "heartbeat not written");
+            let writing = async {
+                backlog(&consumer).await;
+                match serde_json::to_vec(&beat) {
+                    Ok(body) => {
+                        if let Err(err) = control.put(&key, body.into()).await {
+                            tracing::debug!(%err, %key, "heartbeat not written");
+                        }
                     }
+                    Err(err) => tracing::warn!(%err, "cannot encode the heartbeat"),
                 }
-                Err(err) => tracing::warn!(%err, "cannot encode the heartbeat"),
+            };
+            if tokio::time::timeout(CHECK_EVERY * 2, writing)
+                .await
+                .is_err()
+            {
+                tracing::debug!(%key, "heartbeat not written in time");
             }
         }
         tick = tick.wrapping_add(1);

@@ -175,7 +175,8 @@ pub async fn run(
         tracing::info!(%bound, "serving metrics and health");
     }
 
-    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1))?;
+    // One connection more than the writers: the readiness check must not queue behind them.
+    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1) + 1)?;
     let wait = config.nats.startup_wait;
     if !migrate_when_available(&pool, &config.database_url, wait, &shutdown).await? {
         return Ok(RunReport::default());
