@@ -225,10 +225,12 @@ async fn unreachable_or_unprepared_infrastructure_is_a_clear_runtime_error() -> 
     )?;
     let file_arg = file.display().to_string();
 
-    // NATS unreachable: retries, then exit 1 naming the server.
+    // NATS unreachable: retries for --startup-wait, then exit 1 naming the server.
     let dead_nats = format!("nats://127.0.0.1:{}", free_port()?);
     let env = PipelineEnv::new(&dead_nats, "postgres://postgres@127.0.0.1:1/none");
-    let out = env.run("csv-reader", &[&file_arg]).await?;
+    let out = env
+        .run("csv-reader", &["--startup-wait", "1s", &file_arg])
+        .await?;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&dead_nats),
@@ -249,7 +251,9 @@ async fn unreachable_or_unprepared_infrastructure_is_a_clear_runtime_error() -> 
     // Database unreachable: syncctl says which database it could not reach.
     let dead_db = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port()?);
     let env = PipelineEnv::new(&nats_url()?, &dead_db);
-    let out = env.run("syncctl", &["setup"]).await?;
+    let out = env
+        .run("syncctl", &["setup", "--startup-wait", "1s"])
+        .await?;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("127.0.0.1"),

@@ -1,16 +1,31 @@
 //! What every binary sets up the same way: logging (`RUST_LOG`, `LOG_FORMAT=json`), the shutdown
-//! token driven by SIGINT/SIGTERM, the shared NATS flags, and the metrics and health endpoint.
+//! token driven by SIGINT/SIGTERM, the shared NATS flags, waiting for servers at start-up, the
+//! one-line report of the failure that ends a binary, and the metrics and health endpoint.
 
+mod failure;
+mod health;
+mod startup;
+
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::{Router, http::StatusCode, routing::get};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+pub use failure::{
+    EXIT_FAILURE, EXIT_USAGE, exit_on_usage_error, json_logs, one_line, parse_args, report_failure,
+    root_cause,
+};
+pub use health::{Health, watch_nats};
+pub use startup::{connect_nats, host_port, parse_duration, retry_until_up};
+
+/// Default of `--startup-wait`: long enough for a stack whose servers start in any order.
+pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(300);
 
 /// Flags every NATS-connected binary shares.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +39,10 @@ pub struct NatsArgs {
     /// Prefix of every subject, stream, consumer and bucket name.
     #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
     pub namespace: String,
+    /// How long to keep trying NATS (and PostgreSQL, where used) at start-up before giving up, so
+    /// services started before their servers wait for them: `5m`, `90s`, or seconds; 0 tries once.
+    #[arg(long, env = "STARTUP_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub startup_wait: Duration,
 }
 
 impl NatsArgs {
@@ -33,6 +52,7 @@ impl NatsArgs {
             nats_url: nats_url.into(),
             nats_creds: None,
             namespace: namespace.into(),
+            startup_wait: DEFAULT_STARTUP_WAIT,
         }
     }
 }
@@ -48,15 +68,16 @@ pub fn init_telemetry() {
 pub fn init_telemetry_with_default(default_directives: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directives));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let registry = tracing_subscriber::registry().with(filter);
-    let result = if json {
+    let result = if json_logs() {
         registry
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init()
     } else {
+        // Colour codes only for a person at a terminal, never into files or collectors.
+        let ansi = std::io::stderr().is_terminal();
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .try_init()
     };
     // Already installed (a test started two services in one process): keep the first.
@@ -101,13 +122,39 @@ async fn wait_for_signal() {
     }
 }
 
+/// Buckets of every `*_seconds` histogram: from half a millisecond (a local CRM) to a minute (a
+/// request given up, a long pause), so latencies aggregate across replicas in PromQL.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Buckets of every `*_size` histogram (counts of items, such as the outcomes of a batch).
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 50000.0,
+];
+
+/// Histograms with buckets rather than summaries: a summary's quantiles cannot be added up across
+/// replicas, bucket counts can.
+fn prometheus_builder() -> PrometheusBuilder {
+    let bucketed = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".to_owned()), SIZE_BUCKETS));
+    match bucketed {
+        Ok(bucketed) => bucketed,
+        Err(err) => {
+            tracing::warn!(%err, "histogram buckets refused; latencies are summaries");
+            PrometheusBuilder::new()
+        }
+    }
+}
+
 /// The process-wide Prometheus recorder. Installed once; later calls return the same handle, so
 /// several services started in one test process share it.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = prometheus_builder().build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be global (a test harness); ours then just renders empty.
             let _ = metrics::set_global_recorder(recorder);
@@ -116,24 +163,9 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Health as the service itself judges it: ready once connected and consuming.
-#[derive(Debug, Clone, Default)]
-pub struct Health {
-    ready: Arc<AtomicBool>,
-}
-
-impl Health {
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ready to work) until
-/// `shutdown`. Returns the bound address, useful when `addr` asked for port 0.
+/// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ready to work: 200
+/// `ready`, or 503 `not ready: ` and the reason) until `shutdown`. Returns the bound address,
+/// useful when `addr` asked for port 0.
 pub async fn serve_metrics(
     addr: SocketAddr,
     health: Health,
@@ -146,10 +178,12 @@ pub async fn serve_metrics(
         .route(
             "/readyz",
             get(move || {
-                let status = if health.is_ready() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                let status = match health.readiness() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Err(reason) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {reason}\n"),
+                    ),
                 };
                 std::future::ready(status)
             }),

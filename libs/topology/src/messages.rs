@@ -170,6 +170,55 @@ pub struct PauseNotice {
     pub since_ms: i64,
 }
 
+/// Key prefix of the integrator replicas' heartbeats in the control bucket: `replica.{name}`.
+pub const REPLICA_KEY_PREFIX: &str = "replica.";
+
+/// The control bucket key of a replica's heartbeat.
+pub fn replica_key(replica: &str) -> String {
+    format!("{REPLICA_KEY_PREFIX}{replica}")
+}
+
+/// What an integrator replica says about itself every few seconds (`replica.{name}` in the control
+/// bucket), for `syncctl status`. Written with a plain put and deleted when the replica stops
+/// cleanly; one that stops writing (killed) is shown as stale once `seen_at_ms` is three
+/// `every_ms` old. Counts are since the replica started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHeartbeat {
+    pub replica: String,
+    /// Unix milliseconds of this heartbeat.
+    pub seen_at_ms: i64,
+    pub started_at_ms: i64,
+    /// How often the replica writes its heartbeat.
+    pub every_ms: u64,
+    /// `/readyz` in words: None when ready, otherwise why not.
+    pub not_ready: Option<String>,
+    /// `closed`, `open` or `half-open`.
+    pub breaker: String,
+    /// Unix milliseconds until which the replica holds its requests (a fleet pause), if it does.
+    pub paused_until_ms: Option<i64>,
+    pub concurrency_limit: u64,
+    pub requests_in_flight: u64,
+    pub messages_in_hand: u64,
+    pub synced: u64,
+    pub superseded: u64,
+    pub dead: u64,
+    /// Handed back to the server for later (a retry, a pause, a wait for an older version).
+    pub handed_back: u64,
+    pub retries: u64,
+}
+
+impl ReplicaHeartbeat {
+    /// Messages settled with an outcome.
+    pub fn settled(&self) -> u64 {
+        self.synced + self.superseded + self.dead
+    }
+
+    /// No heartbeat for three intervals at `now_ms`: the replica stopped or cannot reach NATS.
+    pub fn is_stale(&self, now_ms: i64) -> bool {
+        now_ms - self.seen_at_ms > 3 * i64::try_from(self.every_ms).unwrap_or(i64::MAX / 4)
+    }
+}
+
 /// Stored in the checkpoints bucket by the reader, keyed by the file's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {

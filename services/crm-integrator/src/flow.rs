@@ -491,6 +491,15 @@ pub struct Gate {
     settings: BreakerSettings,
     max_pause: Duration,
     probe_timeout: Duration,
+    /// `CRM at host:port`, for log lines and the readiness reason.
+    crm: String,
+    /// What the last failed request said (`cannot connect: … connection refused`): why the
+    /// breaker opened or stays open.
+    last_failure: Mutex<String>,
+    /// Pauses this replica began holding (its own or the fleet's), and breaker openings: totals
+    /// for the log line at stop and the heartbeat.
+    pauses: AtomicU64,
+    breaker_openings: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -498,6 +507,8 @@ struct Breaker {
     window: Recent,
     state: BreakerState,
     cooldown: Duration,
+    /// When it last opened, for how long it was open.
+    opened_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,12 +533,70 @@ impl Gate {
                 window: Recent::new(settings.window, 10),
                 state: BreakerState::Closed,
                 cooldown: settings.cooldown,
+                opened_at: None,
             }),
             overload: Mutex::new(Overload::new(max_pause)),
             settings,
             max_pause,
             probe_timeout,
+            crm: "the CRM".to_owned(),
+            last_failure: Mutex::new(String::new()),
+            pauses: AtomicU64::new(0),
+            breaker_openings: AtomicU64::new(0),
         }
+    }
+
+    /// Names the CRM in log lines and readiness reasons by its `host:port` (never its path or
+    /// credentials).
+    pub fn naming_crm(mut self, crm_url: &str) -> Self {
+        self.crm = format!("CRM at {}", service_kit::host_port(crm_url));
+        self
+    }
+
+    /// Remembers what a failed request said, for the breaker's log lines and readiness reason.
+    pub fn note_failure(&self, detail: String) {
+        *lock(&self.last_failure) = detail;
+    }
+
+    fn last_failure(&self) -> String {
+        let last = lock(&self.last_failure);
+        if last.is_empty() {
+            "no detail".to_owned()
+        } else {
+            last.clone()
+        }
+    }
+
+    /// `closed`, `open` or `half-open` (a probe is out).
+    pub fn breaker_state(&self) -> &'static str {
+        match lock(&self.breaker).state {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half-open",
+        }
+    }
+
+    /// Why this replica is not ready because of the CRM: None while the breaker is closed.
+    pub fn breaker_problem(&self) -> Option<String> {
+        let breaker = lock(&self.breaker);
+        if breaker.state == BreakerState::Closed {
+            return None;
+        }
+        drop(breaker);
+        // Worded the same for as long as the cause stays the same: a change is logged.
+        Some(format!(
+            "{} failing ({}): circuit breaker open, probing until it answers",
+            self.crm,
+            self.last_failure()
+        ))
+    }
+
+    /// Pauses this replica began holding, and times its breaker opened, since it started.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.pauses.load(Ordering::Relaxed),
+            self.breaker_openings.load(Ordering::Relaxed),
+        )
     }
 
     /// The longest pause, and the longest wait of one record's retry.
@@ -543,11 +612,15 @@ impl Gate {
     /// Extends the pause to `until_ms` (Unix ms), at most the longest pause from now; never
     /// shortens it. True when it was extended.
     pub fn pause_until(&self, until_ms: i64) -> bool {
-        let until_ms = until_ms.min(now_ms() + self.max_pause.as_millis() as i64);
+        let now = now_ms();
+        let until_ms = until_ms.min(now + self.max_pause.as_millis() as i64);
         let previous = self.pause_until_ms.fetch_max(until_ms, Ordering::AcqRel);
         let extended = until_ms > previous;
         if extended {
             metrics::gauge!("crm_integrator_paused_until_ms").set(until_ms as f64);
+            if previous <= now {
+                self.pauses.fetch_add(1, Ordering::Relaxed);
+            }
         }
         extended
     }
@@ -629,13 +702,21 @@ impl Gate {
                     breaker.state = BreakerState::Open {
                         until: now + breaker.cooldown,
                     };
+                    breaker.opened_at = Some(now);
+                    self.breaker_openings.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("crm_integrator_breaker_openings_total").increment(1);
                     metrics::gauge!("crm_integrator_breaker_open").set(1.0);
+                    let error = self.last_failure();
                     tracing::warn!(
+                        crm = %self.crm,
                         failed = tally.marked,
                         answers = tally.total,
                         window_s = tally.span.as_secs_f64(),
                         cooldown = ?breaker.cooldown,
-                        "CRM keeps failing: circuit breaker open, sending stopped"
+                        "{} keeps failing ({error}): circuit breaker open, sending stopped; \
+                         one probe in {:?}",
+                        self.crm,
+                        breaker.cooldown
                     );
                 }
             }
@@ -648,7 +729,16 @@ impl Gate {
                     breaker.state = BreakerState::Open { until: now };
                 }
                 Some(true) => {
-                    tracing::info!("CRM answers again: circuit breaker closed");
+                    let open_for = breaker
+                        .opened_at
+                        .map_or(Duration::ZERO, |at| now.duration_since(at));
+                    tracing::info!(
+                        crm = %self.crm,
+                        open_s = open_for.as_secs_f64(),
+                        "{} answers again: circuit breaker closed after {:.1}s",
+                        self.crm,
+                        open_for.as_secs_f64()
+                    );
                     metrics::gauge!("crm_integrator_breaker_open").set(0.0);
                     breaker.window.clear();
                     breaker.state = BreakerState::Closed;
@@ -659,7 +749,14 @@ impl Gate {
                     breaker.state = BreakerState::Open {
                         until: now + breaker.cooldown,
                     };
-                    tracing::warn!(cooldown = ?breaker.cooldown, "CRM probe failed: breaker stays open");
+                    let error = self.last_failure();
+                    tracing::warn!(
+                        crm = %self.crm,
+                        cooldown = ?breaker.cooldown,
+                        "{} still failing ({error}): circuit breaker stays open, next probe in {:?}",
+                        self.crm,
+                        breaker.cooldown
+                    );
                 }
             },
         }

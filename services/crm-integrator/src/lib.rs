@@ -7,6 +7,7 @@
 mod config;
 mod fleet;
 mod flow;
+mod heartbeat;
 mod ledger;
 mod outcome;
 mod policy;
@@ -15,6 +16,7 @@ mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -25,6 +27,8 @@ use service_kit::Health;
 use sync_topology::Names;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::telemetry::Totals;
 
 pub use config::{Config, ConfigError};
 pub use crm_client::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
@@ -43,25 +47,30 @@ pub async fn connect(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Integrator>> {
-    let (integrator, _consumer) = connect_with_consumer(config, shutdown).await?;
-    Ok(integrator)
+    let connected = connect_with_consumer(config, shutdown).await?;
+    Ok(connected.integrator)
+}
+
+/// One replica's state and what it reads and writes besides.
+struct Connected {
+    integrator: Arc<Integrator>,
+    consumer: PullConsumer,
+    client: async_nats::Client,
+    control: async_nats::jetstream::kv::Store,
 }
 
 async fn connect_with_consumer(
     config: &Config,
     shutdown: CancellationToken,
-) -> anyhow::Result<(Arc<Integrator>, PullConsumer)> {
+) -> anyhow::Result<Connected> {
     config
         .validate()
         .context("invalid crm-integrator configuration")?;
     let names = Names::new(&config.nats.namespace)?;
-    let client = sync_topology::connect(
-        &config.nats.nats_url,
-        config.nats.nats_creds.as_deref(),
-        "crm-integrator",
-    )
-    .await?;
-    let js = jetstream::new(client);
+    let client = service_kit::connect_nats(&config.nats, "crm-integrator", &shutdown)
+        .await?
+        .ok_or(StoppedWhileWaiting)?;
+    let js = jetstream::new(client.clone());
     let ledger = js
         .get_key_value(names.ledger_bucket())
         .await
@@ -109,22 +118,21 @@ async fn connect_with_consumer(
         request_timeout,
         max_connections,
     )?;
-    let gate = Arc::new(Gate::new(
-        BreakerSettings {
-            failure_share: config.breaker_failure_share,
-            min_requests: config.breaker_min_requests,
-            window: Duration::from_millis(config.breaker_window_ms.max(1)),
-            cooldown: Duration::from_millis(config.breaker_cooldown_ms),
-        },
-        config.max_pause(),
-        request_timeout + Duration::from_secs(1),
-    ));
-    let replica = format!(
-        "integrator-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
+    let gate = Arc::new(
+        Gate::new(
+            BreakerSettings {
+                failure_share: config.breaker_failure_share,
+                min_requests: config.breaker_min_requests,
+                window: Duration::from_millis(config.breaker_window_ms.max(1)),
+                cooldown: Duration::from_millis(config.breaker_cooldown_ms),
+            },
+            config.max_pause(),
+            request_timeout + Duration::from_secs(1),
+        )
+        .naming_crm(config.crm_url.as_str()),
     );
-    let fleet = fleet::FleetPause::new(control, gate.clone(), replica.clone());
+    let replica = replica_name();
+    let fleet = fleet::FleetPause::new(control.clone(), gate.clone(), replica.clone());
     let rate = config
         .rps
         .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
@@ -149,8 +157,48 @@ async fn connect_with_consumer(
         max_inline_wait: config.max_inline_wait(),
         shutdown,
         settled: Default::default(),
+        totals: Default::default(),
     };
-    Ok((Arc::new(integrator), consumer))
+    Ok(Connected {
+        integrator: Arc::new(integrator),
+        consumer,
+        client,
+        control,
+    })
+}
+
+/// Shutdown was asked for while NATS was still out of reach: nothing was started.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped while waiting for NATS at start-up: nothing was consumed")]
+pub struct StoppedWhileWaiting;
+
+/// `integrator-{host}-{pid}-{random}`: the host tells replicas in containers apart (each is pid 1
+/// there), the random part two runs of one process id. Used in ledger claims, pause notices and
+/// the heartbeat key, so only characters a KV key allows.
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    let pid = std::process::id();
+    let random = rand::random::<u16>();
+    if host.is_empty() {
+        format!("integrator-{pid}-{random:04x}")
+    } else {
+        format!("integrator-{host}-{pid}-{random:04x}")
+    }
 }
 
 /// A replica consuming in the background.
@@ -168,15 +216,22 @@ impl RunningIntegrator {
     }
 }
 
-/// Connects, serves metrics and health, and consumes in the background until `shutdown`.
+/// Connects (waiting up to `--startup-wait` for NATS), serves metrics and health, and consumes in
+/// the background until `shutdown`.
 pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningIntegrator> {
-    let (integrator, consumer) = connect_with_consumer(&config, shutdown.clone()).await?;
     let health = Health::default();
+    // Serving first: while the replica waits for NATS, `/readyz` says what it waits for.
     let metrics_addr =
         service_kit::serve_metrics(config.metrics_addr, health.clone(), shutdown.clone()).await?;
+    let Connected {
+        integrator,
+        consumer,
+        client,
+        control,
+    } = connect_with_consumer(&config, shutdown.clone()).await?;
     tracing::info!(
         replica = %integrator.replica(),
         %metrics_addr,
@@ -184,16 +239,35 @@ pub async fn start(
         config = ?config,
         "crm-integrator consuming"
     );
+    service_kit::watch_nats(
+        client,
+        &config.nats.nats_url,
+        health.clone(),
+        shutdown.clone(),
+    );
     // A pause announced before this replica started must hold its very first request.
     integrator.fleet.load_current().await;
     tokio::spawn(integrator.fleet.clone().follow(shutdown.clone()));
-    let done = tokio::spawn(consume(
+    let beating = tokio::spawn(heartbeat::run(
+        integrator.clone(),
+        control,
+        consumer.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let consuming = tokio::spawn(consume(
         integrator.clone(),
         consumer,
         config.fetch_batch,
         health,
         shutdown,
     ));
+    let done = tokio::spawn(async move {
+        let consumed = consuming.await.context("the consume loop panicked")?;
+        // The heartbeat is removed once the replica stops.
+        let _ = beating.await;
+        consumed
+    });
     Ok(RunningIntegrator {
         metrics_addr,
         integrator,
@@ -201,11 +275,32 @@ pub async fn start(
     })
 }
 
-/// What `main` runs: [`start`], then wait for the drain after `shutdown`.
+/// What `main` runs: [`start`], then wait for the drain after `shutdown`, and log the totals.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let running = start(config, shutdown).await?;
+    let running = match start(config, shutdown).await {
+        Ok(running) => running,
+        Err(err) if err.is::<StoppedWhileWaiting>() => {
+            tracing::info!("{err}");
+            return Ok(());
+        }
+        Err(err) => return Err(err),
+    };
+    let integrator = running.integrator.clone();
     running.wait().await?;
-    tracing::info!("crm-integrator stopped: in-flight messages settled");
+    let totals = &integrator.totals;
+    let (pauses, breaker_openings) = integrator.gate().totals();
+    tracing::info!(
+        replica = %integrator.replica(),
+        synced = Totals::get(&totals.synced),
+        superseded = Totals::get(&totals.superseded),
+        dead = Totals::get(&totals.dead),
+        handed_back = Totals::get(&totals.handed_back),
+        not_settled = Totals::get(&totals.not_settled),
+        retries = Totals::get(&totals.retries),
+        pauses,
+        breaker_openings,
+        "crm-integrator stopped: in-flight messages settled"
+    );
     Ok(())
 }
 
@@ -289,8 +384,15 @@ async fn consume(
                 in_flight.set(integrator.limiter().in_flight() as f64);
                 tracker.spawn(async move {
                     match process_message(&integrator, message).await {
-                        Ok(settled) => tracing::trace!(?settled, "message settled"),
+                        Ok(settled) => {
+                            integrator.totals.count(&settled);
+                            tracing::trace!(?settled, "message settled");
+                        }
                         Err(err) => {
+                            integrator
+                                .totals
+                                .not_settled
+                                .fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(%err, "message not settled; it will be redelivered")
                         }
                     }

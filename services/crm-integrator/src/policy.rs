@@ -258,7 +258,29 @@ pub fn answered(
         CrmReply::Transient(t) => t.retry_after,
         _ => None,
     };
+    if matches!(signal, Signal::Failed | Signal::TimedOut) {
+        gate.note_failure(failure_detail(reply));
+    }
     gate.record(signal, retry_after, probe)
+}
+
+/// A failed answer in words, for the breaker's log lines and the readiness reason.
+fn failure_detail(reply: &CrmReply) -> String {
+    match reply {
+        // "cannot connect: error sending request for url (…): client error (Connect): tcp
+        // connect error: Connection refused (os error 111)": its first words and the operating
+        // system's say it all.
+        CrmReply::Transient(t) if t.status.is_none() && t.detail.contains(" (os error ") => {
+            let kind = t.detail.split(": ").next().unwrap_or_default();
+            let cause = service_kit::root_cause(&std::io::Error::other(t.detail.clone()));
+            format!("{kind}: {cause}")
+        }
+        CrmReply::Transient(t) => t.to_string(),
+        CrmReply::Unauthorized { status, .. } => {
+            format!("HTTP {status}: our credentials are refused (check CRM_API_TOKEN)")
+        }
+        other => format!("{other:?}"),
+    }
 }
 
 /// When this record tries again: exponential backoff with full jitter, never shorter than the

@@ -45,6 +45,8 @@ pub struct Integrator {
     pub(crate) shutdown: CancellationToken,
     /// Messages this replica settled with an outcome (synced, superseded or dead).
     pub(crate) settled: AtomicU64,
+    /// By outcome, hand-backs and retries: for the heartbeat and the log line at stop.
+    pub(crate) totals: telemetry::Totals,
 }
 
 impl std::fmt::Debug for Integrator {
@@ -396,9 +398,6 @@ async fn send(
         if let Some(pause) = pause {
             integrator.fleet.announce(pause).await;
         }
-        if probe {
-            tracing::info!(seq = task.stream_seq, "circuit breaker probe answered");
-        }
         let next = match reply {
             CrmReply::Stored(stored) if looking_up => {
                 if stored.customer == task.record {
@@ -556,6 +555,7 @@ async fn on_failure<'a>(
 ) -> Result<Next<'a>, ProcessError> {
     claimed.in_doubt |= failure.maybe_applied;
     telemetry::plain("crm_integrator_retries_total").increment(1);
+    integrator.totals.retries.fetch_add(1, Ordering::Relaxed);
     // This record's own wait (its Retry-After, or backoff): the fleet goes on.
     let failures_before = claimed.held.entry.failures_of(task.version);
     let delay = integrator

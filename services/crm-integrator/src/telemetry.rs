@@ -1,10 +1,14 @@
 //! Metric handles built once and reused: `metrics::counter!`/`histogram!` hash the name and labels
-//! and look the series up in the recorder on every call, which per record adds up.
+//! and look the series up in the recorder on every call, which per record adds up. And the
+//! replica's own totals, for its heartbeat and the log line at stop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
 
 use metrics::{Counter, Histogram};
+
+use crate::process::Settled;
 
 type Labels = (&'static str, &'static str, &'static str);
 
@@ -88,5 +92,35 @@ pub fn status_label(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "other",
+    }
+}
+
+/// What this replica did since it started, for its heartbeat and the log line at stop.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub synced: AtomicU64,
+    pub superseded: AtomicU64,
+    pub dead: AtomicU64,
+    /// Handed back to the server for later (a retry, a pause, a wait for an older version).
+    pub handed_back: AtomicU64,
+    /// NATS failed mid-way: nothing acknowledged, the message comes back.
+    pub not_settled: AtomicU64,
+    /// CRM requests that failed and were tried again (in-process or after a hand-back).
+    pub retries: AtomicU64,
+}
+
+impl Totals {
+    pub fn count(&self, settled: &Settled) {
+        let counter = match settled {
+            Settled::Synced(_) => &self.synced,
+            Settled::Superseded { .. } => &self.superseded,
+            Settled::DeadLettered => &self.dead,
+            Settled::Deferred { .. } => &self.handed_back,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
     }
 }

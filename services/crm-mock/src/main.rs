@@ -1,22 +1,29 @@
-//! The `crm-mock` binary: parses flags and serves until SIGINT/SIGTERM.
+//! The `crm-mock` binary: parses flags and serves until SIGINT/SIGTERM. A failure ends it with one
+//! line on stderr: exit code 2 for a mistake in the flags, 1 for anything at run time.
 
-use clap::{CommandFactory as _, Parser as _};
+use std::process::ExitCode;
+
+use clap::CommandFactory as _;
 use crm_mock::{Args, CrmMockConfig};
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const PROGRAM: &str = "crm-mock";
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = CrmMockConfig::from(Args::parse());
+async fn main() -> ExitCode {
+    let config = CrmMockConfig::from(service_kit::parse_args::<Args>(PROGRAM));
     if let Err(err) = config.validate() {
-        // Report it like any other bad flag: usage error, exit code 2, no backtrace.
-        Args::command()
-            .error(clap::error::ErrorKind::ValueValidation, err)
-            .exit();
+        // Reported like any other bad flag: a usage error, exit code 2.
+        let err = Args::command().error(clap::error::ErrorKind::ValueValidation, err);
+        service_kit::exit_on_usage_error(PROGRAM, &err);
     }
     service_kit::init_telemetry();
     let shutdown = service_kit::shutdown_on_signals();
-    crm_mock::run(config, shutdown).await
+    match crm_mock::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => service_kit::report_failure(PROGRAM, err.as_ref(), service_kit::EXIT_FAILURE),
+    }
 }

@@ -3,6 +3,7 @@
 //! checkpoint of the line up to which every row is acknowledged so a killed run can be resumed.
 
 pub mod checkpoint;
+pub mod guard;
 pub mod input;
 pub mod message;
 pub mod progress;
@@ -15,7 +16,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind};
-use backon::{ExponentialBuilder, Retryable};
 use csv_async::ByteRecord;
 use customer_record::{ColumnLayout, HeaderError};
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
@@ -85,6 +85,16 @@ pub struct ReaderConfig {
     /// Attempts per message (with exponential backoff, at most 5 s apart) before the run fails.
     #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub publish_attempts: usize,
+    /// Parse and validate the whole file and print what a run would publish and reject, by kind,
+    /// without publishing anything: needs no NATS.
+    #[arg(long, env = "CSV_READER_DRY_RUN")]
+    pub dry_run: bool,
+    /// Stop the file, before publishing more of it, once the share of its bad rows is above this
+    /// (from 0 to 1), judged from the first 1,000 rows (or the whole file if shorter, held back
+    /// until then) and at every row after them. Exit code 2; rows published so far stay
+    /// published and checkpointed.
+    #[arg(long, env = "CSV_READER_MAX_REJECT_RATE", value_parser = guard::parse_share)]
+    pub max_reject_rate: Option<f64>,
 }
 
 impl ReaderConfig {
@@ -104,6 +114,8 @@ impl ReaderConfig {
             ack_timeout: Duration::from_secs(10),
             publish_attempts: RetryPolicy::default().attempts,
             max_row_bytes: DEFAULT_MAX_ROW_BYTES,
+            dry_run: false,
+            max_reject_rate: None,
         }
     }
 }
@@ -195,6 +207,26 @@ pub enum ReaderError {
         line: u64,
         source: sync_topology::ingest::EncodeError,
     },
+    #[error(
+        "{path}: {rejected} of the {rows} rows read up to line {line} are bad ({:.1}%), more than \
+         --max-reject-rate {max} allows: stopped before publishing more. {}",
+        100.0 * *rejected as f64 / (*rows).max(1) as f64,
+        too_many_rejected_advice(path, *resumed_from, *acked_line, *checkpoint_saved, *max)
+    )]
+    TooManyRejected {
+        path: String,
+        line: u64,
+        rows: u64,
+        rejected: u64,
+        max: f64,
+        /// This run started after this line.
+        resumed_from: u64,
+        /// Every row up to this line is acknowledged by the stream; none after it was sent.
+        acked_line: u64,
+        checkpoint_saved: bool,
+    },
+    #[error("stopped while waiting for NATS at start-up: nothing was read")]
+    StoppedWhileWaiting,
 }
 
 impl ReaderError {
@@ -212,7 +244,9 @@ impl ReaderError {
             | ReaderError::StoppedMidFile { .. }
             | ReaderError::ResumeNeedsFile
             | ReaderError::FileChanged { .. }
+            | ReaderError::TooManyRejected { .. }
             | ReaderError::Namespace(_) => 2,
+            ReaderError::StoppedWhileWaiting => 130,
             ReaderError::Connect(_)
             | ReaderError::TopologyMissing { .. }
             | ReaderError::JetStream { .. }
@@ -250,11 +284,22 @@ pub struct Summary {
     pub interrupted: bool,
     pub elapsed_secs: f64,
     pub rows_per_sec: f64,
+    /// `--dry-run`: the counts say what a run would publish and reject; nothing was published.
+    pub dry_run: bool,
+}
+
+impl Summary {
+    /// The share of this run's rows that were bad (0 when none was read).
+    pub fn reject_share(&self) -> f64 {
+        self.rejected as f64 / self.rows_read.max(1) as f64
+    }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = if self.complete {
+        let state = if self.dry_run && self.complete {
+            "dry run, nothing published"
+        } else if self.complete {
             "complete"
         } else if self.interrupted {
             "interrupted"
@@ -270,8 +315,14 @@ impl std::fmt::Display for Summary {
             )?;
         }
         writeln!(f, "  rows read:     {}", self.rows_read)?;
-        writeln!(f, "  published:     {}", self.published)?;
-        writeln!(f, "  deduplicated:  {}", self.deduplicated)?;
+        if self.dry_run {
+            writeln!(f, "  would publish: {}", self.published)?;
+        } else {
+            writeln!(f, "  published:     {}", self.published)?;
+        }
+        if !self.dry_run {
+            writeln!(f, "  deduplicated:  {}", self.deduplicated)?;
+        }
         write!(f, "  rejected:      {}", self.rejected)?;
         if !self.rejected_by_kind.is_empty() {
             let kinds: Vec<String> = self
@@ -308,8 +359,21 @@ pub async fn run(
     let (mut rows, layout) = read_header(opened.reader, config.max_row_bytes, &shown).await?;
     let version_column = version_column(&config, &layout, &shown)?;
     let mut record = ByteRecord::new();
+    if config.dry_run {
+        let mut context = MessageContext::new(
+            &names,
+            &identity.path,
+            &identity.key,
+            chrono::Utc::now().timestamp_millis().unsigned_abs(),
+            DRY_RUN_MAX_PAYLOAD,
+        );
+        context.version_column = version_column;
+        return dry_run(&context, &layout, rows, &shown, started, shutdown).await;
+    }
 
-    let client = connect(&config.nats).await?;
+    let client = service_kit::connect_nats(&config.nats, "csv-reader", &shutdown)
+        .await?
+        .ok_or(ReaderError::StoppedWhileWaiting)?;
     let max_message_bytes = client.server_info().max_payload;
     let js = jetstream::ContextBuilder::new()
         .timeout(config.ack_timeout)
@@ -360,6 +424,13 @@ pub async fn run(
     let mut rows_sent = 0u64;
     let mut identity = identity;
 
+    let mut guard = config.max_reject_rate.map(guard::RejectGuard::new);
+    // Rows read and not yet published: with --max-reject-rate, the first ones until their share
+    // of bad rows can be judged; otherwise only the row just read.
+    let mut held: Vec<OutgoingMessage> = Vec::new();
+    let mut too_many_at: Option<u64> = None;
+    let mut last_line = start.line;
+
     'reading: loop {
         if start.complete {
             break;
@@ -372,49 +443,75 @@ pub async fn run(
             }
             row = rows.next(&mut record) => row,
         };
-        let row = match row {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
+        let (row, at_end) = match row {
+            Ok(Some(row)) => (Some(row), false),
+            Ok(None) => (None, true),
             Err(failure) => {
                 stopped = Some(failure);
-                break;
+                (None, true)
             }
         };
-        if row.line() <= start.line {
-            rows_skipped += 1;
-            continue;
-        }
-        let message = match message_of(&context, &layout, &record, row) {
-            Ok(message) => message,
-            Err(err) => {
-                failure = Some(err);
-                break;
+        let mut verdict = guard::Verdict::Publish;
+        if let Some(row) = row {
+            if row.line() <= start.line {
+                rows_skipped += 1;
+                continue;
             }
-        };
-        let sent = publish::send(&js, &message).await;
-        in_flight.push_back(publish::acknowledged(&js, sent, message, retry));
-        rows_sent += 1;
-        // A record that held a huge field keeps its buffer; let it go rather than carry it along.
-        if record.as_slice().len() > 1024 * 1024 {
-            record = ByteRecord::new();
-        }
-
-        while in_flight.len() >= config.publish_window {
-            match in_flight.next().await {
-                Some(done) => {
-                    if let Err(err) = tally.settle(done) {
-                        failure = Some(err);
-                        break 'reading;
-                    }
+            let message = match message_of(&context, &layout, &record, row) {
+                Ok(message) => message,
+                Err(err) => {
+                    failure = Some(err);
+                    break;
                 }
-                None => break,
+            };
+            // A record that held a huge field keeps its buffer; let it go rather than carry it along.
+            if record.as_slice().len() > 1024 * 1024 {
+                record = ByteRecord::new();
+            }
+            last_line = message.line;
+            if let Some(guard) = &mut guard {
+                verdict = guard.observe(matches!(message.kind, MessageKind::Rejected(_)));
+            }
+            held.push(message);
+        } else if let Some(guard) = &guard
+            && !held.is_empty()
+        {
+            // The file ended before enough rows to judge: the whole of it is the sample.
+            verdict = guard.judge();
+        }
+        match verdict {
+            guard::Verdict::Hold => continue,
+            guard::Verdict::TooMany => {
+                too_many_at = Some(last_line);
+                break;
+            }
+            guard::Verdict::Publish => {}
+        }
+        for message in held.drain(..) {
+            let sent = publish::send(&js, &message).await;
+            in_flight.push_back(publish::acknowledged(&js, sent, message, retry));
+            rows_sent += 1;
+
+            while in_flight.len() >= config.publish_window {
+                match in_flight.next().await {
+                    Some(done) => {
+                        if let Err(err) = tally.settle(done) {
+                            failure = Some(err);
+                            break 'reading;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            while let Some(Some(done)) = in_flight.next().now_or_never() {
+                if let Err(err) = tally.settle(done) {
+                    failure = Some(err);
+                    break 'reading;
+                }
             }
         }
-        while let Some(Some(done)) = in_flight.next().now_or_never() {
-            if let Err(err) = tally.settle(done) {
-                failure = Some(err);
-                break 'reading;
-            }
+        if at_end {
+            break;
         }
         if last_save.elapsed() >= config.checkpoint_interval {
             last_save = Instant::now();
@@ -453,7 +550,7 @@ pub async fn run(
     }
     drop(in_flight);
     progress.finish();
-    let complete = failure.is_none() && stopped.is_none() && !interrupted;
+    let complete = failure.is_none() && stopped.is_none() && too_many_at.is_none() && !interrupted;
     if identity.is_stdin {
         identity.size = opened.bytes_read.load(Ordering::Relaxed);
     }
@@ -465,6 +562,21 @@ pub async fn run(
             tracing::warn!(%save_err, "final checkpoint not saved either");
         }
         return Err(err);
+    }
+    if let (Some(line), Some(guard)) = (too_many_at, &guard) {
+        if let Err(err) = &saved {
+            tracing::warn!(%err, "final checkpoint not saved");
+        }
+        return Err(ReaderError::TooManyRejected {
+            path: shown,
+            line,
+            rows: guard.rows(),
+            rejected: guard.rejected(),
+            max: guard.max(),
+            resumed_from: start.line,
+            acked_line: tally.acked_line,
+            checkpoint_saved: saved.is_ok(),
+        });
     }
     if let Some(stopped) = stopped {
         return Err(stopped_mid_file(&shown, stopped, tally.acked_line, saved));
@@ -487,6 +599,71 @@ pub async fn run(
         interrupted,
         elapsed_secs: elapsed,
         rows_per_sec: tally.run.rows_read as f64 / elapsed.max(0.001),
+        dry_run: false,
+    })
+}
+
+/// `--dry-run` sizes rows against NATS's default `max_payload` (1 MiB), there being no server to
+/// ask: a row over it would be rejected as `record_too_large` by a real run against such a server.
+pub const DRY_RUN_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Reads the whole file as a run would, counting what it would publish and reject, publishing
+/// nothing.
+async fn dry_run(
+    context: &MessageContext,
+    layout: &ColumnLayout,
+    mut rows: RowReader<InputReader>,
+    shown: &str,
+    started: Instant,
+    shutdown: CancellationToken,
+) -> Result<Summary, ReaderError> {
+    let mut record = ByteRecord::new();
+    let mut tally = Tally::new(StartPoint::default());
+    let mut interrupted = false;
+    loop {
+        let row = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                interrupted = true;
+                break;
+            }
+            row = rows.next(&mut record) => row,
+        };
+        let row = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(failure) => {
+                return Err(ReaderError::Read {
+                    path: shown.to_owned(),
+                    line: failure.line,
+                    source: failure.source,
+                });
+            }
+        };
+        let message = message_of(context, layout, &record, row)?;
+        tally.settle(Ok(Acknowledged {
+            line: message.line,
+            kind: message.kind,
+            duplicate: false,
+        }))?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        file: context.source_file.clone(),
+        checkpoint_key: context.file_key.clone(),
+        resumed_from_line: 0,
+        rows_skipped: 0,
+        rows_read: tally.run.rows_read,
+        published: tally.run.published,
+        deduplicated: 0,
+        rejected: tally.run.rejected,
+        rejected_by_kind: tally.rejected_by_kind,
+        acked_line: tally.acked_line,
+        complete: !interrupted,
+        interrupted,
+        elapsed_secs: elapsed,
+        rows_per_sec: tally.run.rows_read as f64 / elapsed.max(0.001),
+        dry_run: true,
     })
 }
 
@@ -610,6 +787,40 @@ fn stopped_mid_file_advice(path: &str, acked_line: u64, checkpoint_saved: bool) 
     format!("{published} {resume}")
 }
 
+/// What a file stopped for its share of bad rows left behind, and how to go on.
+fn too_many_rejected_advice(
+    path: &str,
+    resumed_from: u64,
+    acked_line: u64,
+    checkpoint_saved: bool,
+    max: f64,
+) -> String {
+    if acked_line <= resumed_from {
+        return format!(
+            "Nothing of it was published. Fix the file and read it again, or accept its bad \
+             rows with a higher --max-reject-rate (now {max})."
+        );
+    }
+    let saved = if checkpoint_saved {
+        "and checkpointed"
+    } else {
+        "(the final checkpoint could not be saved: a resumed run sends some of them again, which \
+         the stream drops as duplicates)"
+    };
+    if path == "-" {
+        return format!(
+            "Every row up to line {acked_line} was published (or rejected) {saved}; nothing after \
+             it was sent. Standard input cannot be resumed: fix the input and read all of it again."
+        );
+    }
+    format!(
+        "Every row up to line {acked_line} was published (or rejected) {saved}; nothing after it \
+         was sent. Fix the rest of the file, then run `csv-reader --resume --force {path}` (same \
+         --namespace) to read on after line {acked_line}, or `csv-reader --resume {path} \
+         --max-reject-rate <higher>` to accept the rest as it is."
+    )
+}
+
 /// Counts acknowledgements, which arrive in file order, so the checkpoint line only ever covers a
 /// prefix of the file that is entirely acknowledged.
 struct Tally {
@@ -645,22 +856,6 @@ impl Tally {
         self.acked_line = done.line;
         Ok(())
     }
-}
-
-/// Connects, retrying a few times: the reader is often started right beside a NATS that is still
-/// coming up.
-async fn connect(nats: &NatsArgs) -> Result<async_nats::Client, ReaderError> {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(4))
-        .with_max_times(3);
-    let client =
-        (|| sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), "csv-reader"))
-            .retry(backoff)
-            .when(|err| matches!(err, ConnectError::Connect { .. }))
-            .notify(|err, delay| tracing::warn!(%err, ?delay, "NATS not reachable yet; retrying"))
-            .await?;
-    Ok(client)
 }
 
 async fn require_stream(js: &jetstream::Context, stream: &str) -> Result<(), ReaderError> {

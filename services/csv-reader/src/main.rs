@@ -12,7 +12,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Streams a customer CSV into JetStream: one message per valid row, bad rows reported, resumable.
 ///
 /// Exit codes: 0 every row acknowledged; 1 runtime failure (NATS, missing streams); 2 usage or
-/// input-file problem; 130 interrupted by SIGINT/SIGTERM after saving the checkpoint.
+/// input-file problem (or more bad rows than --max-reject-rate allows); 130 interrupted by
+/// SIGINT/SIGTERM after saving the checkpoint.
 #[derive(Debug, Parser)]
 #[command(name = "csv-reader", version)]
 struct Cli {
@@ -23,22 +24,14 @@ struct Cli {
 /// Conventional code of a run stopped by a signal: it did not finish the file.
 const EXIT_INTERRUPTED: u8 = 130;
 
+const PROGRAM: &str = "csv-reader";
+
 // One thread: the work per row is small, and a second worker thread mostly adds cross-thread
 // wake-ups per acknowledgement; on a shared machine the freed core goes to nats-server
 // (BENCHMARKS.md: about 1.5x the rows/s of the multi-threaded runtime).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
+    let cli: Cli = service_kit::parse_args(PROGRAM);
     service_kit::init_telemetry();
     let config = cli.reader;
     let shutdown = service_kit::shutdown_on_signals();
@@ -52,6 +45,20 @@ async fn main() -> ExitCode {
             } else {
                 println!("{summary}");
             }
+            if let Some(max) = config.max_reject_rate
+                && summary.dry_run
+                && csv_reader::guard::exceeds(summary.rejected, summary.rows_read, max)
+            {
+                let verdict = std::io::Error::other(format!(
+                    "{}: {} of its {} rows are bad ({:.1}%), more than --max-reject-rate {max} \
+                     allows: a run would stop before publishing all of it; fix the file first",
+                    summary.file,
+                    summary.rejected,
+                    summary.rows_read,
+                    100.0 * summary.reject_share()
+                ));
+                return service_kit::report_failure(PROGRAM, &verdict, service_kit::EXIT_USAGE);
+            }
             if summary.complete {
                 ExitCode::SUCCESS
             } else {
@@ -60,8 +67,8 @@ async fn main() -> ExitCode {
             }
         }
         Err(err) => {
-            eprintln!("csv-reader: {err}");
-            ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
+            let code = u8::try_from(err.exit_code()).unwrap_or(service_kit::EXIT_FAILURE);
+            service_kit::report_failure(PROGRAM, &err, code)
         }
     }
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use backon::{ExponentialBuilder, Retryable as _};
 use deadpool_postgres::Pool;
 use service_kit::{Health, NatsArgs};
 use sync_topology::Names;
@@ -176,17 +175,18 @@ pub async fn run(
         tracing::info!(%bound, "serving metrics and health");
     }
 
-    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1))?;
-    if !migrate_when_available(&pool, &config.database_url, &shutdown).await? {
+    // One connection more than the writers: the readiness check must not queue behind them.
+    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1) + 1)?;
+    let wait = config.nats.startup_wait;
+    if !migrate_when_available(&pool, &config.database_url, wait, &shutdown).await? {
         return Ok(RunReport::default());
     }
 
-    let client = sync_topology::connect(
-        &config.nats.nats_url,
-        config.nats.nats_creds.as_deref(),
-        "persister",
-    )
-    .await?;
+    let Some(client) = service_kit::connect_nats(&config.nats, "persister", &shutdown).await?
+    else {
+        tracing::info!("stopped while waiting for NATS at start-up: nothing was consumed");
+        return Ok(RunReport::default());
+    };
     let js = jetstream::new(client.clone());
     let stream = names.results_stream();
     let mut consumer: PullConsumer = js
@@ -217,6 +217,19 @@ pub async fn run(
         .with_context(|| format!("cannot pull from consumer {}/{}", stream, config.consumer))?;
     let batches = messages.chunks_timeout(config.batch_size, config.batch_linger);
     tokio::pin!(batches);
+    service_kit::watch_nats(
+        client.clone(),
+        &config.nats.nats_url,
+        health.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(watch(
+        pool.clone(),
+        config.database_url.clone(),
+        consumer.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
 
     let writer = Arc::new(BatchWriter {
         pool,
@@ -296,6 +309,7 @@ pub async fn run(
             }
             Ok(Some(items)) => items,
         };
+        metrics::histogram!("persister_batch_size").record(items.len() as f64);
         let mut parts: Vec<Part> = (0..writers).map(|_| Part::default()).collect();
         for item in items {
             match item {
@@ -340,7 +354,20 @@ pub async fn run(
         tracing::warn!(%err, "flushing acks at shutdown");
     }
     report.retries = writer.retries.load(Ordering::Relaxed);
-    tracing::info!(?report, "persister stopped");
+    let written = &report.written;
+    tracing::info!(
+        batches = report.batches,
+        messages_acked = report.messages_acked,
+        retries = report.retries,
+        outcomes = written.outcomes,
+        customers_written = written.customers_written,
+        rejected_rows_written = written.rejected_rows_written,
+        dead_letters_written = written.dead_letters_written,
+        dead_letters_cleared = written.dead_letters_cleared,
+        poison_written = written.poison_written,
+        superseded = written.superseded,
+        "persister stopped"
+    );
     match failure {
         Some(err) => Err(err),
         None => Ok(report),
@@ -373,44 +400,92 @@ async fn drained(client: &async_nats::Client, consumer: &mut PullConsumer) -> an
     Ok(info.num_pending == 0 && info.num_ack_pending == 0)
 }
 
-/// Applies the embedded migrations, waiting with backoff while PostgreSQL is unreachable (a
-/// persister started with or before its database must not crash-loop). False on shutdown.
+/// Applies the embedded migrations, waiting up to `wait` (`--startup-wait`) while PostgreSQL is
+/// unreachable: a persister started with or before its database must not crash-loop. False on
+/// shutdown.
 async fn migrate_when_available(
     pool: &Pool,
     database_url: &str,
+    wait: Duration,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    let attempt = || async {
-        let mut conn = sync_store::connection(pool, database_url).await?;
-        sync_store::migrate(&mut conn, None).await
+    let server = format!("PostgreSQL at {}", service_kit::host_port(database_url));
+    let migrated = service_kit::retry_until_up(
+        &server,
+        wait,
+        shutdown,
+        |err: &StoreError| matches!(err, StoreError::Connect { .. }),
+        || async {
+            let mut conn = sync_store::connection(pool, database_url).await?;
+            sync_store::migrate(&mut conn, None).await
+        },
+    )
+    .await;
+    let report = match migrated {
+        Ok(Some(report)) => report,
+        Ok(None) => return Ok(false),
+        Err(err) => {
+            return Err(err).with_context(|| {
+                format!(
+                    "cannot migrate the schema of {}",
+                    sync_store::redact(database_url)
+                )
+            });
+        }
     };
-    let migrating = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .without_max_times(),
-        )
-        .when(|err: &StoreError| matches!(err, StoreError::Connect { .. }))
-        .notify(|err: &StoreError, pause: Duration| {
-            tracing::warn!(%err, retry_in = ?pause, "waiting for PostgreSQL to migrate the schema");
-        });
-    let migrated = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(false),
-        migrated = migrating => migrated,
-    };
-    let report = migrated.with_context(|| {
-        format!(
-            "cannot migrate the schema of {}",
-            sync_store::redact(database_url)
-        )
-    })?;
     if report.applied.is_empty() {
         tracing::info!(version = report.version, "schema up to date");
     } else {
         tracing::info!(version = report.version, applied = ?report.applied, "schema migrated");
     }
     Ok(true)
+}
+
+/// How often PostgreSQL and the consumer's backlog are looked at.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// Until `shutdown`: keeps the `postgres` check of `health` current (one `SELECT 1` on a pooled
+/// connection, failing with what PostgreSQL or the network said) and exports
+/// `persister_consumer_pending`, what the consumer still has to settle.
+async fn watch(
+    pool: Pool,
+    database_url: String,
+    consumer: PullConsumer,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    // Exported from the start, so a dashboard shows 0 rather than no data.
+    metrics::counter!("persister_write_retries_total").increment(0);
+    metrics::counter!("persister_poison_messages_total").increment(0);
+    let mut every = tokio::time::interval(WATCH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let ping = async {
+            let conn = sync_store::connection(&pool, &database_url).await?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map_err(StoreError::query("checking PostgreSQL"))?;
+            Ok::<_, StoreError>(())
+        };
+        let problem = match tokio::time::timeout(WATCH_EVERY * 2, ping).await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(service_kit::one_line(&err)),
+            Err(_) => Some(format!(
+                "PostgreSQL at {} did not answer SELECT 1 within {:?}",
+                service_kit::host_port(&database_url),
+                WATCH_EVERY * 2
+            )),
+        };
+        health.set_problem("postgres", problem);
+        if let Ok(info) = consumer.get_info().await {
+            metrics::gauge!("persister_consumer_pending")
+                .set((info.num_pending + info.num_ack_pending as u64) as f64);
+        }
+    }
 }
 
 #[cfg(test)]

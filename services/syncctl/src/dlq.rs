@@ -23,6 +23,8 @@ use crate::{CtlError, Pipeline, nats_error};
 pub struct ListConfig {
     pub database_url: String,
     pub limit: i64,
+    /// How long to wait for a database that does not answer yet (`--startup-wait`).
+    pub startup_wait: std::time::Duration,
 }
 
 /// One row of `dead_letters`, newest first in a listing.
@@ -42,7 +44,7 @@ pub struct DeadLetterRow {
 
 /// The newest `limit` dead letters.
 pub async fn list(config: &ListConfig) -> Result<Vec<DeadLetterRow>, CtlError> {
-    let client = crate::connect_database(&config.database_url).await?;
+    let client = crate::connect_database(&config.database_url, config.startup_wait).await?;
     crate::require_schema(&client, &config.database_url).await?;
     let rows = client
         .query(
@@ -77,26 +79,33 @@ impl fmt::Display for Listing<'_> {
         if self.0.is_empty() {
             return writeln!(f, "no dead letters");
         }
+        let rows = self
+            .0
+            .iter()
+            .map(|row| {
+                vec![
+                    row.customer_id.clone(),
+                    row.content_hash.clone(),
+                    row.crm_status
+                        .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+                    row.attempts.to_string(),
+                    row.dead_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    row.reason.clone(),
+                ]
+            })
+            .collect();
         writeln!(
             f,
-            "{:<24} {:<32} {:>6} {:>8} {:<25} REASON",
-            "CUSTOMER", "HASH", "STATUS", "ATTEMPTS", "DEAD AT"
-        )?;
-        for row in self.0 {
-            writeln!(
-                f,
-                "{:<24} {:<32} {:>6} {:>8} {:<25} {}",
-                row.customer_id,
-                row.content_hash,
-                row.crm_status
-                    .map_or_else(|| "-".to_owned(), |s| s.to_string()),
-                row.attempts,
-                row.dead_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                row.reason
-            )?;
-        }
-        Ok(())
+            "{}",
+            crate::table(
+                &[
+                    "CUSTOMER", "HASH", "STATUS", "ATTEMPTS", "DEAD AT", "REASON"
+                ],
+                &[2, 3],
+                rows
+            )
+        )
     }
 }
 
@@ -126,7 +135,7 @@ pub struct RedriveOutcome {
 
 /// Republishes the selected dead letters onto the ingest subject.
 pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError> {
-    let client = crate::connect_database(&config.database_url).await?;
+    let client = crate::connect_database(&config.database_url, config.nats.startup_wait).await?;
     crate::require_schema(&client, &config.database_url).await?;
     let pipeline = Pipeline::connect(&config.nats).await?;
     // Fail with "run setup" before publishing into a subject nothing stores.

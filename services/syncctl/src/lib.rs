@@ -93,11 +93,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Validates the namespace, then connects (refusing servers that are too old).
+    /// Validates the namespace, then connects (refusing servers that are too old), waiting up to
+    /// `--startup-wait` for a NATS that does not answer yet.
     pub async fn connect(nats: &NatsArgs) -> Result<Self, CtlError> {
         let names = Names::new(&nats.namespace)?;
-        let client =
-            sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), "syncctl").await?;
+        // Nothing cancels the wait but the operator's Ctrl-C, which ends the process.
+        let patience = tokio_util::sync::CancellationToken::new();
+        let client = service_kit::connect_nats(nats, "syncctl", &patience)
+            .await?
+            .ok_or_else(|| nats_error("connecting to NATS", "cancelled"))?;
         let js = jetstream::new(client.clone());
         Ok(Pipeline { client, js, names })
     }
@@ -245,14 +249,34 @@ pub(crate) async fn ingest_messages(
 }
 
 /// Connects to PostgreSQL with a single connection (the CLI never needs more), driving the
-/// connection on a background task.
-pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Client, CtlError> {
-    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .map_err(|err| sync_store::StoreError::Connect {
-            url: sync_store::redact(database_url),
-            message: describe_error(&err),
-        })?;
+/// connection on a background task; waits up to `wait` (`--startup-wait`) for a database that
+/// does not answer yet.
+pub async fn connect_database(
+    database_url: &str,
+    wait: std::time::Duration,
+) -> Result<tokio_postgres::Client, CtlError> {
+    let server = format!("PostgreSQL at {}", service_kit::host_port(database_url));
+    let patience = tokio_util::sync::CancellationToken::new();
+    let connected = service_kit::retry_until_up(
+        &server,
+        wait,
+        &patience,
+        // Refused credentials or a missing database do not get better by waiting.
+        |err: &tokio_postgres::Error| err.as_db_error().is_none(),
+        || tokio_postgres::connect(database_url, tokio_postgres::NoTls),
+    )
+    .await;
+    let (client, connection) = match connected {
+        Ok(Some(connected)) => connected,
+        Ok(None) => return Err(nats_error("connecting to PostgreSQL", "cancelled")),
+        Err(err) => {
+            return Err(sync_store::StoreError::Connect {
+                url: sync_store::redact(database_url),
+                message: describe_error(&err),
+            }
+            .into());
+        }
+    };
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::warn!(%err, "PostgreSQL connection closed");
@@ -278,17 +302,29 @@ pub async fn require_schema(
 /// The error and every cause below it, for a message that says what PostgreSQL or NATS said
 /// ("db error" alone helps nobody).
 pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(inner) = cause {
-        let line = inner.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        cause = inner.source();
+    service_kit::one_line(err)
+}
+
+/// A table for the terminal: plain columns two spaces apart, each as wide as its longest cell so
+/// long names are never cut, wrapped to the terminal's width when there is one. The columns at
+/// `numbers` are right-aligned.
+pub(crate) fn table(header: &[&str], numbers: &[usize], rows: Vec<Vec<String>>) -> String {
+    use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
     }
-    text
+    for (index, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if numbers.contains(&index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.trim_fmt()
 }
 
 /// A random suffix for message ids we mint, so a second replay or redrive of the same record is not

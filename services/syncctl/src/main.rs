@@ -1,9 +1,11 @@
 //! `syncctl`: parses the command line and dispatches to the library. Exit codes: 0 ok, 1 a runtime
-//! failure (or `wait` timed out), 2 a usage mistake.
+//! failure (or `wait` timed out), 2 a usage mistake; a failure is one line on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use std::io::{IsTerminal as _, Write as _};
 
 use clap::{Args, Parser, Subcommand};
 use service_kit::NatsArgs;
@@ -36,7 +38,8 @@ enum Command {
     /// Create or update streams, consumers, KV buckets and the database schema. Idempotent: a
     /// second run reports everything Unchanged.
     Setup(SetupArgs),
-    /// Counts per stream, consumer and table, and the reconciliation.
+    /// Counts per stream, consumer and table, the replicas, and the reconciliation; --watch
+    /// refreshes it with rates and an ETA.
     #[command(long_about = STATUS_HELP)]
     Status(StatusArgs),
     /// Block until nothing is pending or in flight on the integrators' and the persister's
@@ -78,8 +81,15 @@ shown with its difference; `difference` is the sum of their absolute values, 0 w
   dead_letters  dead_letters <= dead outcomes (redriven letters leave the table)
   customers     customers <= synced outcomes (one row per customer)
 
-Outcome counts are per subject of the results stream. --json prints the same as one JSON object \
-with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not.";
+Outcome counts are per subject of the results stream. Each integrator replica is shown from the \
+heartbeat it writes every few seconds (breaker, pause, concurrency limit, requests in flight, \
+messages in hand, totals); one silent for three heartbeats is `stale`. --json prints the same as \
+one JSON object with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not.
+
+--watch refreshes every --interval (2s): the screen is redrawn on a terminal, otherwise one report \
+follows another (one JSON object per line with --json), each with the rates since the one before \
+(rows read, published, outcomes and stored per second) and how long the integrators' and the \
+persister's backlogs take at that pace. Ctrl-C stops it.";
 
 const VERIFY_HELP: &str = "\
 For every customer: the newest version the pipeline knows (the newest in the ingest stream, or the \
@@ -115,7 +125,8 @@ struct SetupArgs {
     #[arg(long)]
     skip_db: bool,
     /// Stream, consumer and bucket replicas: 1 on a single server, 3 on a cluster.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     replicas: usize,
     /// Window in which the ingest stream drops a repeated Nats-Msg-Id.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -142,9 +153,23 @@ struct StatusArgs {
     /// Leave the database out of the status.
     #[arg(long)]
     skip_db: bool,
-    /// One JSON object on stdout, for scripts.
+    /// One JSON object on stdout, for scripts (with --watch, one per line per refresh).
     #[arg(long)]
     json: bool,
+    /// Refresh every --interval until Ctrl-C, with rates and an ETA for the backlog.
+    #[arg(long, env = "SYNCCTL_STATUS_WATCH")]
+    watch: bool,
+    /// With --watch: time between refreshes (`2s`, `1m`, or seconds).
+    #[arg(long, env = "SYNCCTL_STATUS_INTERVAL", default_value = "2s", value_parser = positive_duration)]
+    interval: Duration,
+}
+
+/// A duration above zero, humantime or seconds.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match service_kit::parse_duration(text)? {
+        Duration::ZERO => Err("must be longer than 0".to_owned()),
+        duration => Ok(duration),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -189,10 +214,11 @@ struct VerifyArgs {
     #[command(flatten)]
     crm: CrmArgs,
     /// With --crm: check this many customers chosen at random instead of all.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     sample: Option<usize>,
     /// With --crm: requests in flight at once.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     crm_concurrency: usize,
     /// One JSON object on stdout, for scripts.
     #[arg(long)]
@@ -261,10 +287,13 @@ enum DlqCommand {
 struct DlqListArgs {
     #[command(flatten)]
     database: DatabaseArgs,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
     limit: i64,
     #[arg(long)]
     json: bool,
+    /// How long to keep trying PostgreSQL before giving up: `5m`, `90s`, or seconds.
+    #[arg(long, env = "STARTUP_WAIT", default_value = "5m", value_parser = service_kit::parse_duration)]
+    startup_wait: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -309,8 +338,10 @@ struct GenCsvArgs {
     stats_json: Option<PathBuf>,
 }
 
+const PROGRAM: &str = "syncctl";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = service_kit::parse_args(PROGRAM);
     // Connection chatter would drown the output an operator asked for; RUST_LOG brings it back.
     service_kit::init_telemetry_with_default("warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -320,16 +351,16 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
+            let err = CtlError::Io {
+                action: "starting the async runtime".to_owned(),
+                source: err,
+            };
+            return service_kit::report_failure(PROGRAM, &err, err.exit_code());
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {}", syncctl::describe_error(&err));
-            ExitCode::from(err.exit_code())
-        }
+        Err(err) => service_kit::report_failure(PROGRAM, &err, err.exit_code()),
     }
 }
 
@@ -366,6 +397,9 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 nats: args.nats,
                 database_url: (!args.skip_db).then_some(args.database.database_url),
             };
+            if args.watch {
+                return watch_status(config, args.interval, args.json).await;
+            }
             let status = syncctl::status::collect(&config).await?;
             if args.json {
                 print_json(&status)?;
@@ -410,6 +444,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
             let rows = syncctl::dlq::list(&syncctl::dlq::ListConfig {
                 database_url: args.database.database_url,
                 limit: args.limit,
+                startup_wait: args.startup_wait,
             })
             .await?;
             if args.json {
@@ -480,6 +515,43 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `status --watch`: a frame every `interval` until Ctrl-C. A frame that cannot be read (NATS
+/// restarting) is reported on one line and tried again at the next refresh.
+async fn watch_status(
+    config: syncctl::status::StatusConfig,
+    interval: Duration,
+    json: bool,
+) -> Result<ExitCode, CtlError> {
+    let shutdown = service_kit::shutdown_on_signals();
+    let redraw = std::io::stdout().is_terminal() && !json;
+    let mut watcher = syncctl::status::Watcher::new(config);
+    loop {
+        let frame = tokio::select! {
+            () = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+            frame = watcher.next() => frame,
+        };
+        match frame {
+            Ok(frame) if json => {
+                let line = serde_json::to_string(&frame).map_err(|source| CtlError::Json {
+                    what: "output".to_owned(),
+                    source,
+                })?;
+                println!("{line}");
+            }
+            Ok(frame) if redraw => print!("\x1b[2J\x1b[H{frame}"),
+            Ok(frame) => println!("{frame}"),
+            Err(err) => {
+                service_kit::report_failure(PROGRAM, &err, err.exit_code());
+            }
+        }
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {

@@ -39,7 +39,8 @@ pub async fn run(
     let stream_name = pipeline.names.results_stream();
     let stream = pipeline.stream(&stream_name).await?;
 
-    let mut client = crate::connect_database(&config.database_url).await?;
+    let mut client =
+        crate::connect_database(&config.database_url, config.nats.startup_wait).await?;
     let migration = sync_store::migrate(&mut client, None).await?;
     let before = sync_store::table_counts(&client).await?;
     if before != TableCounts::default() {

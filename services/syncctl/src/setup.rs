@@ -77,7 +77,7 @@ pub async fn run(config: &SetupConfig) -> Result<SetupOutcome, CtlError> {
         sync_topology::ensure_topology(&pipeline.js, &pipeline.names, &config.settings).await?;
     let schema = match &config.database_url {
         Some(url) => {
-            let mut client = crate::connect_database(url).await?;
+            let mut client = crate::connect_database(url, config.nats.startup_wait).await?;
             let version_before = sync_store::schema_version(&client).await?;
             let migration = sync_store::migrate(&mut client, None).await?;
             Some(SchemaOutcome {

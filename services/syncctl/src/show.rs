@@ -92,7 +92,7 @@ pub struct Story {
 pub async fn run(config: &ShowConfig) -> Result<Story, CtlError> {
     let key = ledger_key(&config.customer_id).map_err(|e| CtlError::Usage(e.to_string()))?;
     let pipeline = Pipeline::connect(&config.nats).await?;
-    let client = crate::connect_database(&config.database_url).await?;
+    let client = crate::connect_database(&config.database_url, config.nats.startup_wait).await?;
     crate::require_schema(&client, &config.database_url).await?;
     let mut versions = ingest_versions(&pipeline, &config.customer_id).await?;
     attach_outcomes(&pipeline, &config.customer_id, &mut versions).await?;
@@ -335,24 +335,37 @@ impl fmt::Display for Story {
             self.customer_id, self.ledger_key
         )?;
         writeln!(f, "\ningest stream: {} version(s)", self.versions.len())?;
-        for v in &self.versions {
-            let from = match (&v.source_file, v.source_line) {
-                (Some(file), Some(line)) => format!("{file}:{line}"),
-                _ => "-".to_owned(),
-            };
-            let copy = v
-                .copy_of
-                .map(|seq| format!(" copy of #{seq}{}", if v.forced { " (forced)" } else { "" }))
-                .unwrap_or_default();
+        if !self.versions.is_empty() {
+            let rows = self
+                .versions
+                .iter()
+                .map(|v| {
+                    let from = match (&v.source_file, v.source_line) {
+                        (Some(file), Some(line)) => format!("{file}:{line}"),
+                        _ => "-".to_owned(),
+                    };
+                    let copy = v.copy_of.map_or_else(
+                        || "-".to_owned(),
+                        |seq| format!("#{seq}{}", if v.forced { " (forced)" } else { "" }),
+                    );
+                    vec![
+                        format!("#{}", v.ingest_seq),
+                        v.version.to_string(),
+                        v.content_hash.clone(),
+                        from,
+                        copy,
+                        v.outcome.clone().unwrap_or_else(|| "pending".to_owned()),
+                    ]
+                })
+                .collect();
             writeln!(
                 f,
-                "  #{:<8} version {}  {}  {}{}  -> {}",
-                v.ingest_seq,
-                v.version,
-                v.content_hash,
-                from,
-                copy,
-                v.outcome.as_deref().unwrap_or("pending")
+                "{}",
+                crate::table(
+                    &["SEQ", "VERSION", "HASH", "FROM", "COPY OF", "OUTCOME"],
+                    &[0],
+                    rows
+                )
             )?;
         }
         match &self.ledger {

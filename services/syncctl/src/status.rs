@@ -22,13 +22,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::KeyValueErrorKind};
 use futures::TryStreamExt as _;
 use serde::Serialize;
 use service_kit::NatsArgs;
 use sync_store::TableCounts;
-use sync_topology::messages::{Checkpoint, PAUSE_KEY, PauseNotice};
+use sync_topology::messages::{
+    Checkpoint, PAUSE_KEY, PauseNotice, REPLICA_KEY_PREFIX, ReplicaHeartbeat,
+};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -51,6 +54,9 @@ pub struct Status {
     pub outcomes: OutcomeCounts,
     /// The fleet-wide CRM pause in force, if any, with its cause.
     pub crm_pause: Option<PauseNotice>,
+    /// Every integrator replica's last heartbeat (breaker, pause, limit, in flight, totals), by
+    /// name; a replica silent for three heartbeats is `stale`.
+    pub replicas: Vec<ReplicaStatus>,
     pub equations: Vec<Equation>,
     /// Sum of the absolute differences of every equation: 0 when reconciled.
     pub difference: u64,
@@ -107,6 +113,17 @@ impl ConsumerStatus {
             num_waiting: info.num_waiting as u64,
         }
     }
+}
+
+/// One replica as its heartbeat describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    #[serde(flatten)]
+    pub heartbeat: ReplicaHeartbeat,
+    /// No heartbeat for three intervals: stopped without saying so (killed) or cut off from NATS.
+    pub stale: bool,
+    /// Seconds since its last heartbeat.
+    pub last_seen_secs: f64,
 }
 
 /// Sums over every file in the checkpoints bucket.
@@ -272,72 +289,246 @@ pub fn reconcile(
 
 /// Reads every count the status shows, and reconciles them.
 pub async fn collect(config: &StatusConfig) -> Result<Status, CtlError> {
-    let pipeline = Pipeline::connect(&config.nats).await?;
-    let names = &pipeline.names;
+    Source::connect(config).await?.collect().await
+}
 
-    let ingest = stream_status(&pipeline, &names.ingest_stream()).await?;
-    let results_stream = pipeline.stream(&names.results_stream()).await?;
-    let outcomes = outcome_counts(&pipeline, &results_stream).await?;
-    let results = stream_status(&pipeline, &names.results_stream()).await?;
+/// What `status` reads, connected once: `--watch` reads it again every interval.
+pub struct Source {
+    pipeline: Pipeline,
+    /// The database and its URL, unless skipped.
+    database: Option<(tokio_postgres::Client, String)>,
+}
 
-    let integrators = ConsumerStatus::from_info(
-        &pipeline
-            .consumer_info(&names.ingest_stream(), names.integrators_consumer())
-            .await?,
-    );
-    let persister = ConsumerStatus::from_info(
-        &pipeline
-            .consumer_info(&names.results_stream(), names.persister_consumer())
-            .await?,
-    );
-    let checkpoints = checkpoint_totals(&pipeline).await?;
-    let crm_pause = pause_in_force(&pipeline).await;
+impl Source {
+    pub async fn connect(config: &StatusConfig) -> Result<Self, CtlError> {
+        let pipeline = Pipeline::connect(&config.nats).await?;
+        let database = match &config.database_url {
+            Some(url) => Some((
+                crate::connect_database(url, config.nats.startup_wait).await?,
+                url.clone(),
+            )),
+            None => None,
+        };
+        Ok(Source { pipeline, database })
+    }
 
-    let (tables, schema_version) = match &config.database_url {
-        Some(url) => {
-            let client = crate::connect_database(url).await?;
-            let version = crate::require_schema(&client, url).await?;
-            (
-                Some(sync_store::table_counts(&client).await?),
-                Some(version),
-            )
-        }
-        None => (None, None),
-    };
+    /// Every count, the replicas' heartbeats, and the reconciliation, as they are now.
+    pub async fn collect(&self) -> Result<Status, CtlError> {
+        let pipeline = &self.pipeline;
+        let names = &pipeline.names;
 
-    let equations = reconcile(
-        &checkpoints,
-        ingest.messages,
-        &outcomes,
-        &integrators,
-        &persister,
-        tables.as_ref(),
-    );
-    let difference = equations.iter().map(|e| e.difference.unsigned_abs()).sum();
-    let account = pipeline
+        let ingest = stream_status(pipeline, &names.ingest_stream()).await?;
+        let results_stream = pipeline.stream(&names.results_stream()).await?;
+        let outcomes = outcome_counts(pipeline, &results_stream).await?;
+        let results = stream_status(pipeline, &names.results_stream()).await?;
+
+        let integrators = ConsumerStatus::from_info(
+            &pipeline
+                .consumer_info(&names.ingest_stream(), names.integrators_consumer())
+                .await?,
+        );
+        let persister = ConsumerStatus::from_info(
+            &pipeline
+                .consumer_info(&names.results_stream(), names.persister_consumer())
+                .await?,
+        );
+        let checkpoints = checkpoint_totals(pipeline).await?;
+        let crm_pause = pause_in_force(pipeline).await;
+        let replicas = replicas(pipeline).await;
+
+        let (tables, schema_version) = match &self.database {
+            Some((client, url)) => {
+                let version = crate::require_schema(client, url).await?;
+                (Some(sync_store::table_counts(client).await?), Some(version))
+            }
+            None => (None, None),
+        };
+
+        let equations = reconcile(
+            &checkpoints,
+            ingest.messages,
+            &outcomes,
+            &integrators,
+            &persister,
+            tables.as_ref(),
+        );
+        let difference = equations.iter().map(|e| e.difference.unsigned_abs()).sum();
+        let account = pipeline
+            .js
+            .query_account()
+            .await
+            .map_err(|e| nats_error("reading the JetStream account", e))?;
+        let warnings = fill_warnings(
+            &[&ingest, &results],
+            account.storage,
+            account.limits.max_storage.unwrap_or(-1),
+        );
+        Ok(Status {
+            namespace: names.namespace().to_owned(),
+            streams: vec![ingest, results],
+            consumers: vec![integrators, persister],
+            tables,
+            schema_version,
+            checkpoints,
+            outcomes,
+            crm_pause,
+            replicas,
+            equations,
+            difference,
+            reconciled: difference == 0,
+            warnings,
+        })
+    }
+}
+
+/// A heartbeat older than this is not shown at all: that replica is long gone. (Heartbeats are
+/// plain puts, so a killed replica's stays in the bucket; a clean stop removes it.)
+const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
+
+/// The replicas' heartbeats in the control bucket, by name. Unreadable ones are left out, as is
+/// everything when the bucket cannot be read: the rest of the status matters more.
+async fn replicas(pipeline: &Pipeline) -> Vec<ReplicaStatus> {
+    let Ok(control) = pipeline
         .js
-        .query_account()
+        .get_key_value(pipeline.names.control_bucket())
         .await
-        .map_err(|e| nats_error("reading the JetStream account", e))?;
-    let warnings = fill_warnings(
-        &[&ingest, &results],
-        account.storage,
-        account.limits.max_storage.unwrap_or(-1),
-    );
-    Ok(Status {
-        namespace: names.namespace().to_owned(),
-        streams: vec![ingest, results],
-        consumers: vec![integrators, persister],
-        tables,
-        schema_version,
-        checkpoints,
-        outcomes,
-        crm_pause,
-        equations,
-        difference,
-        reconciled: difference == 0,
-        warnings,
-    })
+    else {
+        return Vec::new();
+    };
+    let Ok(keys) = control.keys().await else {
+        return Vec::new();
+    };
+    let keys: Vec<String> = keys.try_collect().await.unwrap_or_default();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut replicas = Vec::new();
+    for key in keys.iter().filter(|k| k.starts_with(REPLICA_KEY_PREFIX)) {
+        let Ok(Some(value)) = control.get(key).await else {
+            continue;
+        };
+        let Ok(heartbeat) = serde_json::from_slice::<ReplicaHeartbeat>(&value) else {
+            continue;
+        };
+        let age_ms = (now_ms - heartbeat.seen_at_ms).max(0);
+        if age_ms > FORGOTTEN_AFTER.as_millis() as i64 {
+            continue;
+        }
+        replicas.push(ReplicaStatus {
+            stale: heartbeat.is_stale(now_ms),
+            last_seen_secs: age_ms as f64 / 1000.0,
+            heartbeat,
+        });
+    }
+    replicas.sort_by(|a, b| a.heartbeat.replica.cmp(&b.heartbeat.replica));
+    replicas
+}
+
+/// What changed between two statuses, per second, and how long the backlogs take at that pace.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rates {
+    /// Seconds between the two statuses.
+    pub over_secs: f64,
+    pub rows_read_per_sec: f64,
+    /// New ingest messages.
+    pub published_per_sec: f64,
+    pub synced_per_sec: f64,
+    pub superseded_per_sec: f64,
+    pub dead_per_sec: f64,
+    pub rejected_per_sec: f64,
+    /// Ingest messages that got their outcome: synced, superseded and dead.
+    pub settled_per_sec: f64,
+    /// Outcomes the persister acknowledged (stored).
+    pub persisted_per_sec: f64,
+    /// What the integrators still have to settle, and when they will be done at this pace (None:
+    /// nothing settled meanwhile, so no estimate).
+    pub integrators_backlog: u64,
+    pub integrators_eta_secs: Option<f64>,
+    pub persister_backlog: u64,
+    pub persister_eta_secs: Option<f64>,
+}
+
+impl Rates {
+    pub fn between(before: &Status, now: &Status, over: Duration) -> Rates {
+        let secs = over.as_secs_f64().max(0.001);
+        let per_sec = |from: u64, to: u64| to.saturating_sub(from) as f64 / secs;
+        let (b, n) = (&before.outcomes, &now.outcomes);
+        let settled = |o: &OutcomeCounts| o.synced + o.superseded + o.dead;
+        let ingest_seq = |s: &Status| s.streams.first().map_or(0, |s| s.last_seq);
+        let consumer = |s: &Status, at: usize| s.consumers.get(at).cloned();
+        let floor = |s: &Status| consumer(s, 1).map_or(0, |c| c.ack_floor_stream_seq);
+        let backlog = |at: usize| consumer(now, at).map_or(0, |c| c.unsettled());
+        let eta = |backlog: u64, rate: f64| match backlog {
+            0 => Some(0.0),
+            _ if rate > 0.0 => Some(backlog as f64 / rate),
+            _ => None,
+        };
+        let settled_per_sec = per_sec(settled(b), settled(n));
+        let persisted_per_sec = per_sec(floor(before), floor(now));
+        Rates {
+            over_secs: secs,
+            rows_read_per_sec: per_sec(before.checkpoints.rows_read, now.checkpoints.rows_read),
+            published_per_sec: per_sec(ingest_seq(before), ingest_seq(now)),
+            synced_per_sec: per_sec(b.synced, n.synced),
+            superseded_per_sec: per_sec(b.superseded, n.superseded),
+            dead_per_sec: per_sec(b.dead, n.dead),
+            rejected_per_sec: per_sec(b.rejected, n.rejected),
+            settled_per_sec,
+            persisted_per_sec,
+            integrators_backlog: backlog(0),
+            integrators_eta_secs: eta(backlog(0), settled_per_sec),
+            persister_backlog: backlog(1),
+            persister_eta_secs: eta(backlog(1), persisted_per_sec),
+        }
+    }
+}
+
+/// One frame of `status --watch`: the status, when it was read, and the rates since the frame
+/// before (None in the first).
+#[derive(Debug, Clone, Serialize)]
+pub struct Watched {
+    /// RFC 3339.
+    pub at: String,
+    #[serde(flatten)]
+    pub status: Status,
+    pub rates: Option<Rates>,
+}
+
+/// Reads the status again and again, keeping its connections, for `status --watch`.
+pub struct Watcher {
+    config: StatusConfig,
+    source: Option<Source>,
+    last: Option<(Instant, Status)>,
+}
+
+impl Watcher {
+    pub fn new(config: StatusConfig) -> Self {
+        Watcher {
+            config,
+            source: None,
+            last: None,
+        }
+    }
+
+    /// The next frame. A failure (NATS restarting, PostgreSQL gone) drops the connections, so
+    /// the next call connects afresh.
+    pub async fn next(&mut self) -> Result<Watched, CtlError> {
+        let source = match self.source.take() {
+            Some(source) => source,
+            None => Source::connect(&self.config).await?,
+        };
+        let status = source.collect().await?;
+        self.source = Some(source);
+        let now = Instant::now();
+        let rates = self
+            .last
+            .as_ref()
+            .map(|(then, before)| Rates::between(before, &status, now - *then));
+        self.last = Some((now, status.clone()));
+        Ok(Watched {
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            status,
+            rates,
+        })
+    }
 }
 
 /// Streams refuse new messages when full (they never drop old ones), so an operator must hear
@@ -481,36 +672,59 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "namespace {}", self.namespace)?;
         writeln!(f)?;
+        let streams = self
+            .streams
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.messages.to_string(),
+                    s.bytes.to_string(),
+                    s.first_seq.to_string(),
+                    s.last_seq.to_string(),
+                ]
+            })
+            .collect();
         writeln!(
             f,
-            "{:<36} {:>12} {:>14} {:>12} {:>12}",
-            "STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"
+            "{}",
+            crate::table(
+                &["STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"],
+                &[1, 2, 3, 4],
+                streams
+            )
         )?;
-        for s in &self.streams {
-            writeln!(
-                f,
-                "{:<36} {:>12} {:>14} {:>12} {:>12}",
-                s.name, s.messages, s.bytes, s.first_seq, s.last_seq
-            )?;
-        }
         writeln!(f)?;
+        let consumers = self
+            .consumers
+            .iter()
+            .map(|c| {
+                vec![
+                    format!("{}/{}", c.stream, c.name),
+                    c.num_pending.to_string(),
+                    c.num_ack_pending.to_string(),
+                    c.num_redelivered.to_string(),
+                    c.ack_floor_stream_seq.to_string(),
+                ]
+            })
+            .collect();
         writeln!(
             f,
-            "{:<36} {:>12} {:>12} {:>12} {:>12}",
-            "CONSUMER", "PENDING", "IN FLIGHT", "REDELIVERED", "ACK FLOOR"
+            "{}",
+            crate::table(
+                &[
+                    "CONSUMER",
+                    "PENDING",
+                    "IN FLIGHT",
+                    "REDELIVERED",
+                    "ACK FLOOR"
+                ],
+                &[1, 2, 3, 4],
+                consumers
+            )
         )?;
-        for c in &self.consumers {
-            writeln!(
-                f,
-                "{:<36} {:>12} {:>12} {:>12} {:>12}",
-                format!("{}/{}", c.stream, c.name),
-                c.num_pending,
-                c.num_ack_pending,
-                c.num_redelivered,
-                c.ack_floor_stream_seq
-            )?;
-        }
         writeln!(f)?;
+        write_replicas(f, &self.replicas)?;
         let o = &self.outcomes;
         writeln!(
             f,
@@ -543,14 +757,23 @@ impl fmt::Display for Status {
         }
         writeln!(f)?;
         writeln!(f, "reconciliation:")?;
-        for e in &self.equations {
-            let verdict = if e.difference == 0 {
-                "ok".to_owned()
-            } else {
-                format!("OFF BY {:+}", e.difference)
-            };
-            writeln!(f, "  {:<14} {:<10} {}", e.name, verdict, e.statement)?;
-        }
+        let checks = self
+            .equations
+            .iter()
+            .map(|e| {
+                let verdict = if e.difference == 0 {
+                    "ok".to_owned()
+                } else {
+                    format!("OFF BY {:+}", e.difference)
+                };
+                vec![e.name.to_owned(), verdict, e.statement.clone()]
+            })
+            .collect();
+        writeln!(
+            f,
+            "{}",
+            crate::table(&["CHECK", "VERDICT", "STATEMENT"], &[], checks)
+        )?;
         for warning in &self.warnings {
             writeln!(f, "WARNING: {warning}")?;
         }
@@ -558,6 +781,128 @@ impl fmt::Display for Status {
             writeln!(f, "reconciled: difference 0")
         } else {
             writeln!(f, "NOT RECONCILED: total difference {}", self.difference)
+        }
+    }
+}
+
+/// The replicas' table, and below it why any is not ready.
+fn write_replicas(f: &mut fmt::Formatter<'_>, replicas: &[ReplicaStatus]) -> fmt::Result {
+    if replicas.is_empty() {
+        writeln!(
+            f,
+            "replicas: none reporting (each integrator writes a heartbeat every few seconds)"
+        )?;
+        return writeln!(f);
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let rows = replicas
+        .iter()
+        .map(|r| {
+            let h = &r.heartbeat;
+            let state = if r.stale {
+                "stale"
+            } else if h.not_ready.is_some() {
+                "not ready"
+            } else {
+                "ready"
+            };
+            let pause = h
+                .paused_until_ms
+                .filter(|until| *until > now_ms)
+                .map_or_else(
+                    || "-".to_owned(),
+                    |until| format!("{:.1}s", (until - now_ms) as f64 / 1000.0),
+                );
+            vec![
+                h.replica.clone(),
+                state.to_owned(),
+                h.breaker.clone(),
+                pause,
+                h.concurrency_limit.to_string(),
+                h.requests_in_flight.to_string(),
+                h.messages_in_hand.to_string(),
+                h.settled().to_string(),
+                h.handed_back.to_string(),
+                h.retries.to_string(),
+                format!("{:.0}s ago", r.last_seen_secs),
+            ]
+        })
+        .collect();
+    writeln!(
+        f,
+        "{}",
+        crate::table(
+            &[
+                "REPLICA",
+                "STATE",
+                "BREAKER",
+                "PAUSED FOR",
+                "LIMIT",
+                "IN FLIGHT",
+                "IN HAND",
+                "SETTLED",
+                "HANDED BACK",
+                "RETRIES",
+                "LAST SEEN",
+            ],
+            &[4, 5, 6, 7, 8, 9],
+            rows
+        )
+    )?;
+    for r in replicas.iter().filter(|r| !r.stale) {
+        if let Some(reason) = &r.heartbeat.not_ready {
+            writeln!(f, "  {} not ready: {reason}", r.heartbeat.replica)?;
+        }
+    }
+    writeln!(f)
+}
+
+impl fmt::Display for Rates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "rates over {:.1}s: rows read {:.0}/s  published {:.0}/s  synced {:.0}/s  superseded \
+             {:.0}/s  dead {:.0}/s  rejected {:.0}/s  stored {:.0}/s",
+            self.over_secs,
+            self.rows_read_per_sec,
+            self.published_per_sec,
+            self.synced_per_sec,
+            self.superseded_per_sec,
+            self.dead_per_sec,
+            self.rejected_per_sec,
+            self.persisted_per_sec
+        )?;
+        writeln!(
+            f,
+            "backlog: integrators {} ({})  persister {} ({})",
+            self.integrators_backlog,
+            eta(self.integrators_backlog, self.integrators_eta_secs),
+            self.persister_backlog,
+            eta(self.persister_backlog, self.persister_eta_secs)
+        )
+    }
+}
+
+/// "done", "ETA 2m 10s", or why there is no estimate.
+fn eta(backlog: u64, secs: Option<f64>) -> String {
+    match (backlog, secs) {
+        (0, _) => "done".to_owned(),
+        (_, Some(secs)) => format!(
+            "ETA {}",
+            humantime::format_duration(Duration::from_secs(secs.ceil() as u64))
+        ),
+        (_, None) => "no progress since the last refresh: no ETA".to_owned(),
+    }
+}
+
+impl fmt::Display for Watched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} (Ctrl-C to stop)", self.at)?;
+        write!(f, "{}", self.status)?;
+        writeln!(f)?;
+        match &self.rates {
+            Some(rates) => write!(f, "{rates}"),
+            None => writeln!(f, "rates: from the next refresh on"),
         }
     }
 }
@@ -611,6 +956,42 @@ mod tests {
 
     fn total(equations: &[Equation]) -> u64 {
         equations.iter().map(|e| e.difference.unsigned_abs()).sum()
+    }
+
+    fn status_at(synced: u64, backlog: u64) -> Status {
+        Status {
+            namespace: "n".to_owned(),
+            streams: Vec::new(),
+            consumers: vec![consumer(backlog, 0), consumer(0, 0)],
+            tables: None,
+            schema_version: None,
+            checkpoints: CheckpointTotals::default(),
+            outcomes: OutcomeCounts {
+                synced,
+                ..OutcomeCounts::default()
+            },
+            crm_pause: None,
+            replicas: Vec::new(),
+            equations: Vec::new(),
+            difference: 0,
+            reconciled: true,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rates_and_the_eta_come_from_two_reports() {
+        let two_seconds = Duration::from_secs(2);
+        let rates = Rates::between(&status_at(100, 500), &status_at(300, 300), two_seconds);
+        assert_eq!(rates.synced_per_sec, 100.0);
+        assert_eq!(rates.settled_per_sec, 100.0);
+        assert_eq!(rates.integrators_backlog, 300);
+        assert_eq!(rates.integrators_eta_secs, Some(3.0));
+        assert_eq!(eta(300, Some(3.0)), "ETA 3s");
+        let stalled = Rates::between(&status_at(300, 300), &status_at(300, 300), two_seconds);
+        assert_eq!(stalled.integrators_eta_secs, None);
+        assert!(eta(300, None).contains("no ETA"));
+        assert_eq!(eta(0, Some(0.0)), "done");
     }
 
     #[test]

@@ -182,7 +182,8 @@ impl fmt::Display for VerifyReport {
 /// Runs the check; see the module docs.
 pub async fn run(config: &VerifyConfig) -> Result<VerifyReport, CtlError> {
     let pipeline = Pipeline::connect(&config.nats).await?;
-    let mut client = crate::connect_database(&config.database_url).await?;
+    let mut client =
+        crate::connect_database(&config.database_url, config.nats.startup_wait).await?;
     crate::require_schema(&client, &config.database_url).await?;
     let drained = drained(&pipeline).await?;
     let tx = client

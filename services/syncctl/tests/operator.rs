@@ -302,6 +302,7 @@ async fn status_and_dlq_on_an_unmigrated_database_say_to_run_setup() -> anyhow::
     let err = syncctl::dlq::list(&syncctl::dlq::ListConfig {
         database_url: db.url.clone(),
         limit: 5,
+        startup_wait: std::time::Duration::ZERO,
     })
     .await
     .expect_err("no schema yet");
@@ -471,6 +472,7 @@ async fn dlq_lists_and_redrives_dead_letters() -> anyhow::Result<()> {
     let listed = syncctl::dlq::list(&syncctl::dlq::ListConfig {
         database_url: db.url.clone(),
         limit: 10,
+        startup_wait: std::time::Duration::ZERO,
     })
     .await?;
     assert_eq!(listed.len(), 2);
