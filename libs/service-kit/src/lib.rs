@@ -9,18 +9,44 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use axum::{Router, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use secrecy::SecretString;
+use sync_topology::NatsSecurity;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-/// Flags every NATS-connected binary shares.
-#[derive(Debug, Clone, clap::Args)]
+/// Flags every NATS-connected binary shares. Secret-bearing values are never shown by `--help`
+/// (clap would print the environment's values) nor by `Debug`.
+#[derive(Clone, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL(s), comma-separated; `tls://` requires TLS.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
-    /// NATS credentials file (JWT + NKey), for secured servers.
+    /// NATS credentials file (JWT + NKey), for servers in operator mode.
     #[arg(long, env = "NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// File holding this service's NATS nkey seed (`SU…`), for servers that list users by nkey.
+    #[arg(long, env = "NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (never shown; prefer the environment to the command line).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<SecretString>,
+    /// PEM file of the CA the NATS server's certificate must chain to; setting it requires TLS.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
     /// Prefix of every subject, stream, consumer and bucket name.
     #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
     pub namespace: String,
@@ -32,8 +58,51 @@ impl NatsArgs {
         NatsArgs {
             nats_url: nats_url.into(),
             nats_creds: None,
+            nats_nkey: None,
+            nats_user: None,
+            nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             namespace: namespace.into(),
         }
+    }
+
+    /// Who this client is to NATS, and its TLS settings.
+    pub fn security(&self) -> NatsSecurity {
+        NatsSecurity {
+            creds_file: self.nats_creds.clone(),
+            nkey_file: self.nats_nkey.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+        }
+    }
+
+    /// Connects as `client_name` with these settings (see [`sync_topology::connect_with`]).
+    pub async fn connect(
+        &self,
+        client_name: &str,
+    ) -> Result<async_nats::Client, sync_topology::ConnectError> {
+        sync_topology::connect_with(&self.nats_url, &self.security(), client_name).await
+    }
+
+    /// The server list with credentials hidden, for log lines and messages.
+    pub fn redacted_url(&self) -> String {
+        sync_topology::redact(&self.nats_url)
+    }
+}
+
+// By hand: a URL may carry a password, and the password flag is one.
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsArgs")
+            .field("nats_url", &self.redacted_url())
+            .field("security", &self.security())
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 

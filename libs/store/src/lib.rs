@@ -214,24 +214,8 @@ pub async fn table_counts(client: &tokio_postgres::Client) -> Result<TableCounts
     })
 }
 
-/// The URL without its password, for messages and logs.
-pub fn redact(database_url: &str) -> String {
-    match (database_url.find("://"), database_url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &database_url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!(
-                    "{}{}:***{}",
-                    &database_url[..scheme_end + 3],
-                    user,
-                    &database_url[at..]
-                ),
-                None => database_url.to_owned(),
-            }
-        }
-        _ => database_url.to_owned(),
-    }
-}
+/// The URL or DSN without its password, for messages and logs.
+pub use sync_topology::redact;
 
 #[cfg(test)]
 mod tests {

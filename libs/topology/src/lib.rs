@@ -13,13 +13,17 @@ pub mod messages;
 mod names;
 mod nats;
 mod prune;
+mod redact;
 mod setup;
 mod version;
 
 pub use ingest::{Decoded, IngestMessage, Malformed};
 pub use names::{InvalidNamespace, Names};
-pub use nats::{ConnectError, MIN_SERVER_VERSION, connect};
+pub use nats::{
+    ConnectError, MIN_SERVER_VERSION, NatsSecurity, connect, connect_with, inbox_prefix,
+};
 pub use prune::{PruneError, PruneReport, StreamPrune, prune_settled};
+pub use redact::redact;
 pub use setup::{
     Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
     TopologySettings, ensure_topology,

@@ -55,12 +55,7 @@ async fn connect_with_consumer(
         .validate()
         .context("invalid crm-integrator configuration")?;
     let names = Names::new(&config.nats.namespace)?;
-    let client = sync_topology::connect(
-        &config.nats.nats_url,
-        config.nats.nats_creds.as_deref(),
-        "crm-integrator",
-    )
-    .await?;
+    let client = config.nats.connect("crm-integrator").await?;
     let js = jetstream::new(client);
     let ledger = js
         .get_key_value(names.ledger_bucket())
@@ -108,6 +103,7 @@ async fn connect_with_consumer(
         config.crm_token.as_deref(),
         request_timeout,
         max_connections,
+        config.allow_insecure_crm,
     )?;
     let gate = Arc::new(Gate::new(
         BreakerSettings {

@@ -654,12 +654,11 @@ async fn connect(nats: &NatsArgs) -> Result<async_nats::Client, ReaderError> {
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(4))
         .with_max_times(3);
-    let client =
-        (|| sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), "csv-reader"))
-            .retry(backoff)
-            .when(|err| matches!(err, ConnectError::Connect { .. }))
-            .notify(|err, delay| tracing::warn!(%err, ?delay, "NATS not reachable yet; retrying"))
-            .await?;
+    let client = (|| nats.connect("csv-reader"))
+        .retry(backoff)
+        .when(|err| matches!(err, ConnectError::Connect { .. }))
+        .notify(|err, delay| tracing::warn!(%err, ?delay, "NATS not reachable yet; retrying"))
+        .await?;
     Ok(client)
 }
 

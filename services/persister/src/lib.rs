@@ -181,12 +181,7 @@ pub async fn run(
         return Ok(RunReport::default());
     }
 
-    let client = sync_topology::connect(
-        &config.nats.nats_url,
-        config.nats.nats_creds.as_deref(),
-        "persister",
-    )
-    .await?;
+    let client = config.nats.connect("persister").await?;
     let js = jetstream::new(client.clone());
     let stream = names.results_stream();
     let mut consumer: PullConsumer = js
@@ -197,7 +192,7 @@ pub async fn run(
                 "cannot bind to consumer {} on stream {stream} at {}: does it exist? \
                  (`syncctl setup --namespace {}` creates the layout)",
                 config.consumer,
-                config.nats.nats_url,
+                config.nats.redacted_url(),
                 names.namespace()
             )
         })?;

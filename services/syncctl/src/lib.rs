@@ -96,8 +96,7 @@ impl Pipeline {
     /// Validates the namespace, then connects (refusing servers that are too old).
     pub async fn connect(nats: &NatsArgs) -> Result<Self, CtlError> {
         let names = Names::new(&nats.namespace)?;
-        let client =
-            sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), "syncctl").await?;
+        let client = nats.connect("syncctl").await?;
         let js = jetstream::new(client.clone());
         Ok(Pipeline { client, js, names })
     }

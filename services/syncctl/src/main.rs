@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
 use service_kit::NatsArgs;
 use sync_topology::TopologySettings;
 use syncctl::{CtlError, DEFAULT_DATABASE_URL};
@@ -26,8 +27,14 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    /// PostgreSQL connection URL or key-value DSN; `sslmode` (disable, prefer, require, verify-ca,
+    /// verify-full) and `sslrootcert` (a CA file, or `system`) turn TLS on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
     database_url: String,
 }
 
@@ -155,6 +162,37 @@ struct WaitArgs {
     timeout: Duration,
 }
 
+/// Where the CRM is and how to authenticate to it (verify --crm, show --crm).
+#[derive(Debug, Args)]
+struct CrmArgs {
+    /// Base URL of the CRM API.
+    #[arg(
+        long,
+        env = "CRM_URL",
+        default_value = "http://127.0.0.1:8080",
+        hide_env_values = true
+    )]
+    crm_url: crm_client::Url,
+    /// Bearer token for the CRM API.
+    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
+    crm_token: Option<SecretString>,
+    /// Send the token over plain http:// to a host other than this machine (a private network).
+    #[arg(long, env = "CRM_ALLOW_INSECURE")]
+    allow_insecure_crm: bool,
+}
+
+impl CrmArgs {
+    fn check(self, sample: Option<usize>, concurrency: usize) -> syncctl::verify::CrmCheck {
+        syncctl::verify::CrmCheck {
+            url: self.crm_url,
+            token: self.crm_token,
+            sample,
+            concurrency,
+            allow_insecure: self.allow_insecure_crm,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct VerifyArgs {
     #[command(flatten)]
@@ -164,12 +202,8 @@ struct VerifyArgs {
     /// Also ask the CRM what it holds for each customer.
     #[arg(long)]
     crm: bool,
-    /// Base URL of the CRM API.
-    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
-    crm_url: crm_client::Url,
-    /// Bearer token for the CRM API.
-    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
-    crm_token: Option<String>,
+    #[command(flatten)]
+    crm_access: CrmArgs,
     /// With --crm: check this many customers chosen at random instead of all.
     #[arg(long)]
     sample: Option<usize>,
@@ -192,12 +226,8 @@ struct ShowArgs {
     /// Also ask the CRM what it holds.
     #[arg(long)]
     crm: bool,
-    /// Base URL of the CRM API.
-    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
-    crm_url: crm_client::Url,
-    /// Bearer token for the CRM API.
-    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
-    crm_token: Option<String>,
+    #[command(flatten)]
+    crm_access: CrmArgs,
     /// One JSON object on stdout, for scripts.
     #[arg(long)]
     json: bool,
@@ -238,6 +268,8 @@ struct ReplayArgs {
     results: bool,
 }
 
+// Parsed once per run: the size of a variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// Dead letters, newest first: customer id, hash, CRM status, attempts, when, why.
@@ -377,12 +409,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 nats: args.nats,
                 database_url: args.database.database_url,
                 customer_id: args.customer_id,
-                crm: args.crm.then_some(syncctl::verify::CrmCheck {
-                    url: args.crm_url,
-                    token: args.crm_token,
-                    sample: None,
-                    concurrency: 1,
-                }),
+                crm: args.crm.then(|| args.crm_access.check(None, 1)),
             })
             .await?;
             if args.json {
@@ -477,12 +504,9 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {
-    let crm = args.crm.then_some(syncctl::verify::CrmCheck {
-        url: args.crm_url,
-        token: args.crm_token,
-        sample: args.sample,
-        concurrency: args.crm_concurrency,
-    });
+    let crm = args
+        .crm
+        .then(|| args.crm_access.check(args.sample, args.crm_concurrency));
     let report = syncctl::verify::run(&syncctl::verify::VerifyConfig {
         nats: args.nats,
         database_url: args.database.database_url,
