@@ -19,6 +19,8 @@ pub struct PipelineEnv {
     pub crm_token: String,
     /// Extra flags of every `syncctl setup` this pipeline runs (say, a short dedup window).
     pub setup_args: Vec<String>,
+    /// Environment of one binary beyond the above (its NATS user, TLS files), by binary name.
+    pub service_env: std::collections::HashMap<String, Vec<(String, String)>>,
 }
 
 impl PipelineEnv {
@@ -29,6 +31,17 @@ impl PipelineEnv {
             namespace: unique_namespace(),
             crm_token: format!("token-{:08x}", rand::random::<u32>()),
             setup_args: Vec::new(),
+            service_env: Default::default(),
+        }
+    }
+
+    /// Sets `key=value` in the environment of each of `binaries`.
+    pub fn set_env(&mut self, binaries: &[&str], key: &str, value: impl AsRef<str>) {
+        for binary in binaries {
+            self.service_env
+                .entry((*binary).to_owned())
+                .or_default()
+                .push((key.to_owned(), value.as_ref().to_owned()));
         }
     }
 
@@ -43,6 +56,9 @@ impl PipelineEnv {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        for (key, value) in self.service_env.get(name).into_iter().flatten() {
+            command.env(key, value);
+        }
         Ok(command)
     }
 

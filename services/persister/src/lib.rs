@@ -50,11 +50,13 @@ pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 pub struct Args {
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// PostgreSQL to write to; the schema is migrated at start.
+    /// PostgreSQL to write to (URL or key-value DSN; `sslmode` and `sslrootcert` turn TLS on);
+    /// the schema is migrated at start.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
     )]
     pub database_url: String,
     /// Durable consumer on the results stream to read from.

@@ -198,21 +198,10 @@ pub(crate) async fn read_stream(
     })
 }
 
-/// Connects to PostgreSQL with a single connection (the CLI never needs more), driving the
-/// connection on a background task.
+/// Connects to PostgreSQL with a single connection (the CLI never needs more), over TLS as the
+/// URL's `sslmode` asks.
 pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Client, CtlError> {
-    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .map_err(|err| sync_store::StoreError::Connect {
-            url: sync_store::redact(database_url),
-            message: describe_error(&err),
-        })?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(%err, "PostgreSQL connection closed");
-        }
-    });
-    Ok(client)
+    Ok(sync_store::connect_one(database_url).await?)
 }
 
 /// Fails with "run `syncctl setup`" on a database that was never migrated, rather than with
