@@ -239,30 +239,28 @@ fn roots(root_cert: Option<&str>) -> Result<RootCertStore, String> {
 fn rustls_config(mode: SslMode, params: &TlsParams) -> Result<ClientConfig, String> {
     let provider = provider();
     // libpq: `require` with a root certificate given checks the chain as `verify-ca` does.
-    let checks = match mode {
-        SslMode::VerifyFull => Checks::ChainAndName,
-        SslMode::VerifyCa => Checks::Chain,
-        SslMode::Require if params.root_cert.is_some() => Checks::Chain,
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => Checks::None,
+    let (check_chain, check_name) = match mode {
+        SslMode::VerifyFull => (true, true),
+        SslMode::VerifyCa => (true, false),
+        SslMode::Require => (params.root_cert.is_some(), false),
+        SslMode::Disable | SslMode::Prefer => (false, false),
     };
-    let verifier: Arc<dyn ServerCertVerifier> = match checks {
-        Checks::None => Arc::new(EncryptOnly {
-            algorithms: provider.signature_verification_algorithms,
-        }),
-        Checks::Chain | Checks::ChainAndName => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots(params.root_cert.as_deref())?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|err| format!("cannot build the certificate verifier: {err}"))?;
-            if checks == Checks::Chain {
-                Arc::new(ChainOnly(webpki))
-            } else {
-                webpki
-            }
-        }
+    let chain = if check_chain {
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(params.root_cert.as_deref())?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|err| format!("cannot build the certificate verifier: {err}"))?;
+        Some(verifier)
+    } else {
+        None
     };
+    let verifier = Arc::new(LibpqVerifier {
+        chain,
+        check_name,
+        algorithms: provider.signature_verification_algorithms,
+    });
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|err| format!("cannot configure TLS: {err}"))?
@@ -284,19 +282,18 @@ fn rustls_config(mode: SslMode, params: &TlsParams) -> Result<ClientConfig, Stri
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Checks {
-    None,
-    Chain,
-    ChainAndName,
+/// What libpq checks of the server's certificate: nothing but the handshake's signatures
+/// (`prefer`, `require` without a CA: encrypted against a passive listener, with no proof of who
+/// answers), the chain to a trusted root (`verify-ca`), or the chain and the host name
+/// (`verify-full`).
+#[derive(Debug)]
+struct LibpqVerifier {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    check_name: bool,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the host name is not compared (rustls
-/// checks the name only once the chain verified, so a name error means the chain is good).
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for LibpqVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -305,57 +302,16 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            // rustls compares the name only once the chain verified: the chain is good.
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without a root certificate, as in libpq: encrypted against a passive
-/// listener, with no proof of who answers (the handshake's signatures are still checked).
-#[derive(Debug)]
-struct EncryptOnly {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
