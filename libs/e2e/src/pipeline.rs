@@ -227,8 +227,7 @@ impl Pipeline {
         let mut mock_args: Vec<String> = vec![
             "--listen".into(),
             format!("127.0.0.1:{port}"),
-            "--token".into(),
-            env.crm_token.clone(),
+            // The token comes from CRM_API_TOKEN in the environment: never on a command line.
             "--seed".into(),
             "11".into(),
             "--failure-rate".into(),
@@ -248,7 +247,7 @@ impl Pipeline {
         let http = reqwest::Client::new();
         wait_for("crm-mock to answer", Duration::from_secs(20), || {
             let http = http.clone();
-            let url = format!("{crm_url}/stats");
+            let url = format!("{crm_url}/healthz");
             async move {
                 http.get(url)
                     .send()
@@ -324,11 +323,16 @@ impl Pipeline {
         Ok(())
     }
 
-    /// crm-mock's `/stats` as JSON.
+    /// crm-mock's `/stats` as JSON (it wants the pipeline's token).
     pub async fn crm_stats(&self) -> anyhow::Result<serde_json::Value> {
-        let stats = reqwest::get(format!("{}/stats", self.crm_url))
+        let stats = reqwest::Client::new()
+            .get(format!("{}/stats", self.crm_url))
+            .bearer_auth(&self.env.crm_token)
+            .send()
             .await
             .context("asking crm-mock for /stats")?
+            .error_for_status()
+            .context("crm-mock /stats refused")?
             .json()
             .await
             .context("parsing crm-mock /stats")?;

@@ -5,6 +5,7 @@
 //! setup`); and a NATS connection that checks the server. Every producer and consumer of these
 //! goes through this crate, so a format is written once.
 
+pub mod auth;
 pub mod ids;
 pub mod ingest;
 pub mod ledger;

@@ -69,6 +69,17 @@ enum Command {
     /// Write a realistic customer CSV (streaming, any size, deterministic for a seed). Statistics
     /// go to stderr as JSON.
     GenCsv(GenCsvArgs),
+    /// Print nats-server's `accounts` block for a namespace: one user per service with exactly the
+    /// permissions its job needs, passwords read from `$NATS_PASSWORD_<USER>` (see the README's
+    /// Security section).
+    NatsAccounts(NatsAccountsArgs),
+}
+
+#[derive(Debug, Args)]
+struct NatsAccountsArgs {
+    /// Prefix of every subject, stream, consumer and bucket name.
+    #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
+    namespace: String,
 }
 
 const STATUS_HELP: &str = "\
@@ -469,6 +480,16 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                     outcome.without_record.join(", ")
                 );
             }
+        }
+        Command::NatsAccounts(args) => {
+            let names = sync_topology::Names::new(&args.namespace)?;
+            print!(
+                "{}",
+                sync_topology::auth::accounts_config(
+                    &names,
+                    sync_topology::auth::Passwords::FromEnvironment
+                )
+            );
         }
         Command::GenCsv(args) => {
             let config = syncctl::gen_csv::GenCsvConfig {
