@@ -266,3 +266,35 @@ async fn the_reference_configuration_loads() -> anyhow::Result<()> {
     assert!(!out.status.success(), "{}", describe(&out));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_service_logs_in_with_an_nkey_seed_file() -> anyhow::Result<()> {
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir()?;
+    let seed_file = dir.path().join("reader.nk");
+    std::fs::write(&seed_file, format!("{}\n", user.seed()?))?;
+    let config = format!(
+        "authorization {{\n  users: [ {{ nkey: \"{}\" }} ]\n}}\n",
+        user.public_key()
+    );
+    let security = sync_topology::NatsSecurity {
+        nkey_file: Some(seed_file.clone()),
+        ..Default::default()
+    };
+    let nats = PrivateNats::start_with(&config, security).await?;
+    // The binaries read the seed file's path from NATS_NKEY: the seed is never in the environment.
+    let db = TestDatabase::create().await?;
+    let mut env = PipelineEnv::new(&nats.url(), &db.url);
+    env.set_env(&["syncctl"], "NATS_NKEY", seed_file.display().to_string());
+    env.run("syncctl", &["setup", "--skip-db"])
+        .await
+        .and_then(|out| {
+            anyhow::ensure!(out.status.success(), "{}", describe(&out));
+            Ok(())
+        })?;
+    let other = nkeys::KeyPair::new_user();
+    std::fs::write(&seed_file, other.seed()?)?;
+    let refused = env.run("syncctl", &["setup", "--skip-db"]).await?;
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    Ok(())
+}
