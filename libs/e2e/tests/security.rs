@@ -86,10 +86,15 @@ impl Session {
     }
 }
 
+/// Rows with an `updated_at` column: read with `--version-column`, their versions are stamped by
+/// the data, which the persister checks against the ingest stream (so its permissions are used).
 fn csv_of(customers: usize) -> String {
-    let mut text = String::from("id,first_name,last_name,email\n");
+    let mut text = String::from("id,first_name,last_name,email,updated_at\n");
     for n in 0..customers {
-        text.push_str(&format!("c-{n},Ada,Lovelace,ada{n}@example.com\n"));
+        text.push_str(&format!(
+            "c-{n},Ada,Lovelace,ada{n}@example.com,2026-01-01 00:00:{:02}\n",
+            n % 60
+        ));
     }
     text
 }
@@ -121,7 +126,14 @@ async fn each_service_works_as_its_own_user_and_is_refused_the_rest() -> anyhow:
     std::fs::write(file.path(), csv_of(40))?;
     let out = pipeline
         .env
-        .run("csv-reader", &[&file.path().display().to_string()])
+        .run(
+            "csv-reader",
+            &[
+                "--version-column",
+                "updated_at",
+                &file.path().display().to_string(),
+            ],
+        )
         .await?;
     assert!(out.status.success(), "{}", describe(&out));
     pipeline.wait_drained(Duration::from_secs(60)).await?;

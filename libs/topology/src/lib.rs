@@ -29,7 +29,9 @@ pub use setup::{
     Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
     TopologySettings, ensure_topology,
 };
-pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version, stamp_from_text};
+pub use version::{
+    InvalidVersion, MAX_CLOCK_SKEW_MS, MAX_VERSION_COMPONENT, Version, stamp_from_text,
+};
 
 /// Header carrying the path of the file a row came from.
 pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";
@@ -43,5 +45,6 @@ pub const HEADER_VERSION: &str = "Sync-Version";
 /// of the message it copies, for tracing. The copy carries the original's version, so it can never
 /// pass for a newer one.
 pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
-/// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed.
+/// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed,
+/// once a lookup shows the CRM's copy differs (the header proves nothing of who set it).
 pub const HEADER_FORCE_RESEND: &str = "Sync-Force-Resend";

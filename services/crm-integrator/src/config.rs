@@ -84,7 +84,7 @@ pub struct Config {
     pub breaker_cooldown_ms: u64,
     /// Longest fleet-wide pause, and longest wait of one record's retry, in milliseconds, whatever
     /// the CRM's Retry-After says.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = sync_topology::messages::DEFAULT_MAX_PAUSE_MS)]
     pub max_pause_ms: u64,
     /// Send the CRM token over plain http:// to a host other than this machine (only on a private
     /// network: anyone on the path can read it).
@@ -114,7 +114,7 @@ impl Config {
             breaker_min_requests: 20,
             breaker_window_ms: 10_000,
             breaker_cooldown_ms: 1_000,
-            max_pause_ms: 60_000,
+            max_pause_ms: sync_topology::messages::DEFAULT_MAX_PAUSE_MS,
             allow_insecure_crm: false,
         }
     }

@@ -215,11 +215,16 @@ pub async fn run(
     let batches = messages.chunks_timeout(config.batch_size, config.batch_linger);
     tokio::pin!(batches);
 
+    let ingest = js
+        .get_stream_no_info(names.ingest_stream())
+        .await
+        .context("naming the ingest stream")?;
     let writer = Arc::new(BatchWriter {
         pool,
         database_url: config.database_url.clone(),
         names: names.clone(),
         stream: stream.clone(),
+        ingest,
         ack_wait,
         strategy: config.write_strategy,
         shutdown: shutdown.clone(),
@@ -297,7 +302,9 @@ pub async fn run(
         for item in items {
             match item {
                 Ok(message) => {
-                    let outcome = writer.decode(&message);
+                    let Some(outcome) = writer.decode(&message).await else {
+                        continue;
+                    };
                     let index = partition(&outcome, writers);
                     parts[index].messages.push(message);
                     parts[index].outcomes.push(outcome);
