@@ -106,8 +106,44 @@ impl std::fmt::Debug for NatsArgs {
     }
 }
 
+/// Parses a URL flag without ever repeating it in an error: clap's own error for a bad value quotes
+/// the value, and a URL may carry a password. `#[arg(value_parser = service_kit::UrlParser)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct UrlParser;
+
+impl clap::builder::TypedValueParser for UrlParser {
+    type Value = url::Url;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let name = arg.map_or_else(|| "URL".to_owned(), ToString::to_string);
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("not UTF-8".to_owned()))?;
+        url::Url::parse(text).map_err(|err| {
+            refuse(format!(
+                "{} is not a URL: {err}",
+                sync_topology::redact(text)
+            ))
+        })
+    }
+}
+
 /// Installs the global tracing subscriber. `LOG_FORMAT=json` gives one JSON object per line.
-/// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries).
+/// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries). Every
+/// line passes through [`sync_topology::redact`] on its way out: libraries log server addresses
+/// too (async-nats prints its server URLs, password included, at debug level).
 pub fn init_telemetry() {
     init_telemetry_with_default("info");
 }
@@ -121,15 +157,40 @@ pub fn init_telemetry_with_default(default_directives: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {
         registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(fmt::layer().json().with_writer(RedactedStderr))
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_writer(RedactedStderr))
             .try_init()
     };
     // Already installed (a test started two services in one process): keep the first.
     let _ = result;
+}
+
+/// Standard error with credentials taken out of what is written. The formatter writes each event
+/// whole in one call, so a URL or DSN is never split between two writes.
+#[derive(Debug, Clone, Copy)]
+struct RedactedStderr;
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(sync_topology::redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = RedactedStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM. A second signal exits at once, for an

@@ -95,51 +95,64 @@ fn redact_userinfo(text: &str) -> String {
     out
 }
 
+/// The end of a quoted value starting at `start` (which holds the quote), escapes included.
+fn quoted_end(bytes: &[u8], start: usize) -> usize {
+    let quote = bytes[start];
+    let mut k = start + 1;
+    while k < bytes.len() && bytes[k] != quote {
+        k += if bytes[k] == b'\\' { 2 } else { 1 };
+    }
+    (k + 1).min(bytes.len())
+}
+
 fn redact_key_values(text: &str) -> String {
     let lower = text.to_ascii_lowercase();
     let bytes = text.as_bytes();
+    let skip_spaces = |mut j: usize| {
+        while j < bytes.len() && bytes[j] == b' ' {
+            j += 1;
+        }
+        j
+    };
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut search = 0;
-    while let Some((key_end, _)) = SECRET_KEYS
+    while let Some(key_end) = SECRET_KEYS
         .iter()
-        .filter_map(|key| {
-            lower[search..]
-                .find(key)
-                .map(|p| (search + p + key.len(), *key))
-        })
+        .filter_map(|key| lower[search..].find(key).map(|p| search + p + key.len()))
         .min()
     {
         search = key_end;
-        // The key must end here: `password=`, not `passwords` or `password_file=`.
+        // The key must end here (`password=`, not `password_file=`), as `key=value` (a DSN, a
+        // query, an environment listing) or as `key: "value"` (Debug output, JSON, YAML).
         let mut j = key_end;
-        while j < bytes.len() && bytes[j] == b' ' {
+        if bytes.get(j) == Some(&b'"') {
             j += 1;
         }
-        if j >= bytes.len() || bytes[j] != b'=' {
+        j = skip_spaces(j);
+        let separator = bytes.get(j).copied();
+        if !matches!(separator, Some(b'=' | b':')) {
             continue;
         }
-        j += 1;
-        while j < bytes.len() && bytes[j] == b' ' {
-            j += 1;
+        j = skip_spaces(j + 1);
+        if text[j..].starts_with("Some(") {
+            j += "Some(".len();
         }
         let value_start = j;
-        let value_end = if bytes.get(j) == Some(&b'\'') {
-            // A quoted DSN value: up to the closing quote, backslash escapes included.
-            let mut k = j + 1;
-            while k < bytes.len() && bytes[k] != b'\'' {
-                k += if bytes[k] == b'\\' { 2 } else { 1 };
+        let value_end = match bytes.get(j) {
+            Some(b'\'' | b'"') => quoted_end(bytes, j),
+            // Bare values only after `=`: `password: see below` is prose.
+            Some(_) if separator == Some(b'=') => {
+                let mut k = j;
+                while k < bytes.len()
+                    && !bytes[k].is_ascii_whitespace()
+                    && !matches!(bytes[k], b'&' | b'#' | b'"' | b',' | b')' | b';')
+                {
+                    k += 1;
+                }
+                k
             }
-            (k + 1).min(bytes.len())
-        } else {
-            let mut k = j;
-            while k < bytes.len()
-                && !bytes[k].is_ascii_whitespace()
-                && !matches!(bytes[k], b'&' | b'#' | b'"' | b',' | b')' | b';')
-            {
-                k += 1;
-            }
-            k
+            _ => continue,
         };
         if value_end == value_start {
             continue;
@@ -150,6 +163,40 @@ fn redact_key_values(text: &str) -> String {
         search = value_end;
     }
     out.push_str(&text[copied..]);
+    redact_debug_token_urls(&out)
+}
+
+/// A URL's Debug form (`Url { scheme: "nats", …, username: "TOKEN", password: None, … }`, as
+/// async-nats logs its servers) shows a NATS token as the user name.
+fn redact_debug_token_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(found) = rest.find("Url { scheme: \"") {
+        let (before, url) = rest.split_at(found);
+        out.push_str(before);
+        let scheme_start = "Url { scheme: \"".len();
+        let scheme = url[scheme_start..].split('"').next().unwrap_or_default();
+        let end = url[1..].find("Url { ").map_or(url.len(), |p| p + 1);
+        let (this, after) = url.split_at(end);
+        let token = TOKEN_SCHEMES.iter().any(|s| scheme.eq_ignore_ascii_case(s))
+            && this.contains("password: None");
+        match (token, this.find("username: \"")) {
+            (true, Some(at)) => {
+                let value = at + "username: ".len();
+                let value_end = quoted_end(this.as_bytes(), value);
+                if value_end > value + 2 {
+                    out.push_str(&this[..value]);
+                    out.push_str("***");
+                    out.push_str(&this[value_end..]);
+                } else {
+                    out.push_str(this);
+                }
+            }
+            _ => out.push_str(this),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
     out
 }
 
@@ -233,6 +280,29 @@ mod tests {
         assert_eq!(
             redact("Authorization: Bearer abc.def"),
             "Authorization: Bearer ***"
+        );
+    }
+
+    #[test]
+    fn debug_and_json_forms_are_hidden() {
+        let url = r#"ServerAddr(Url { scheme: "nats", cannot_be_a_base: false, username: "sync", password: Some("s3cret"), host: Some(Domain("h")), port: Some(4222) })"#;
+        let shown = redact(url);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains(r#"username: "sync""#), "{shown}");
+        let token =
+            r#"Url { scheme: "nats", username: "t0ken", password: None, host: Some(Domain("h")) }"#;
+        let shown = redact(token);
+        assert!(!shown.contains("t0ken"), "{shown}");
+        let plain = r#"Url { scheme: "postgres", username: "u", password: None }"#;
+        assert_eq!(redact(plain), plain);
+        assert_eq!(
+            redact(r#"{"password":"s3cret","user":"u"}"#),
+            r#"{"password":***,"user":"u"}"#
+        );
+        assert_eq!(redact("password: 'x y'"), "password: ***");
+        assert_eq!(
+            redact("wrong password: check NATS_PASSWORD"),
+            "wrong password: check NATS_PASSWORD"
         );
     }
 

@@ -23,7 +23,8 @@ pub struct Config {
         long,
         env = "CRM_URL",
         default_value = "http://127.0.0.1:8080",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = service_kit::UrlParser
     )]
     pub crm_url: Url,
     /// Bearer token for the CRM API (never logged).

@@ -181,7 +181,8 @@ struct CrmArgs {
         long,
         env = "CRM_URL",
         default_value = "http://127.0.0.1:8080",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = service_kit::UrlParser
     )]
     crm_url: crm_client::Url,
     /// Bearer token for the CRM API.
