@@ -193,6 +193,18 @@ impl<'a> fmt::MakeWriter<'a> for RedactedStderr {
     }
 }
 
+/// What `main` returns for a service's result: on error, the error and its causes on stderr with
+/// credentials taken out (a cause from a library may quote a URL), and exit code 1.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {}", sync_topology::redact(&format!("{err:?}")));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A token cancelled by the first SIGINT or SIGTERM. A second signal exits at once, for an
 /// operator who does not want to wait for in-flight work.
 pub fn shutdown_on_signals() -> CancellationToken {

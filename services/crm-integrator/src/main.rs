@@ -8,9 +8,9 @@ use clap::Parser as _;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     service_kit::init_telemetry();
     let config = crm_integrator::Config::parse();
     let shutdown = service_kit::shutdown_on_signals();
-    crm_integrator::run(config, shutdown).await
+    service_kit::exit_code(crm_integrator::run(config, shutdown).await)
 }

@@ -8,7 +8,7 @@ use crm_mock::{Args, CrmMockConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let config = CrmMockConfig::from(Args::parse());
     if let Err(err) = config.validate() {
         // Report it like any other bad flag: usage error, exit code 2, no backtrace.
@@ -18,5 +18,5 @@ async fn main() -> anyhow::Result<()> {
     }
     service_kit::init_telemetry();
     let shutdown = service_kit::shutdown_on_signals();
-    crm_mock::run(config, shutdown).await
+    service_kit::exit_code(crm_mock::run(config, shutdown).await)
 }

@@ -60,7 +60,7 @@ async fn main() -> ExitCode {
             }
         }
         Err(err) => {
-            eprintln!("csv-reader: {err}");
+            eprintln!("csv-reader: {}", sync_topology::redact(&err.to_string()));
             ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
         }
     }

@@ -8,10 +8,9 @@ use persister::{Args, PersisterConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let config = PersisterConfig::from(Args::parse());
     service_kit::init_telemetry();
     let shutdown = service_kit::shutdown_on_signals();
-    persister::run(config, shutdown).await?;
-    Ok(())
+    service_kit::exit_code(persister::run(config, shutdown).await.map(drop))
 }

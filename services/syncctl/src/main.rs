@@ -360,7 +360,10 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", syncctl::describe_error(&err));
+            eprintln!(
+                "error: {}",
+                sync_topology::redact(&syncctl::describe_error(&err))
+            );
             ExitCode::from(err.exit_code())
         }
     }
