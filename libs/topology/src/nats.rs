@@ -11,7 +11,7 @@ pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 11, 0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read NATS credentials file {path}: {source}")]
+    #[error("cannot read NATS credentials or TLS file {path}: {source}")]
     Credentials {
         path: String,
         source: std::io::Error,

@@ -243,6 +243,66 @@ mod tests {
         ));
     }
 
+    fn synced_at(version: Version) -> Outcome {
+        let customer = customer_record::CustomerRecord::normalised(
+            "c1",
+            "Ada",
+            "Lovelace",
+            "ada@example.com",
+            None,
+            Default::default(),
+        );
+        Outcome::Synced(SyncedOutcome {
+            content_hash: customer.content_hash(),
+            customer,
+            version: Some(version),
+            ingest_seq: 9,
+            crm_id: None,
+            action: SyncAction::Created,
+            source_file: None,
+            source_line: None,
+            synced_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn only_what_could_pin_a_customer_is_checked() {
+        let now: i64 = 1_800_000_000_000;
+        let load = now as u64 - 1_000;
+        assert_eq!(
+            provenance(&synced_at(Version::row(load, 2)), now),
+            Provenance::Plausible,
+            "a plain load is outranked by any later one: nothing to ask"
+        );
+        assert!(matches!(
+            provenance(&synced_at(Version::row(load + 86_400_000, 2)), now),
+            Provenance::Refused(reason) if reason.contains("past this host's clock")
+        ));
+        let stamped = Version {
+            stamp: 42,
+            load,
+            line: 2,
+        };
+        assert!(matches!(
+            provenance(&synced_at(stamped), now),
+            Provenance::MustMatchIngest { ingest_seq: 9, version, .. } if version == stamped
+        ));
+        let Outcome::Synced(mut tampered) = synced_at(stamped) else {
+            unreachable!("synced_at makes a synced outcome");
+        };
+        tampered.customer.first_name = "Eve".to_owned();
+        assert!(matches!(
+            provenance(&Outcome::Synced(tampered), now),
+            Provenance::Refused(reason) if reason.contains("does not hash")
+        ));
+        let rejected = decode(
+            &Names::default(),
+            origin("customers.rejected"),
+            br#"{"source_file":"a.csv","line":3,"kind":"empty_id","reason":"r","raw":"","rejected_at":"2026-01-01T00:00:00Z"}"#,
+        );
+        assert_eq!(provenance(&rejected, now), Provenance::Plausible);
+    }
+
     #[test]
     fn a_rejected_row_decodes() {
         let names = Names::default();
