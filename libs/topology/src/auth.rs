@@ -77,7 +77,7 @@ fn own_inbox(client: &str) -> Vec<String> {
 /// The four users of a namespace and what each may do:
 ///
 /// - `csv-reader`: publish ingest messages and rejected rows; its checkpoints bucket (load counter
-///   included); look up the ingest stream.
+///   included).
 /// - `crm-integrator`: pull from and acknowledge the `integrators` consumer; the ledger and control
 ///   buckets (watching the pause); publish synced, superseded and dead outcomes.
 /// - `persister`: pull from and acknowledge the `persister` consumer; read single ingest messages
@@ -87,11 +87,7 @@ pub fn service_users(names: &Names) -> Vec<ServiceUser> {
     let ingest = names.ingest_stream();
     let results = names.results_stream();
 
-    let mut reader = vec![
-        names.ingest_subject(),
-        names.rejected_subject(),
-        format!("$JS.API.STREAM.INFO.{ingest}"),
-    ];
+    let mut reader = vec![names.ingest_subject(), names.rejected_subject()];
     reader.extend(use_bucket(&names.checkpoints_bucket()));
 
     let mut integrator = vec![
