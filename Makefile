@@ -5,13 +5,17 @@ INFRA := deploy/local/infra.sh
 WITH_ENV := . .run/env &&
 ROWS ?= 20000
 
-.PHONY: all infra down build release test lint fmt demo bench soak clean
+.PHONY: all infra test-infra down build release test test-cluster lint fmt demo bench soak compose-test clean
 
 all: build
 
-## Private NATS and PostgreSQL under .run/ (or NATS_URL / DATABASE_URL when set).
+## Private NATS and PostgreSQL (or NATS_URL / DATABASE_URL when set); see deploy/local/infra.sh.
 infra:
 	@$(INFRA) up
+
+## The same, plus the nats-server and PostgreSQL binaries the tests that restart servers start.
+test-infra:
+	@$(INFRA) up --for-tests
 
 down:
 	@$(INFRA) down
@@ -19,7 +23,7 @@ down:
 build:
 	cargo build --workspace --all-targets
 
-## Only the shipped binaries; the benchmark tools (libs/bench-tools, the *-bench helpers) are built by
+## Only the shipped binaries; the benchmark tools (libs/bench-tools) are built by
 ## the bench scripts, with the same feature set (--workspace), so nothing is rebuilt twice.
 release:
 	cargo build --workspace --release --bin csv-reader --bin crm-integrator --bin persister --bin crm-mock --bin syncctl
@@ -32,9 +36,14 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 ## The binaries are built first: the end-to-end tests run them as separate processes.
-test: infra lint
+test: test-infra lint
 	cargo build --workspace --bins
 	$(WITH_ENV) cargo test --workspace --no-fail-fast
+
+## Only the 3-node cluster tests (libs/e2e/tests/cluster.rs; make test runs them too).
+test-cluster: test-infra
+	cargo build --workspace --bins
+	$(WITH_ENV) cargo test -p e2e --test cluster
 
 demo: infra release
 	$(WITH_ENV) ROWS=$(ROWS) deploy/local/demo.sh
@@ -45,6 +54,11 @@ bench: infra release
 soak: infra release
 	$(WITH_ENV) ROWS=1000000 deploy/local/soak.sh
 
-clean: down
+## The compose stack under podman (optional, not in CI): deploy/podman/compose-test.sh.
+compose-test:
+	deploy/podman/compose-test.sh
+
+clean:
+	@$(INFRA) clean
 	cargo clean
 	rm -rf .run

@@ -6,14 +6,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 OUT="$ROOT/BENCHMARKS.md"
-# The load generator and the helpers the sections use come from apt on a fresh Debian machine.
-missing=()
-for tool in wrk jq bc curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-if [ "${#missing[@]}" -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || { echo "[bench] missing ${missing[*]}: run sudo apt-get install ${missing[*]}" >&2; exit 1; }
-  echo "[bench] installing ${missing[*]} with apt-get" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# The load generator and the helpers the sections use come from apt on a fresh Debian machine:
+# /usr/bin/time (package time) for peak RSS, free (procps) for the machine's memory.
+# shellcheck source=deploy/local/lib-need.bash
+. "$ROOT/deploy/local/lib-need.bash"
+NEED_TAG=bench
+need wrk:wrk jq:jq bc:bc curl:curl /usr/bin/time:time free:procps python3:python3 \
+  psql:postgresql-client || exit 1
 # The version the benchmarked server reports in its INFO line, not whichever nats-server is on PATH.
 nats_version() {
   python3 - "${NATS_URL:-nats://127.0.0.1:4222}" <<'PY' 2>/dev/null || echo unknown
@@ -27,12 +26,25 @@ PY
 }
 SECTIONS="$ROOT/.run/bench"
 mkdir -p "$SECTIONS"
+# Each section this run measures is written fresh; every other one (BENCH_ONLY) is carried over
+# from the committed BENCHMARKS.md, found by its heading `## <script name>` or `## <name>: ...`.
+THIS_RUN=$(mktemp -d)
+trap 'rm -rf "$THIS_RUN"' EXIT
 for script in deploy/local/bench.d/*.sh; do
   name=$(basename "$script" .sh)
-  if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then continue; fi
+  if [ -n "${BENCH_ONLY:-}" ] && [ "$BENCH_ONLY" != "$name" ]; then
+    [ -f "$OUT" ] || continue
+    awk -v name="$name" '
+      /^## / { keep = ($0 == "## " name || index($0, "## " name ":") == 1) }
+      keep { print }
+    ' "$OUT" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$THIS_RUN/$name.md"
+    [ -s "$THIS_RUN/$name.md" ] || rm -f "$THIS_RUN/$name.md"
+    continue
+  fi
   echo "[bench] $name" >&2
   bash "$script" >"$SECTIONS/$name.md.tmp"
   mv "$SECTIONS/$name.md.tmp" "$SECTIONS/$name.md"
+  cp "$SECTIONS/$name.md" "$THIS_RUN/$name.md"
 done
 {
   echo "# Benchmarks"
@@ -42,9 +54,9 @@ done
   echo "- machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
   echo "- kernel: $(uname -r); rustc: $(rustc --version)"
   echo "- nats-server: $(nats_version) (the server at NATS_URL; sections that start their own run \$NATS_SERVER_BIN, $(${NATS_SERVER_BIN:-nats-server} --version 2>/dev/null || echo unknown)); PostgreSQL: $(psql --version | awk '{print $3}')"
-  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ) (sections not re-run then keep the figures, and the notes on load, of their own run)"
   echo
-  for section in "$SECTIONS"/*.md; do
+  for section in "$THIS_RUN"/*.md; do
     [ -e "$section" ] || continue
     cat "$section"
     echo

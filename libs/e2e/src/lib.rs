@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio::process::{Child, Command};
 
+pub mod cluster;
 pub mod expect;
 pub mod pipeline;
 pub mod tls;
@@ -378,8 +379,10 @@ impl PrivatePostgres {
         } else {
             Command::new(&tool_path)
         };
+        // From /: the postgres user may not enter the test's working directory (a 0700 clone).
         let output = command
             .args(args)
+            .current_dir("/")
             .stdin(Stdio::null())
             .output()
             .await
@@ -408,6 +411,7 @@ impl Drop for PrivatePostgres {
         };
         let _ = command
             .args(["-D", &data, "-m", "immediate", "stop"])
+            .current_dir("/")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -514,4 +518,126 @@ pub async fn stream_messages(nats_url: &str, stream: &str) -> Option<u64> {
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(stream).await.ok()?;
     stream.info().await.ok().map(|info| info.state.messages)
+}
+
+/// A client of `nats_url`, which may list several servers of a cluster, comma-separated.
+pub async fn connect_nats(nats_url: &str) -> anyhow::Result<async_nats::Client> {
+    let servers: Vec<&str> = nats_url.split(',').map(str::trim).collect();
+    async_nats::connect(servers.as_slice())
+        .await
+        .with_context(|| format!("connecting to {nats_url}"))
+}
+
+/// For a failing test's message: every message of the ingest stream `stream` about one of `ids`,
+/// as `seq {n}: version {load}.{line}, hash {content hash}` in stream order, plus the ledger entry
+/// of each id in `ledger_bucket`.
+pub async fn ingest_history(
+    nats_url: &str,
+    stream: &str,
+    ledger_bucket: &str,
+    ids: &[&str],
+) -> anyhow::Result<String> {
+    let (js, messages) = every_message(nats_url, stream).await?;
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for (seq, message) in messages {
+        let Ok(decoded) =
+            sync_topology::IngestMessage::decode(Some(&message.headers), &message.payload, seq)
+        else {
+            continue;
+        };
+        let id = &decoded.message.record.id;
+        if ids.contains(&id.as_str()) {
+            let copy = decoded
+                .message
+                .copy_of
+                .map_or(String::new(), |of| format!(", copy of seq {of}"));
+            lines.push((
+                id.clone(),
+                format!(
+                    "seq {seq}: version {}, hash {}{copy}",
+                    decoded.message.version,
+                    decoded.hash.as_str()
+                ),
+            ));
+        }
+    }
+    let ledger = js
+        .get_key_value(ledger_bucket)
+        .await
+        .with_context(|| format!("opening bucket {ledger_bucket}"))?;
+    let mut text = String::new();
+    for id in ids {
+        text.push_str(&format!("{id} in {stream}:\n"));
+        for (_, line) in lines.iter().filter(|(i, _)| i == id) {
+            text.push_str(&format!("  {line}\n"));
+        }
+        let entry = match sync_topology::ledger::ledger_key(id) {
+            Ok(key) => ledger.get(key).await.ok().flatten(),
+            Err(_) => None,
+        };
+        text.push_str(&format!(
+            "  ledger: {}\n",
+            entry.map_or("none".to_owned(), |v| String::from_utf8_lossy(&v)
+                .into_owned())
+        ));
+    }
+    Ok(text)
+}
+
+/// For a failing test's message: the ingest sequences that got more than one outcome in the results
+/// stream `stream` (every ingest message must get exactly one), each with its outcomes as
+/// `seq {n} {subject} {Nats-Msg-Id}`.
+pub async fn repeated_outcomes(nats_url: &str, stream: &str) -> anyhow::Result<String> {
+    let (_, messages) = every_message(nats_url, stream).await?;
+    let mut by_ingest: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for (seq, message) in messages {
+        let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap_or_default();
+        let Some(ingest_seq) = body["ingest_seq"].as_u64() else {
+            continue;
+        };
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map_or(String::new(), |v| v.as_str().to_owned());
+        by_ingest.entry(ingest_seq).or_default().push(format!(
+            "seq {seq} {} {msg_id} {}",
+            message.subject,
+            body["customer_id"]
+                .as_str()
+                .or(body["id"].as_str())
+                .unwrap_or("")
+        ));
+    }
+    let mut text = String::new();
+    for (ingest_seq, outcomes) in by_ingest.iter().filter(|(_, o)| o.len() > 1) {
+        text.push_str(&format!(
+            "ingest seq {ingest_seq}: {}\n",
+            outcomes.join("; ")
+        ));
+    }
+    Ok(text)
+}
+
+/// Every message of `stream` with its sequence, read one by one (for small test streams only),
+/// and the JetStream context it was read with.
+async fn every_message(
+    nats_url: &str,
+    stream: &str,
+) -> anyhow::Result<(
+    async_nats::jetstream::Context,
+    Vec<(u64, async_nats::jetstream::message::StreamMessage)>,
+)> {
+    let js = async_nats::jetstream::new(connect_nats(nats_url).await?);
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("looking up stream {stream}"))?;
+    let state = handle.info().await?.state.clone();
+    let mut messages = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(message) = handle.get_raw_message(seq).await {
+            messages.push((seq, message));
+        }
+    }
+    Ok((js, messages))
 }

@@ -17,7 +17,8 @@ pub struct PipelineEnv {
     pub database_url: String,
     pub namespace: String,
     pub crm_token: String,
-    /// Extra flags of every `syncctl setup` this pipeline runs (say, a short dedup window).
+    /// Extra flags of every `syncctl setup` this pipeline runs (say, a short dedup window, or
+    /// `--replicas 3` on a cluster).
     pub setup_args: Vec<String>,
     /// Environment of one binary beyond the above (its NATS user, TLS files), by binary name.
     pub service_env: std::collections::HashMap<String, Vec<(String, String)>>,
@@ -75,11 +76,20 @@ impl PipelineEnv {
     pub async fn setup(&self) -> anyhow::Result<()> {
         let mut args = vec!["setup"];
         args.extend(self.setup_args.iter().map(String::as_str));
-        let out = self.run("syncctl", &args).await?;
-        if !out.status.success() {
-            bail!("syncctl setup failed: {}", describe(&out));
+        // A cluster that has just formed can still time out creating replicated streams; setup is
+        // idempotent, so it is run again, a few times.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let out = self.run("syncctl", &args).await?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if attempts >= 3 {
+                bail!("syncctl setup failed {attempts} times: {}", describe(&out));
+            }
+            eprintln!("syncctl setup failed, running it again: {}", describe(&out));
         }
-        Ok(())
     }
 
     /// `syncctl verify --json` (with `--crm` against `crm_url` when given): the report, or an

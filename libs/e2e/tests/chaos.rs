@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::expect::expected_from_csv;
-use e2e::pipeline::{MockFaults, Pipeline, PipelineEnv, describe};
+use e2e::pipeline::{MockFaults, Pipeline, PipelineEnv, Service, describe};
 use e2e::{PrivateNats, PrivatePostgres, TestDatabase, stream_messages, wait_for};
 use sync_topology::Names;
 
@@ -57,12 +57,15 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
     .await?;
     reader.start_kill()?;
     reader.wait().await?;
-    let mut resumed = env
-        .command("csv-reader")?
-        .args([file_arg.as_str(), "--resume"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    // Its log goes beside the services', so a run that stalls shows what the reader was doing.
+    let mut resumed = Service::spawn(
+        &env,
+        "csv-reader",
+        &[file_arg.clone(), "--resume".to_owned()],
+        pipeline.log_dir.path(),
+        "csv-reader-resumed",
+    )
+    .await?;
 
     // One integrator killed and restarted every few seconds, for as long as the run takes.
     let mut kills = tokio::time::interval(Duration::from_secs(3));
@@ -87,7 +90,7 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         }
         // Chaos lasts until the reader is done, both servers were restarted and most customers
         // went through; the tail (records in retry backoff) then drains without kills.
-        let reader_done = resumed.try_wait()?.is_some();
+        let reader_done = resumed.child.try_wait()?.is_some();
         let crm_customers = pipeline
             .crm_stats()
             .await
@@ -100,16 +103,18 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "chaos run made too little progress: {crm_customers} of {} customers in the CRM{}",
+            "chaos run made too little progress: {crm_customers} of {} customers in the CRM \
+             (reader done: {reader_done}){}\n=== csv-reader (resumed) ===\n{}",
             expected.last_hash.len(),
-            pipeline.logs()
+            pipeline.logs(),
+            resumed.log_tail()
         );
     }
-    let reader_out = resumed.wait_with_output().await?;
+    let status = resumed.child.wait().await?;
     anyhow::ensure!(
-        reader_out.status.success(),
-        "resumed reader failed: {}",
-        describe(&reader_out)
+        status.success(),
+        "resumed reader failed with {status}:\n{}",
+        resumed.log_tail()
     );
 
     pipeline.wait_drained(Duration::from_secs(300)).await?;

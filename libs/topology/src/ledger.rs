@@ -52,6 +52,16 @@ pub struct Claim {
     /// lost connection, replica death): whoever sends next looks the customer up first.
     #[serde(default)]
     pub in_doubt: bool,
+    /// When the claim was given up in doubt (Unix ms; 0: it is held). Its lease then runs on for a
+    /// grace, because a CRM may still apply a request after the client stopped waiting for it:
+    /// the same version may go on at once (its idempotency key makes a late copy a replay), other
+    /// versions wait the grace out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub released_at_ms: i64,
+}
+
+fn is_zero(ms: &i64) -> bool {
+    *ms == 0
 }
 
 impl Claim {
@@ -106,7 +116,7 @@ impl LedgerEntry {
         let confirmed = self.confirmed.as_ref().map(|c| c.version);
         self.claim
             .as_ref()
-            .filter(|c| c.in_doubt || c.lease_until_ms > 0)
+            .filter(|c| c.in_doubt || c.lease_until_ms > 0 || c.released_at_ms > 0)
             .filter(|c| confirmed.is_none_or(|v| c.version > v))
     }
 }
@@ -155,9 +165,17 @@ pub fn decide(
         return Decision::Superseded { by: newer };
     }
     if let Some(claim) = entry.claim.as_ref().filter(|c| c.is_live(now_ms)) {
-        return Decision::Wait {
-            claim_version: claim.version,
-            remaining_ms: claim.lease_until_ms - now_ms,
+        let same_request =
+            claim.released_at_ms > 0 && claim.version == version && claim.hash == *hash;
+        if !same_request {
+            return Decision::Wait {
+                claim_version: claim.version,
+                remaining_ms: claim.lease_until_ms - now_ms,
+            };
+        }
+        return Decision::Send {
+            look_up_first: true,
+            create: entry.confirmed.is_none(),
         };
     }
     let look_up_first = entry.doubtful_claim().is_some() || force_resend;
@@ -264,6 +282,7 @@ mod tests {
             owner: "r1".into(),
             lease_until_ms,
             in_doubt,
+            released_at_ms: 0,
         })
     }
 
@@ -414,6 +433,36 @@ mod tests {
             decide(Some(&stale), v(5), &hash(1), false, NOW),
             Decision::AlreadyConfirmed { .. }
         ));
+    }
+
+    #[test]
+    fn a_claim_given_up_in_doubt_holds_other_versions_for_its_grace_only() {
+        let mut released = claim(1, v(3), NOW + 2_000, true);
+        if let Some(c) = released.as_mut() {
+            c.released_at_ms = NOW - 10;
+        }
+        let e = entry(None, released);
+        // The same request again: its key makes a late copy a replay, so it may go on.
+        assert_eq!(
+            decide(Some(&e), v(3), &hash(1), false, NOW),
+            Decision::Send {
+                look_up_first: true,
+                create: true
+            }
+        );
+        // Another version must not race a request the CRM may still apply.
+        assert!(matches!(
+            decide(Some(&e), v(4), &hash(2), false, NOW),
+            Decision::Wait { .. }
+        ));
+        // After the grace: looked up first like any doubt.
+        assert_eq!(
+            decide(Some(&e), v(4), &hash(2), false, NOW + 5_000),
+            Decision::Send {
+                look_up_first: true,
+                create: true
+            }
+        );
     }
 
     #[test]

@@ -26,8 +26,8 @@ pub use nats::{
 pub use prune::{PruneError, PruneReport, StreamPrune, prune_settled};
 pub use redact::redact;
 pub use setup::{
-    Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport,
-    TopologySettings, ensure_topology,
+    Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport, TeardownReport,
+    TopologySettings, ensure_topology, namespace_streams, teardown,
 };
 pub use version::{
     InvalidVersion, MAX_CLOCK_SKEW_MS, MAX_VERSION_COMPONENT, Version, stamp_from_text,

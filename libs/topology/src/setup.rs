@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, ErrorCode, consumer,
     consumer::pull,
-    context::{GetStreamErrorKind, KeyValueErrorKind},
+    context::{DeleteStreamErrorKind, GetStreamErrorKind, KeyValueErrorKind},
     kv,
     stream::{self, ConsumerErrorKind},
 };
@@ -114,6 +114,50 @@ fn failed(action: &'static str, object: &str, err: impl fmt::Display) -> SetupEr
         object: object.to_owned(),
         message: err.to_string(),
     }
+}
+
+/// What `teardown` removed, and what was not there to remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TeardownReport {
+    pub deleted: Vec<String>,
+    pub absent: Vec<String>,
+}
+
+/// The namespace's JetStream objects: its two streams and the streams behind its three buckets.
+pub fn namespace_streams(names: &Names) -> Vec<String> {
+    let mut streams = vec![names.ingest_stream(), names.results_stream()];
+    streams.extend(
+        [
+            names.ledger_bucket(),
+            names.checkpoints_bucket(),
+            names.control_bucket(),
+        ]
+        .map(|bucket| format!("KV_{bucket}")),
+    );
+    streams
+}
+
+/// Deletes every stream and bucket of the namespace, with their messages: what a benchmark or an
+/// operator retiring a namespace wants. Objects already gone are reported, not failed on, so it
+/// can be run again after a partial failure.
+pub async fn teardown(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<TeardownReport, SetupError> {
+    let mut report = TeardownReport::default();
+    for stream in namespace_streams(names) {
+        match js.delete_stream(&stream).await {
+            Ok(_) => report.deleted.push(stream),
+            Err(err)
+                if matches!(err.kind(), DeleteStreamErrorKind::JetStream(ref e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                report.absent.push(stream);
+            }
+            Err(err) => return Err(failed("delete", &stream, err)),
+        }
+    }
+    Ok(report)
 }
 
 /// Brings the namespace's layout to `settings`, creating what is missing and updating what differs.

@@ -26,6 +26,9 @@ pub(crate) struct Ledger {
     /// How long a claim lives without renewal: longer than an unacknowledged delivery and than one
     /// request, so nobody takes over while our request may still land.
     pub claim_lease: Duration,
+    /// How long a claim given up in doubt still holds other versions back: a CRM may apply a
+    /// request after we stopped waiting for it, and a second version sent meanwhile would race it.
+    pub doubt_grace: Duration,
 }
 
 /// A customer's entry as last read or written by one message's task. Revision 0: no entry.
@@ -128,6 +131,7 @@ impl Ledger {
             owner: self.replica.clone(),
             lease_until_ms: now_ms() + lease.as_millis() as i64,
             in_doubt,
+            released_at_ms: 0,
         }
     }
 
@@ -194,7 +198,7 @@ impl Ledger {
         self.update(subject.key, held, |entry| {
             let ours = self.is_ours(entry.claim.as_ref(), subject.version);
             if ours {
-                release_claim(entry, in_doubt);
+                release_claim(entry, in_doubt, self.doubt_grace);
             }
             // A version something newer has overtaken will be superseded anyway: no count.
             let counted = failed && entry.newest_known() <= Some(subject.version);
@@ -223,7 +227,7 @@ impl Ledger {
     ) -> Result<(), ProcessError> {
         self.update(subject.key, held, |entry| {
             if self.is_ours(entry.claim.as_ref(), subject.version) {
-                release_claim(entry, in_doubt);
+                release_claim(entry, in_doubt, self.doubt_grace);
             }
             if entry.newest_known() > Some(subject.version) {
                 return false;
@@ -297,10 +301,12 @@ impl Ledger {
     }
 }
 
-fn release_claim(entry: &mut LedgerEntry, in_doubt: bool) {
+fn release_claim(entry: &mut LedgerEntry, in_doubt: bool, grace: Duration) {
     if in_doubt {
         if let Some(claim) = entry.claim.as_mut() {
-            claim.lease_until_ms = 0;
+            let now = now_ms();
+            claim.lease_until_ms = now + grace.as_millis() as i64;
+            claim.released_at_ms = now;
             claim.in_doubt = true;
         }
     } else {

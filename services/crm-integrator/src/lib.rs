@@ -132,6 +132,8 @@ async fn connect_with_consumer(
             store: ledger,
             replica,
             claim_lease,
+            // As long as a claim's own lease assumes a request may still land after its deadline.
+            doubt_grace: request_timeout * 2 + Duration::from_secs(1),
         },
         crm,
         gate,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use common::{Pipeline, customer, start_mock};
+use common::{Pipeline, customer, start_mock, take};
 use crm_integrator::Settled;
 use crm_mock::CrmMockConfig;
 use futures::StreamExt as _;
@@ -16,29 +16,6 @@ use sync_topology::ledger::{Claim, LedgerEntry, ledger_key};
 use sync_topology::messages::SyncAction;
 use sync_topology::{IngestMessage, Version, ids};
 use tokio_util::sync::CancellationToken;
-
-/// Takes the next `n` deliveries off the integrators' consumer, to settle by hand in any order.
-async fn take(
-    pipeline: &Pipeline,
-    n: usize,
-) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
-    let consumer: PullConsumer = pipeline
-        .js
-        .get_consumer_from_stream("integrators", pipeline.names.ingest_stream())
-        .await?;
-    let mut batch = consumer
-        .fetch()
-        .max_messages(n)
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await?;
-    let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
-        messages.push(message.map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?);
-    }
-    anyhow::ensure!(messages.len() == n, "took {} of {n}", messages.len());
-    Ok(messages)
-}
 
 /// Deliveries the integrators' consumer has made so far, redeliveries included.
 async fn deliveries(pipeline: &Pipeline) -> anyhow::Result<u64> {
@@ -143,6 +120,7 @@ async fn a_superseded_version_is_never_synced_even_when_the_newer_one_dies() -> 
             owner: "another-replica".to_owned(),
             lease_until_ms: chrono::Utc::now().timestamp_millis() + 60_000,
             in_doubt: false,
+            released_at_ms: 0,
         }),
         ..LedgerEntry::default()
     };
@@ -193,6 +171,7 @@ async fn waiting_is_not_failing() -> anyhow::Result<()> {
             owner: "dead-replica".to_owned(),
             lease_until_ms: chrono::Utc::now().timestamp_millis() + 4_000,
             in_doubt: false,
+            released_at_ms: 0,
         }),
         ..LedgerEntry::default()
     };
@@ -381,7 +360,9 @@ async fn deliver_again(
             ..Default::default()
         })
         .await?;
-    for n in 1..=deliveries {
+    // The server may hand out a later message before it redelivers the one handed back; those
+    // are acknowledged out of the way (this consumer is the test's own).
+    for _ in 0..100 {
         let mut batch = consumer
             .fetch()
             .max_messages(1)
@@ -393,15 +374,25 @@ async fn deliver_again(
             .await
             .ok_or_else(|| anyhow::anyhow!("no message at {seq}"))?
             .map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?;
-        if n == deliveries {
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("no metadata: {e}"))?;
+        let (this, delivered) = (info.stream_sequence, info.delivered);
+        if this != seq {
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack failed: {e}"))?;
+        } else if usize::try_from(delivered).unwrap_or(0) >= deliveries {
             return Ok(message);
+        } else {
+            message
+                .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                .await
+                .map_err(|e| anyhow::anyhow!("nak failed: {e}"))?;
         }
-        message
-            .ack_with(async_nats::jetstream::AckKind::Nak(None))
-            .await
-            .map_err(|e| anyhow::anyhow!("nak failed: {e}"))?;
     }
-    anyhow::bail!("no deliveries asked for")
+    anyhow::bail!("message {seq} was not delivered {deliveries} times")
 }
 
 /// A message whose ack was lost is judged again when it comes back, maybe differently (synced the
@@ -453,4 +444,61 @@ async fn a_message_whose_ack_was_lost_keeps_one_outcome() -> anyhow::Result<()> 
     assert_eq!(outcomes.settled_seqs().len(), 3);
     assert_eq!(outcomes.dead.len(), 1);
     Ok(())
+}
+
+/// A CRM may apply a request after the client stopped waiting for it. Another version sent in
+/// that gap would race it (a second create of the same customer); a claim given up in doubt
+/// holds other versions back for a grace, and the doubtful version itself goes on under its own
+/// idempotency key, which turns the late copy into a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mock = start_mock(
+        CrmMockConfig {
+            late_apply_rate: 1.0,
+            hang_ms: 1_000,
+            ..CrmMockConfig::default()
+        },
+        &shutdown,
+    )
+    .await?;
+    let pipeline = Pipeline::new().await?;
+    let (v1, v2) = (customer("late", "First"), customer("late", "Second"));
+    pipeline.publish(&v1, 2).await?;
+    pipeline.publish(&v2, 3).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    // Every failure hands the record back at once: the path where another version may go next.
+    config.max_inline_wait_ms = 0;
+    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
+    let mut messages = take(&pipeline, 2).await?;
+    let newer = messages.pop().expect("two messages");
+    let older = messages.pop().expect("two messages");
+    // Line 2's create times out, and the CRM will still apply it after its hang.
+    assert!(matches!(
+        crm_integrator::process_message(&integrator, older).await?,
+        Settled::Deferred { .. }
+    ));
+    mock.reconfigure(CrmMockConfig::default())?;
+    // Line 3 must not be created while that request may still land.
+    let settled = crm_integrator::process_message(&integrator, newer).await?;
+    assert!(
+        matches!(&settled, Settled::Deferred { reason, .. } if reason.contains("waiting")),
+        "{settled:?}"
+    );
+    e2e::wait_for(
+        "the late apply to land",
+        Duration::from_secs(10),
+        || async { (mock.stats().injected.late_landed >= 1).then_some(()) },
+    )
+    .await?;
+    // After the grace, line 3 finds line 2 in the CRM and updates it.
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
+    pipeline
+        .wait_for_outcomes(2, Duration::from_secs(60))
+        .await?;
+    let stats = mock.stats();
+    assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
+    assert_eq!(common::crm_holds(&mock, "late").await?, Some(v2));
+    shutdown.cancel();
+    running.wait().await
 }

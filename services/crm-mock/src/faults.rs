@@ -18,6 +18,9 @@ pub enum InjectedFault {
     RateLimited,
     /// Hang, then 504; `applied_first` means the change landed before the hang.
     Timeout { applied_first: bool },
+    /// Hang, then 504, while the change lands at the end of the hang whether or not the client
+    /// is still there: a backend that finishes work its gateway has given up on.
+    LateApply,
 }
 
 /// What happens to one request: its added latency and at most one fault.
@@ -51,6 +54,7 @@ impl FaultPlan {
         let error_until = config.failure_rate;
         let rate_limit_until = error_until + config.rate_limit_rate;
         let timeout_until = rate_limit_until + config.timeout_rate;
+        let late_until = timeout_until + config.late_apply_rate;
         let fault = if roll < error_until {
             let status = SERVER_ERRORS[rng.random_range(0..SERVER_ERRORS.len())];
             Some(InjectedFault::ServerError(status))
@@ -60,6 +64,8 @@ impl FaultPlan {
             Some(InjectedFault::Timeout {
                 applied_first: rng.random_bool(0.5),
             })
+        } else if roll < late_until {
+            Some(InjectedFault::LateApply)
         } else {
             None
         };
@@ -110,9 +116,13 @@ mod tests {
 
     #[test]
     fn rates_are_met_and_half_the_timeouts_apply_first() {
-        let config = config(0.2, 0.1, 0.05);
+        let config = CrmMockConfig {
+            late_apply_rate: 0.02,
+            ..config(0.2, 0.1, 0.05)
+        };
         let total = 100_000u64;
         let (mut errors, mut limited, mut timeouts, mut applied) = (0u64, 0u64, 0u64, 0u64);
+        let mut late = 0u64;
         let mut statuses = std::collections::BTreeSet::new();
         for n in 0..total {
             match FaultPlan::for_request(&config, n).fault {
@@ -125,9 +135,14 @@ mod tests {
                     timeouts += 1;
                     applied += u64::from(applied_first);
                 }
+                Some(InjectedFault::LateApply) => late += 1,
                 None => {}
             }
         }
+        assert!(
+            (late as f64 / total as f64 - 0.02).abs() < 0.005,
+            "late {late}"
+        );
         let share = |count: u64| count as f64 / total as f64;
         assert!((share(errors) - 0.2).abs() < 0.01, "errors {errors}");
         assert!(

@@ -34,6 +34,8 @@ struct Counters {
     injected_error: AtomicU64,
     injected_rate_limited: AtomicU64,
     injected_timeout: AtomicU64,
+    injected_late_applied: AtomicU64,
+    injected_late_landed: AtomicU64,
     concurrency_limited: AtomicU64,
     quota_limited: AtomicU64,
     rejected_auth: AtomicU64,
@@ -73,8 +75,12 @@ impl Settings {
     }
 }
 
+/// How many duplicate effects `/stats` names.
+const DUPLICATES_NAMED: usize = 20;
+
 pub struct App {
     settings: RwLock<Arc<Settings>>,
+    duplicate_ids: parking_lot::Mutex<Vec<String>>,
     shutdown: CancellationToken,
     store: Store,
     counters: Counters,
@@ -84,6 +90,7 @@ impl App {
     pub fn new(config: CrmMockConfig, shutdown: CancellationToken) -> Self {
         App {
             settings: RwLock::new(Arc::new(Settings::new(config))),
+            duplicate_ids: parking_lot::Mutex::new(Vec::new()),
             shutdown,
             store: Store::default(),
             counters: Counters::default(),
@@ -113,11 +120,14 @@ impl App {
             updated: read(&c.updated),
             idempotent_replays: read(&c.idempotent_replays),
             duplicate_effects: read(&c.duplicate_effects),
+            duplicate_ids: self.duplicate_ids.lock().clone(),
             customers: self.store.customer_count(),
             injected: InjectedCounts {
                 error: read(&c.injected_error),
                 rate_limited: read(&c.injected_rate_limited),
                 timeout: read(&c.injected_timeout),
+                late_applied: read(&c.injected_late_applied),
+                late_landed: read(&c.injected_late_landed),
                 concurrency_limited: read(&c.concurrency_limited),
                 quota_limited: read(&c.quota_limited),
             },
@@ -130,6 +140,7 @@ impl App {
 
     fn reset(&self) {
         self.store.clear();
+        self.duplicate_ids.lock().clear();
         let c = &self.counters;
         for counter in [
             &c.requests,
@@ -140,6 +151,8 @@ impl App {
             &c.injected_error,
             &c.injected_rate_limited,
             &c.injected_timeout,
+            &c.injected_late_applied,
+            &c.injected_late_landed,
             &c.concurrency_limited,
             &c.quota_limited,
             &c.rejected_auth,
@@ -321,6 +334,22 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
                 "injected timeout",
             ))
         }
+        Some(InjectedFault::LateApply) => {
+            bump(&counters.injected_late_applied);
+            let hang = Duration::from_millis(config.hang_ms);
+            // Detached, so it lands even when the client gives up and the connection closes.
+            let late = app.clone();
+            tokio::spawn(async move {
+                late.pause(hang).await;
+                drop(next.run(request).await);
+                bump(&late.counters.injected_late_landed);
+            });
+            app.pause(hang).await;
+            respond(Answer::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "injected timeout (the change lands later)",
+            ))
+        }
     }
 }
 
@@ -382,7 +411,17 @@ fn write(app: &App, write: Write, headers: &HeaderMap, body: Bytes) -> Response 
             ),
         );
     }
+    let id = record.id.clone();
     let written = app.store.write(write, key, body, record);
+    if matches!(
+        written.effect,
+        Effect::Created { duplicate: true } | Effect::Updated { duplicate: true }
+    ) {
+        let mut named = app.duplicate_ids.lock();
+        if named.len() < DUPLICATES_NAMED {
+            named.push(format!("{id} ({})", key.unwrap_or("no key")));
+        }
+    }
     app.count(written.effect);
     respond(written.answer)
 }

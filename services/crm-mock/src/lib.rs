@@ -32,6 +32,9 @@ pub struct CrmMockConfig {
     /// change before hanging.
     pub timeout_rate: f64,
     pub hang_ms: u64,
+    /// Share of requests that hang for `hang_ms`, answer 504, and apply the change at the end of
+    /// the hang even though the client has given up.
+    pub late_apply_rate: f64,
     /// Added to every API request, plus a uniform `0..=jitter_ms`.
     pub latency_ms: u64,
     pub jitter_ms: u64,
@@ -56,6 +59,7 @@ impl Default for CrmMockConfig {
             retry_after_secs: 1,
             timeout_rate: 0.0,
             hang_ms: 30_000,
+            late_apply_rate: 0.0,
             latency_ms: 0,
             jitter_ms: 0,
             max_concurrency: None,
@@ -77,6 +81,7 @@ impl fmt::Debug for CrmMockConfig {
             .field("retry_after_secs", &self.retry_after_secs)
             .field("timeout_rate", &self.timeout_rate)
             .field("hang_ms", &self.hang_ms)
+            .field("late_apply_rate", &self.late_apply_rate)
             .field("latency_ms", &self.latency_ms)
             .field("jitter_ms", &self.jitter_ms)
             .field("max_concurrency", &self.max_concurrency)
@@ -94,7 +99,8 @@ pub enum ConfigError {
     #[error("--{flag} must be between 0 and 1, got {value}")]
     RateOutOfRange { flag: &'static str, value: f64 },
     #[error(
-        "--failure-rate + --rate-limit-rate + --timeout-rate must not exceed 1, got {sum} \
+        "--failure-rate + --rate-limit-rate + --timeout-rate + --late-apply-rate must not exceed \
+         1, got {sum} \
          (each request suffers at most one of them)"
     )]
     RatesExceedOne { sum: f64 },
@@ -110,12 +116,14 @@ impl CrmMockConfig {
             ("failure-rate", self.failure_rate),
             ("rate-limit-rate", self.rate_limit_rate),
             ("timeout-rate", self.timeout_rate),
+            ("late-apply-rate", self.late_apply_rate),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(ConfigError::RateOutOfRange { flag, value });
             }
         }
-        let sum = self.failure_rate + self.rate_limit_rate + self.timeout_rate;
+        let sum =
+            self.failure_rate + self.rate_limit_rate + self.timeout_rate + self.late_apply_rate;
         if sum > 1.0 + 1e-9 {
             return Err(ConfigError::RatesExceedOne { sum });
         }
@@ -160,6 +168,10 @@ pub struct Args {
     /// How long an injected timeout hangs, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub hang_ms: u64,
+    /// Share of API requests that hang for --hang-ms, then 504, while the change lands at the end
+    /// of the hang whether or not the client is still there (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub late_apply_rate: f64,
     /// Latency added to every API request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
@@ -192,6 +204,7 @@ impl From<Args> for CrmMockConfig {
             retry_after_secs: args.retry_after_secs,
             timeout_rate: args.timeout_rate,
             hang_ms: args.hang_ms,
+            late_apply_rate: args.late_apply_rate,
             latency_ms: args.latency_ms,
             jitter_ms: args.jitter_ms,
             max_concurrency: args.max_concurrency,
@@ -216,6 +229,9 @@ pub struct Stats {
     pub idempotent_replays: u64,
     /// Creates of an id already held plus creates/updates that re-applied identical data.
     pub duplicate_effects: u64,
+    /// The first duplicate effects, as `customer id (idempotency key)`, for finding out why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicate_ids: Vec<String>,
     /// Distinct customer ids held.
     pub customers: u64,
     pub injected: InjectedCounts,
@@ -236,6 +252,12 @@ pub struct InjectedCounts {
     pub rate_limited: u64,
     /// Hangs followed by 504, from --timeout-rate.
     pub timeout: u64,
+    /// Hangs followed by 504 and a change applied after them, from --late-apply-rate.
+    #[serde(default)]
+    pub late_applied: u64,
+    /// Of those, the changes that have landed (applied, refused or replayed) by now.
+    #[serde(default)]
+    pub late_landed: u64,
     /// 429 because --max-concurrency requests were already in flight.
     #[serde(default)]
     pub concurrency_limited: u64,

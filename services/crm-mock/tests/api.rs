@@ -119,6 +119,11 @@ async fn duplicate_effects_counts_true_duplicates() -> anyhow::Result<()> {
         "a real change is not a duplicate"
     );
     assert_eq!((stats.created, stats.updated), (2, 2));
+    assert_eq!(
+        stats.duplicate_ids,
+        ["c-1 (no key)", "c-1 (no key)"],
+        "the duplicates are named, for finding out why"
+    );
     mock.stop().await
 }
 

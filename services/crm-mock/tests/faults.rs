@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use common::{Mock, client, customer};
 use crm_mock::{CrmMockConfig, FaultPlan, InjectedFault};
 
@@ -253,5 +254,43 @@ async fn reconfigure_takes_the_crm_down_and_back_up_keeping_its_customers() -> a
     let stats = running.stats();
     assert_eq!((stats.created, stats.injected.error), (2, 4));
     assert_eq!(stats, mock.stats().await?);
+    mock.stop().await
+}
+
+/// A late apply lands after the hang even when the client gave up long before: the case a client
+/// timeout cannot rule out, which the integrator's grace after a doubtful send is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_apply_lands_after_the_client_gave_up() -> anyhow::Result<()> {
+    let mock = Mock::start(CrmMockConfig {
+        late_apply_rate: 1.0,
+        hang_ms: 300,
+        ..CrmMockConfig::default()
+    })
+    .await?;
+    let impatient = client(Duration::from_millis(50))?;
+    let sent = impatient
+        .post(mock.at("/customers"))
+        .json(&customer("late-1", "Lena"))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gives up before the answer");
+    mock.running
+        .as_ref()
+        .context("mock running")?
+        .reconfigure(CrmMockConfig::default())?;
+    assert_eq!(mock.get("late-1").await?.status, 404, "not applied yet");
+    e2e::wait_for("the late apply", Duration::from_secs(5), || async {
+        (mock.get("late-1").await.ok()?.status == 200).then_some(())
+    })
+    .await?;
+    let stats = mock.stats().await?;
+    assert_eq!(
+        (
+            stats.created,
+            stats.injected.late_applied,
+            stats.injected.late_landed
+        ),
+        (1, 1, 1)
+    );
     mock.stop().await
 }

@@ -198,6 +198,51 @@ pub(crate) async fn read_stream(
     })
 }
 
+/// One message of the ingest stream, read from start to end: where it is, when it was stored,
+/// and what it decodes to.
+pub(crate) struct StoredIngest {
+    pub seq: u64,
+    pub stored_at: time::OffsetDateTime,
+    pub decoded: Result<sync_topology::Decoded, sync_topology::Malformed>,
+}
+
+/// Every message of the ingest stream as it is now, in order, decoded (a one-pass read: replay's
+/// range reads keep their own consumer).
+pub(crate) async fn ingest_messages(
+    pipeline: &Pipeline,
+    purpose: &str,
+) -> Result<impl futures::Stream<Item = Result<StoredIngest, CtlError>> + use<>, CtlError> {
+    use futures::StreamExt as _;
+    let stream_name = pipeline.names.ingest_stream();
+    let read = read_stream(
+        pipeline,
+        &stream_name,
+        pipeline.names.ingest_subject(),
+        jetstream::consumer::DeliverPolicy::All,
+        purpose,
+    )
+    .await?;
+    Ok(read
+        .messages
+        .take(read.pending_at_start as usize)
+        .map(move |message| {
+            let failed =
+                |e: &dyn std::fmt::Display| nats_error(format!("reading {stream_name}"), e);
+            let message = message.map_err(|e| failed(&e))?;
+            let info = message.info().map_err(|e| failed(&e))?;
+            let (seq, stored_at) = (info.stream_sequence, info.published);
+            Ok(StoredIngest {
+                seq,
+                stored_at,
+                decoded: sync_topology::IngestMessage::decode(
+                    message.headers.as_ref(),
+                    &message.payload,
+                    seq,
+                ),
+            })
+        }))
+}
+
 /// Connects to PostgreSQL with a single connection (the CLI never needs more), over TLS as the
 /// URL's `sslmode` asks.
 pub async fn connect_database(database_url: &str) -> Result<tokio_postgres::Client, CtlError> {

@@ -173,9 +173,12 @@ struct WaitArgs {
     timeout: Duration,
 }
 
-/// Where the CRM is and how to authenticate to it (verify --crm, show --crm).
+/// Where `verify --crm` and `show --crm` ask the CRM, and how they authenticate to it.
 #[derive(Debug, Args)]
 struct CrmArgs {
+    /// Also ask the CRM what it holds.
+    #[arg(long)]
+    crm: bool,
     /// Base URL of the CRM API.
     #[arg(
         long,
@@ -194,14 +197,14 @@ struct CrmArgs {
 }
 
 impl CrmArgs {
-    fn check(self, sample: Option<usize>, concurrency: usize) -> syncctl::verify::CrmCheck {
-        syncctl::verify::CrmCheck {
+    fn check(self, sample: Option<usize>, concurrency: usize) -> Option<syncctl::verify::CrmCheck> {
+        self.crm.then_some(syncctl::verify::CrmCheck {
             url: self.crm_url,
             token: self.crm_token,
             sample,
             concurrency,
             allow_insecure: self.allow_insecure_crm,
-        }
+        })
     }
 }
 
@@ -211,11 +214,8 @@ struct VerifyArgs {
     nats: NatsArgs,
     #[command(flatten)]
     database: DatabaseArgs,
-    /// Also ask the CRM what it holds for each customer.
-    #[arg(long)]
-    crm: bool,
     #[command(flatten)]
-    crm_access: CrmArgs,
+    crm: CrmArgs,
     /// With --crm: check this many customers chosen at random instead of all.
     #[arg(long)]
     sample: Option<usize>,
@@ -235,11 +235,8 @@ struct ShowArgs {
     nats: NatsArgs,
     #[command(flatten)]
     database: DatabaseArgs,
-    /// Also ask the CRM what it holds.
-    #[arg(long)]
-    crm: bool,
     #[command(flatten)]
-    crm_access: CrmArgs,
+    crm: CrmArgs,
     /// One JSON object on stdout, for scripts.
     #[arg(long)]
     json: bool,
@@ -424,7 +421,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                 nats: args.nats,
                 database_url: args.database.database_url,
                 customer_id: args.customer_id,
-                crm: args.crm.then(|| args.crm_access.check(None, 1)),
+                crm: args.crm.check(None, 1),
             })
             .await?;
             if args.json {
@@ -529,9 +526,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, CtlError> {
-    let crm = args
-        .crm
-        .then(|| args.crm_access.check(args.sample, args.crm_concurrency));
+    let crm = args.crm.check(args.sample, args.crm_concurrency);
     let report = syncctl::verify::run(&syncctl::verify::VerifyConfig {
         nats: args.nats,
         database_url: args.database.database_url,

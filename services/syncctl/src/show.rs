@@ -15,9 +15,9 @@ use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use serde::Serialize;
 use service_kit::NatsArgs;
+use sync_topology::Version;
 use sync_topology::ledger::{LedgerEntry, ledger_key};
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncedOutcome};
-use sync_topology::{IngestMessage, Version};
 
 use crate::verify::CrmCheck;
 use crate::{CtlError, Pipeline, nats_error};
@@ -114,33 +114,21 @@ pub async fn run(config: &ShowConfig) -> Result<Story, CtlError> {
 }
 
 async fn ingest_versions(pipeline: &Pipeline, id: &str) -> Result<Vec<SeenVersion>, CtlError> {
-    let stream_name = pipeline.names.ingest_stream();
-    let read = crate::read_stream(
-        pipeline,
-        &stream_name,
-        pipeline.names.ingest_subject(),
-        DeliverPolicy::All,
-        "show",
-    )
-    .await?;
-    let mut messages = read.messages.take(read.pending_at_start as usize);
+    let messages = crate::ingest_messages(pipeline, "show").await?;
+    futures::pin_mut!(messages);
     let mut versions = Vec::new();
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
-        let info = message
-            .info()
-            .map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
-        let (seq, published) = (info.stream_sequence, info.published);
-        let Ok(decoded) = IngestMessage::decode(message.headers.as_ref(), &message.payload, seq)
-        else {
+    while let Some(stored) = messages.next().await {
+        let stored = stored?;
+        let Ok(decoded) = stored.decoded else {
             continue;
         };
         if decoded.message.record.id != id {
             continue;
         }
         versions.push(SeenVersion {
-            ingest_seq: seq,
-            stored_at: published
+            ingest_seq: stored.seq,
+            stored_at: stored
+                .stored_at
                 .format(&time::format_description::well_known::Rfc3339)
                 .ok(),
             version: decoded.message.version,

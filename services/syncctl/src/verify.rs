@@ -19,8 +19,8 @@ use futures::{StreamExt as _, TryStreamExt as _, pin_mut};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Serialize;
 use service_kit::NatsArgs;
+use sync_topology::Version;
 use sync_topology::ledger::{LedgerEntry, customer_id_of};
-use sync_topology::{IngestMessage, Version};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -262,15 +262,8 @@ async fn copy_stream(
     pipeline: &Pipeline,
     tx: &tokio_postgres::Transaction<'_>,
 ) -> Result<u64, CtlError> {
-    let stream_name = pipeline.names.ingest_stream();
-    let read = crate::read_stream(
-        pipeline,
-        &stream_name,
-        pipeline.names.ingest_subject(),
-        DeliverPolicy::All,
-        "verify",
-    )
-    .await?;
+    let messages = crate::ingest_messages(pipeline, "verify").await?;
+    pin_mut!(messages);
     let sink = tx
         .copy_in("COPY verify_stream FROM STDIN (FORMAT binary)")
         .await
@@ -278,16 +271,9 @@ async fn copy_stream(
     let types = [Type::TEXT, Type::INT8, Type::INT8, Type::INT8, Type::TEXT];
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
-    let mut messages = read.messages.take(read.pending_at_start as usize);
     let mut malformed = 0;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
-        let seq = message
-            .info()
-            .map_err(|e| nats_error(format!("reading {stream_name}"), e))?
-            .stream_sequence;
-        let Ok(decoded) = IngestMessage::decode(message.headers.as_ref(), &message.payload, seq)
-        else {
+    while let Some(stored) = messages.next().await {
+        let Ok(decoded) = stored?.decoded else {
             malformed += 1;
             continue;
         };

@@ -51,8 +51,18 @@ pub async fn run(config: &WaitConfig) -> Result<Drained, CtlError> {
         ];
         let mut busy = Vec::new();
         for (stream, consumer) in &watched {
-            let status =
-                ConsumerStatus::from_info(&pipeline.consumer_info(stream, consumer).await?);
+            let info = match pipeline.consumer_info(stream, consumer).await {
+                Ok(info) => info,
+                // A server restarting or a cluster electing a leader answers nothing for a
+                // moment: that is not drained, and not a reason to give up before the timeout.
+                Err(CtlError::Nats { action, message }) => {
+                    tracing::warn!(%action, %message, "cannot read a consumer; trying again");
+                    busy.push(format!("{stream}/{consumer}: not answering ({message})"));
+                    continue;
+                }
+                Err(other) => return Err(other),
+            };
+            let status = ConsumerStatus::from_info(&info);
             if status.unsettled() > 0 {
                 busy.push(format!(
                     "{stream}/{consumer}: {} pending, {} in flight",

@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, kv};
 use crm_integrator::Config;
 use crm_mock::{CrmMockConfig, RunningMock};
 use customer_record::CustomerRecord;
+use futures::StreamExt as _;
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncedOutcome};
 use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
 use tokio_util::sync::CancellationToken;
@@ -239,4 +241,24 @@ pub async fn crm_holds(mock: &RunningMock, id: &str) -> anyhow::Result<Option<Cu
     }
     let stored: crm_integrator::CrmCustomer = response.error_for_status()?.json().await?;
     Ok(Some(stored.customer))
+}
+
+/// Takes the next `n` deliveries off the integrators' consumer, to settle by hand in any order.
+pub async fn take(pipeline: &Pipeline, n: usize) -> anyhow::Result<Vec<jetstream::Message>> {
+    let consumer: PullConsumer = pipeline
+        .js
+        .get_consumer_from_stream("integrators", pipeline.names.ingest_stream())
+        .await?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?;
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        messages.push(message.map_err(|e| anyhow::anyhow!("fetch failed: {e}"))?);
+    }
+    anyhow::ensure!(messages.len() == n, "took {} of {n}", messages.len());
+    Ok(messages)
 }

@@ -124,16 +124,7 @@ impl Pipeline {
     }
 
     pub async fn delete_streams(&self) -> anyhow::Result<()> {
-        for stream in [self.names.ingest_stream(), self.names.results_stream()] {
-            self.js.delete_stream(&stream).await.ok();
-        }
-        for bucket in [
-            self.names.ledger_bucket(),
-            self.names.checkpoints_bucket(),
-            self.names.control_bucket(),
-        ] {
-            self.js.delete_key_value(&bucket).await.ok();
-        }
+        sync_topology::teardown(&self.js, &self.names).await?;
         Ok(())
     }
 }

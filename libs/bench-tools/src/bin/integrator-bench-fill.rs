@@ -2,13 +2,11 @@
 //! customers in the fixed ingest format, or deletes the namespace afterwards. Also waits until
 //! the integrators' consumer has drained, printing the seconds it took.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use clap::Parser as _;
-use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
@@ -46,17 +44,11 @@ async fn main() -> anyhow::Result<()> {
     let client = sync_topology::connect(&args.nats_url, None, "integrator-bench-fill").await?;
     let js = jetstream::new(client);
     if args.delete {
-        for stream in [
-            names.ingest_stream(),
-            names.results_stream(),
-            format!("KV_{}", names.ledger_bucket()),
-            format!("KV_{}", names.checkpoints_bucket()),
-            format!("KV_{}", names.control_bucket()),
-        ] {
-            if let Err(err) = js.delete_stream(&stream).await {
-                eprintln!("cannot delete {stream}: {err}");
-            }
-        }
+        let report = sync_topology::teardown(&js, &names).await?;
+        eprintln!(
+            "deleted {:?}; already absent {:?}",
+            report.deleted, report.absent
+        );
         return Ok(());
     }
     if args.wait_drained {
@@ -69,14 +61,7 @@ async fn main() -> anyhow::Result<()> {
     // One load per fill: a fill of another namespace, or another run, never collides.
     let load = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1);
     for n in 0..args.count {
-        let record = CustomerRecord::normalised(
-            &format!("{}{n}", args.prefix),
-            "Bench",
-            &format!("Customer{n}"),
-            &format!("c{n}@bench.example.com"),
-            Some("+1 555 0100"),
-            BTreeMap::from([("segment".to_owned(), "b".to_owned())]),
-        );
+        let record = bench_tools::bench_customer(&args.prefix, n);
         let message =
             IngestMessage::from_row(record, Version::row(load, n + 2), "bench.csv", n + 2);
         let (headers, body) = message.encode(&ids::ingest_row(&message.version))?;

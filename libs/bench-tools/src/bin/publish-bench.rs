@@ -114,16 +114,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Teardown { namespace } => {
             let js = context(&cli.nats_url).await?;
             let names = Names::new(&namespace)?;
-            for name in [names.ingest_stream(), names.results_stream()] {
-                js.delete_stream(&name).await.ok();
-            }
-            for bucket in [
-                names.ledger_bucket(),
-                names.checkpoints_bucket(),
-                names.control_bucket(),
-            ] {
-                js.delete_key_value(&bucket).await.ok();
-            }
+            sync_topology::teardown(&js, &names).await?;
         }
         Command::Raw {
             count,

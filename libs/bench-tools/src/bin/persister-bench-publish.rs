@@ -1,13 +1,15 @@
 //! Benchmark helper for `deploy/local/bench.d/persister.sh`: fills a namespace's results stream with
 //! a backlog of synced outcomes (and writes the same rows as a CSV for a plain `COPY` beside it),
 //! creates extra durable consumers so several persister runs can each drain the whole backlog, and
-//! deletes the namespace's layout afterwards.
+//! deletes the namespace's layout afterwards. It also gives the script the library's schema for a
+//! database (`--migrate`) and the database's share of the persister's work (`--store-direct`: the
+//! same outcomes through the store's own batch write, with no NATS), so no SQL is retyped there.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use clap::Parser;
@@ -37,16 +39,35 @@ struct Args {
     /// Delete the namespace's streams and buckets instead of publishing.
     #[arg(long)]
     delete: bool,
+    /// Apply the store's migrations to this database instead of publishing.
+    #[arg(long, value_name = "DATABASE_URL")]
+    migrate: Option<String>,
+    /// Instead of publishing, write the same `--count` outcomes into this database through the
+    /// store's batch write (`--batch-size` per transaction, one connection), and print the seconds
+    /// it took.
+    #[arg(long, value_name = "DATABASE_URL")]
+    store_direct: Option<String>,
+    /// Outcomes per transaction for `--store-direct`.
+    #[arg(long, default_value_t = 4_000)]
+    batch_size: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.migrate {
+        drop(migrated_client(url).await?);
+        return Ok(());
+    }
+    if let Some(url) = &args.store_direct {
+        return store_direct(url, args.count, args.batch_size).await;
+    }
     let names = Names::new(&args.nats.namespace)?;
     let client = sync_topology::connect(&args.nats.nats_url, None, "persister-bench").await?;
     let js = jetstream::new(client);
     if args.delete {
-        return delete_layout(&js, &names).await;
+        sync_topology::teardown(&js, &names).await?;
+        return Ok(());
     }
     let settings = sync_topology::TopologySettings::default();
     sync_topology::ensure_topology(&js, &names, &settings).await?;
@@ -113,6 +134,34 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A connection to `url` with the store's schema applied (a connection of its own, not a pool).
+async fn migrated_client(url: &str) -> anyhow::Result<deadpool_postgres::Object> {
+    let pool = sync_store::connect_pool(url, 1)?;
+    let mut client = sync_store::connection(&pool, url).await?;
+    sync_store::migrate(&mut client, None).await?;
+    Ok(client)
+}
+
+/// The database's share: every outcome through the store's own statements, no NATS, no decoding.
+async fn store_direct(url: &str, count: u64, batch_size: usize) -> anyhow::Result<()> {
+    let mut client = migrated_client(url).await?;
+    let synced_at = Utc::now();
+    let batch_size = batch_size.max(1);
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut writing = std::time::Duration::ZERO;
+    for seq in 1..=count {
+        batch.push(sync_store::Outcome::Synced(outcome(seq, synced_at)));
+        if batch.len() == batch_size || seq == count {
+            let started = Instant::now();
+            sync_store::write_batch(&mut client, &batch).await?;
+            writing += started.elapsed();
+            batch.clear();
+        }
+    }
+    println!("{:.3}", writing.as_secs_f64());
+    Ok(())
+}
+
 fn outcome(seq: u64, synced_at: DateTime<Utc>) -> SyncedOutcome {
     let mut attributes = BTreeMap::new();
     attributes.insert("segment".to_owned(), format!("s{}", seq % 17));
@@ -160,27 +209,4 @@ fn csv_row(o: &SyncedOutcome) -> anyhow::Result<Vec<String>> {
         o.version().load.to_string(),
         o.version().line.to_string(),
     ])
-}
-
-async fn delete_layout(js: &jetstream::Context, names: &Names) -> anyhow::Result<()> {
-    let mut failures = Vec::new();
-    for stream in [names.ingest_stream(), names.results_stream()] {
-        if let Err(err) = js.delete_stream(&stream).await {
-            failures.push(format!("stream {stream}: {err}"));
-        }
-    }
-    for bucket in [
-        names.ledger_bucket(),
-        names.checkpoints_bucket(),
-        names.control_bucket(),
-    ] {
-        if let Err(err) = js.delete_key_value(&bucket).await {
-            failures.push(format!("bucket {bucket}: {err}"));
-        }
-    }
-    // Deletions are best effort; report what stayed so the operator can clean up by hand.
-    if !failures.is_empty() {
-        bail!("could not delete: {}", failures.join("; "));
-    }
-    Ok(())
 }
