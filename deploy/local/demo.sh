@@ -47,7 +47,8 @@ say "generating $ROWS customers (1% bad rows, 2% exact repeats, 2% changed repea
   --output "$WORK/customers.csv"
 
 say "starting crm-mock with faults: $FAILURE_RATE 5xx, $RATE_LIMIT_RATE 429, $TIMEOUT_RATE timeouts, 5±5 ms latency; $REPLICAS integrators"
-"$BIN/crm-mock" --listen "127.0.0.1:$MOCK_PORT" --token "$CRM_API_TOKEN" --seed 7 \
+# The token reaches crm-mock as CRM_API_TOKEN (exported above), never on a command line (`ps`).
+"$BIN/crm-mock" --listen "127.0.0.1:$MOCK_PORT" --seed 7 \
   --failure-rate "$FAILURE_RATE" --rate-limit-rate "$RATE_LIMIT_RATE" --timeout-rate "$TIMEOUT_RATE" --hang-ms 3000 \
   --latency-ms 5 --jitter-ms 5 >"$WORK/crm-mock.log" 2>&1 &
 pids+=($!)
@@ -74,7 +75,8 @@ verified=0
 "$BIN/syncctl" verify --crm && verified=1
 
 say "crm-mock's own count (duplicate_effects must be 0)"
-curl -fsS "$CRM_URL/stats" >"$WORK/crm-stats.json"
+# /stats wants the token; the header comes from a file descriptor, not curl's command line.
+curl -fsS -H @<(printf 'Authorization: Bearer %s\n' "$CRM_API_TOKEN") "$CRM_URL/stats" >"$WORK/crm-stats.json"
 python3 -m json.tool "$WORK/crm-stats.json"
 "$BIN/syncctl" status --json >"$WORK/status.json"
 

@@ -165,6 +165,7 @@ umask 077
 {
   echo "CRM_API_TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   echo "POSTGRES_PASSWORD=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  echo "CRM_ALLOW_INSECURE=true"
 } >"$WORK/test.env"
 umask 022
 compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
@@ -197,7 +198,9 @@ if compose run --rm -T syncctl --help 2>/dev/null | grep -qE '^\s+verify\b'; the
 else
   log "syncctl has no verify subcommand yet: skipped"
 fi
-curl -fsS "http://127.0.0.1:$CRM_MOCK_PORT/stats" >"$WORK/crm-stats.json"
+# /stats wants the token; the header comes from a file descriptor, not curl's command line.
+curl -fsS -H @<(sed -n 's/^CRM_API_TOKEN=/Authorization: Bearer /p' "$WORK/test.env") \
+  "http://127.0.0.1:$CRM_MOCK_PORT/stats" >"$WORK/crm-stats.json"
 log "crm-mock: $(jq -c '{created, updated, duplicate_effects, customers}' "$WORK/crm-stats.json")"
 jq -e '.reconciled == true' "$WORK/status.json" >/dev/null || { log "FAIL: status does not reconcile"; exit 1; }
 jq -e '.duplicate_effects == 0' "$WORK/crm-stats.json" >/dev/null || { log "FAIL: duplicate effects in the CRM"; exit 1; }

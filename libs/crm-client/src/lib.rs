@@ -1,7 +1,9 @@
 //! The CRM's HTTP API as this product sees it: create, update and look up a customer, and the
 //! classification of every answer into success, "try again", "refused for good" and "refused our
 //! credentials". The integrator sends through it; `syncctl verify --crm` reads through it; the
-//! benchmark's reference driver sends the same requests through it.
+//! benchmark's reference driver sends the same requests through it. It never sends the token in
+//! clear text to another host unless told to, reads at most [`MAX_BODY_BYTES`] of any answer, and
+//! hides credentials in every message it makes.
 
 use std::fmt;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use customer_record::CustomerRecord;
 pub use reqwest::Url;
 use reqwest::{StatusCode, header};
 use serde::Deserialize;
+use sync_topology::redact;
 
 /// The body a CRM write or lookup answers with.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -71,10 +74,29 @@ pub enum CrmClientError {
     BadBaseUrl { url: String },
     #[error("CRM token is not a valid HTTP header value")]
     BadToken,
+    #[error(
+        "refusing to send the CRM token in clear text to {url}: use an https:// CRM URL, or pass \
+         --allow-insecure-crm (CRM_ALLOW_INSECURE=true) if the network to it is private"
+    )]
+    InsecureToken { url: String },
 }
 
 /// Longest body kept from a refusal, so a dead letter stays small.
 const MAX_KEPT_BODY: usize = 4096;
+
+/// Most bytes of one answer the client reads: a CRM (or whatever answers in its place) cannot make
+/// a replica hold an unbounded body in memory. Far above any customer record.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Whether a URL's host is this machine, where clear text never crosses a network.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
 
 #[derive(Clone)]
 pub struct CrmClient {
@@ -85,21 +107,30 @@ pub struct CrmClient {
 impl fmt::Debug for CrmClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CrmClient")
-            .field("base", &self.base.as_str())
+            .field("base", &redact(self.base.as_str()))
             .finish_non_exhaustive()
     }
 }
 
 impl CrmClient {
+    /// A client of the CRM at `base`. A token (or a password in the URL) goes over plain `http://`
+    /// only to this machine, unless `allow_insecure`: anyone on the path could read it.
     pub fn new(
         base: Url,
         token: Option<&str>,
         request_timeout: Duration,
         max_connections: usize,
+        allow_insecure: bool,
     ) -> Result<Self, CrmClientError> {
         if base.cannot_be_a_base() {
             return Err(CrmClientError::BadBaseUrl {
-                url: base.to_string(),
+                url: redact(base.as_str()),
+            });
+        }
+        let credentials = token.is_some() || base.password().is_some();
+        if credentials && base.scheme() == "http" && !is_loopback(&base) && !allow_insecure {
+            return Err(CrmClientError::InsecureToken {
+                url: redact(base.as_str()),
             });
         }
         let mut headers = header::HeaderMap::new();
@@ -182,8 +213,25 @@ async fn classify(sent: Result<reqwest::Response, reqwest::Error>, is_write: boo
     };
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let body = match response.bytes().await {
-        Ok(body) => body,
+    let body = match read_capped(response, MAX_BODY_BYTES).await {
+        Ok(Capped::Whole(body)) => body,
+        Ok(Capped::Cut(body)) if status.is_success() => {
+            // Not the small JSON we expect; it may still have applied the write.
+            return CrmReply::Transient(Transient {
+                status: Some(status.as_u16()),
+                retry_after,
+                maybe_applied: is_write,
+                congestion: false,
+                unreachable: false,
+                detail: format!(
+                    "answer body is over the {} KiB this client reads (read no further): {}",
+                    MAX_BODY_BYTES / 1024,
+                    kept_body(&body)
+                ),
+            });
+        }
+        // The status alone decides a refusal or a failure; its start is all a dead letter keeps.
+        Ok(Capped::Cut(body)) => body,
         Err(err) => {
             return CrmReply::Transient(Transient {
                 status: Some(status.as_u16()),
@@ -196,6 +244,36 @@ async fn classify(sent: Result<reqwest::Response, reqwest::Error>, is_write: boo
         }
     };
     classify_answer(status, retry_after, &body, is_write)
+}
+
+/// An answer's body, whole or cut at the limit.
+enum Capped {
+    Whole(Vec<u8>),
+    Cut(Vec<u8>),
+}
+
+/// Reads at most `limit` bytes of the body, chunk by chunk, so a huge or endless answer costs
+/// no more memory than that.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Capped, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        // Announced too large: nothing of it is worth reading.
+        return Ok(Capped::Cut(Vec::new()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok(Capped::Cut(body));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Capped::Whole(body))
 }
 
 fn describe_transport_error(err: &reqwest::Error) -> String {
@@ -213,7 +291,8 @@ fn describe_transport_error(err: &reqwest::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    // reqwest names the URL, which may carry a password.
+    redact(&text)
 }
 
 /// `Retry-After` in either of its forms (RFC 9110, section 10.2.3): a number of seconds, or an
@@ -439,6 +518,7 @@ mod tests {
             None,
             Duration::from_secs(1),
             8,
+            false,
         )
         .expect("client");
         assert_eq!(
@@ -449,6 +529,102 @@ mod tests {
             client.customer_url(Some("a/b c")).as_str(),
             "http://127.0.0.1:8080/customers/a%2Fb%20c"
         );
+    }
+
+    #[test]
+    fn a_token_goes_in_clear_text_only_to_this_machine_unless_allowed() {
+        let client = |url: &str, token: Option<&str>, allow: bool| {
+            CrmClient::new(
+                Url::parse(url).expect("url"),
+                token,
+                Duration::from_secs(1),
+                1,
+                allow,
+            )
+        };
+        for url in [
+            "http://crm.example:8080",
+            "http://10.1.2.3",
+            "http://u:pw@crm.example",
+        ] {
+            let token = (!url.contains('@')).then_some("t0k");
+            let refused = client(url, token, false).expect_err(url).to_string();
+            assert!(refused.contains("--allow-insecure-crm"), "{refused}");
+            assert!(!refused.contains("pw@"), "{refused}");
+            assert!(client(url, token, true).is_ok(), "{url} allowed");
+        }
+        for url in [
+            "https://crm.example",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            assert!(client(url, Some("t0k"), false).is_ok(), "{url}");
+        }
+        assert!(client("http://crm.example", None, false).is_ok());
+    }
+
+    /// A one-shot HTTP server answering every connection with `head` and then `body_len` bytes of
+    /// `x`, chunk after chunk: a CRM gone mad, not a mock of one.
+    async fn answering(head: &'static str, body_len: usize) -> Url {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut sent = 0;
+                    while sent < body_len {
+                        let n = chunk.len().min(body_len - sent);
+                        if socket.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                    }
+                });
+            }
+        });
+        Url::parse(&format!("http://{addr}")).expect("url")
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_up_to_a_mebibyte() {
+        let record = CustomerRecord::normalised("1", "A", "B", "a@b.io", None, Default::default());
+        // No length announced: the body is read up to the cap, then given up.
+        let endless = answering("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", 64 << 20).await;
+        let client =
+            CrmClient::new(endless, None, Duration::from_secs(10), 1, false).expect("client");
+        match client
+            .write(Write::Create, &record, "k", Duration::from_secs(10))
+            .await
+        {
+            CrmReply::Transient(t) => {
+                assert!(t.maybe_applied, "{t:?}");
+                assert!(t.detail.contains("over the 1024 KiB"), "{}", t.detail);
+                assert!(t.detail.len() < 2 * MAX_KEPT_BODY, "{}", t.detail.len());
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // Announced too long: refused without reading it; the status still decides.
+        let announced = answering(
+            "HTTP/1.1 422 Unprocessable Entity\r\ncontent-length: 5000000\r\n\r\n",
+            5_000_000,
+        )
+        .await;
+        let client =
+            CrmClient::new(announced, None, Duration::from_secs(10), 1, false).expect("client");
+        assert!(matches!(
+            client
+                .write(Write::Create, &record, "k", Duration::from_secs(10))
+                .await,
+            CrmReply::Refused { status: 422, .. }
+        ));
     }
 
     #[test]

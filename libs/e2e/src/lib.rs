@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 pub mod cluster;
 pub mod expect;
 pub mod pipeline;
+pub mod tls;
 
 /// Reads `NATS_URL` / `DATABASE_URL` etc. from the environment, falling back to the `.run/env`
 /// that `make infra` writes, so `cargo test` works on its own after `make infra`.
@@ -102,10 +103,7 @@ impl TestDatabase {
 
     pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
         let name = format!("t_{:016x}", rand::random::<u64>());
-        let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting to {admin_url}"))?;
-        tokio::spawn(connection);
+        let client = sync_store::connect_one(admin_url).await?;
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -119,11 +117,7 @@ impl TestDatabase {
     }
 
     pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting to {}", self.url))?;
-        tokio::spawn(connection);
-        Ok(client)
+        Ok(sync_store::connect_one(&self.url).await?)
     }
 }
 
@@ -143,10 +137,7 @@ impl Drop for TestDatabase {
                 return;
             };
             rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
+                if let Ok(client) = sync_store::connect_one(&admin).await {
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
@@ -176,20 +167,43 @@ pub fn replace_database(url: &str, database: &str) -> String {
 }
 
 /// A nats-server of the test's own, on a free port with its own store directory, that the test may
-/// stop and restart (the store survives restarts).
+/// stop and restart (the store survives restarts). [`PrivateNats::start_with`] adds configuration
+/// (accounts and users, TLS) and connects as `admin` to see it ready.
 #[derive(Debug)]
 pub struct PrivateNats {
     pub port: u16,
     pub store: tempfile::TempDir,
     child: Option<Child>,
+    config: Option<PathBuf>,
+    admin: sync_topology::NatsSecurity,
 }
 
 impl PrivateNats {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with("", sync_topology::NatsSecurity::default()).await
+    }
+
+    /// A server whose configuration file holds `config` (nats-server's syntax: `accounts {…}`,
+    /// `tls {…}`); the port, address and store come from the command line. `admin` is how the
+    /// harness connects to see it ready.
+    pub async fn start_with(
+        config: &str,
+        admin: sync_topology::NatsSecurity,
+    ) -> anyhow::Result<Self> {
+        let store = tempfile::tempdir().context("creating a store directory")?;
+        let config = if config.is_empty() {
+            None
+        } else {
+            let path = store.path().join("server.conf");
+            std::fs::write(&path, config).context("writing the server's configuration")?;
+            Some(path)
+        };
         let mut nats = PrivateNats {
             port: free_port()?,
-            store: tempfile::tempdir().context("creating a store directory")?,
+            store,
             child: None,
+            config,
+            admin,
         };
         nats.start_again().await?;
         Ok(nats)
@@ -201,7 +215,11 @@ impl PrivateNats {
 
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         let bin = env_var("NATS_SERVER_BIN")?;
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -218,13 +236,14 @@ impl PrivateNats {
             .with_context(|| format!("starting {bin}"))?;
         self.child = Some(child);
         let url = self.url();
+        let admin = &self.admin;
         wait_for(
             "private nats-server to accept JetStream requests",
             Duration::from_secs(20),
             || {
                 let url = url.clone();
                 async move {
-                    let client = async_nats::connect(&url).await.ok()?;
+                    let client = sync_topology::connect_with(&url, admin, "e2e").await.ok()?;
                     let js = async_nats::jetstream::new(client);
                     js.query_account().await.ok().map(|_| ())
                 }
@@ -254,16 +273,36 @@ pub struct PrivatePostgres {
     pub port: u16,
     dir: tempfile::TempDir,
     bin_dir: PathBuf,
+    /// Server settings beyond the port and socket (`-c ssl=on …`).
+    extra_options: String,
 }
 
 impl PrivatePostgres {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_options(String::new(), None).await
+    }
+
+    /// A cluster with `ssl=on`, serving `certs`' `server` certificate (for `localhost` and
+    /// `127.0.0.1`); clients may still connect without TLS.
+    pub async fn start_with_tls(certs: &tls::TestCertificates) -> anyhow::Result<Self> {
+        Self::start_with_options(
+            "-c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server-key.pem".to_owned(),
+            Some(certs),
+        )
+        .await
+    }
+
+    async fn start_with_options(
+        extra_options: String,
+        certs: Option<&tls::TestCertificates>,
+    ) -> anyhow::Result<Self> {
         let bin_dir = PathBuf::from(env_var("PG_BIN_DIR")?);
         let dir = tempfile::tempdir().context("creating a cluster directory")?;
         let pg = PrivatePostgres {
             port: free_port()?,
             dir,
             bin_dir,
+            extra_options,
         };
         chown_to_postgres(pg.dir.path()).await?;
         let data = pg.data_dir();
@@ -272,6 +311,18 @@ impl PrivatePostgres {
             &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
         )
         .await?;
+        if let Some(certs) = certs {
+            // Relative names in the settings are read from the data directory, where PostgreSQL
+            // wants its key owned by itself and readable by no one else.
+            for name in ["server.pem", "server-key.pem"] {
+                let target = Path::new(&data).join(name);
+                std::fs::copy(certs.dir().join(name), &target)
+                    .with_context(|| format!("copying {name} into the cluster"))?;
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+                chown_to_postgres(&target).await?;
+            }
+        }
         pg.start_again().await?;
         Ok(pg)
     }
@@ -287,9 +338,10 @@ impl PrivatePostgres {
 
     pub async fn start_again(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.extra_options
         );
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.run_as_postgres(

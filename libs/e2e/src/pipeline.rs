@@ -20,6 +20,8 @@ pub struct PipelineEnv {
     /// Extra flags of every `syncctl setup` this pipeline runs (say, a short dedup window, or
     /// `--replicas 3` on a cluster).
     pub setup_args: Vec<String>,
+    /// Environment of one binary beyond the above (its NATS user, TLS files), by binary name.
+    pub service_env: std::collections::HashMap<String, Vec<(String, String)>>,
 }
 
 impl PipelineEnv {
@@ -30,6 +32,17 @@ impl PipelineEnv {
             namespace: unique_namespace(),
             crm_token: format!("token-{:08x}", rand::random::<u32>()),
             setup_args: Vec::new(),
+            service_env: Default::default(),
+        }
+    }
+
+    /// Sets `key=value` in the environment of each of `binaries`.
+    pub fn set_env(&mut self, binaries: &[&str], key: &str, value: impl AsRef<str>) {
+        for binary in binaries {
+            self.service_env
+                .entry((*binary).to_owned())
+                .or_default()
+                .push((key.to_owned(), value.as_ref().to_owned()));
         }
     }
 
@@ -44,6 +57,9 @@ impl PipelineEnv {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        for (key, value) in self.service_env.get(name).into_iter().flatten() {
+            command.env(key, value);
+        }
         Ok(command)
     }
 
@@ -221,8 +237,7 @@ impl Pipeline {
         let mut mock_args: Vec<String> = vec![
             "--listen".into(),
             format!("127.0.0.1:{port}"),
-            "--token".into(),
-            env.crm_token.clone(),
+            // The token comes from CRM_API_TOKEN in the environment: never on a command line.
             "--seed".into(),
             "11".into(),
             "--failure-rate".into(),
@@ -242,7 +257,7 @@ impl Pipeline {
         let http = reqwest::Client::new();
         wait_for("crm-mock to answer", Duration::from_secs(20), || {
             let http = http.clone();
-            let url = format!("{crm_url}/stats");
+            let url = format!("{crm_url}/healthz");
             async move {
                 http.get(url)
                     .send()
@@ -318,11 +333,16 @@ impl Pipeline {
         Ok(())
     }
 
-    /// crm-mock's `/stats` as JSON.
+    /// crm-mock's `/stats` as JSON (it wants the pipeline's token).
     pub async fn crm_stats(&self) -> anyhow::Result<serde_json::Value> {
-        let stats = reqwest::get(format!("{}/stats", self.crm_url))
+        let stats = reqwest::Client::new()
+            .get(format!("{}/stats", self.crm_url))
+            .bearer_auth(&self.env.crm_token)
+            .send()
             .await
             .context("asking crm-mock for /stats")?
+            .error_for_status()
+            .context("crm-mock /stats refused")?
             .json()
             .await
             .context("parsing crm-mock /stats")?;

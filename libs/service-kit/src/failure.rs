@@ -72,6 +72,8 @@ pub fn report_failure(program: &str, err: &(dyn Error + 'static), code: u8) -> E
 }
 
 fn print_failure(program: &str, message: &str, code: u8) {
+    // A failure may quote a URL or DSN: never with its password.
+    let message = &sync_topology::redact(message);
     let line = if json_logs() {
         // The shape of the tracing subscriber's JSON lines, so one parser reads both.
         serde_json::json!({

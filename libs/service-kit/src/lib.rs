@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::{Router, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use secrecy::SecretString;
+use sync_topology::NatsSecurity;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -27,15 +29,39 @@ pub use startup::{connect_nats, host_port, parse_duration, retry_until_up};
 /// Default of `--startup-wait`: long enough for a stack whose servers start in any order.
 pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(300);
 
-/// Flags every NATS-connected binary shares.
-#[derive(Debug, Clone, clap::Args)]
+/// Flags every NATS-connected binary shares. Secret-bearing values are never shown by `--help`
+/// (clap would print the environment's values) nor by `Debug`.
+#[derive(Clone, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL(s), comma-separated; `tls://` requires TLS.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
-    /// NATS credentials file (JWT + NKey), for secured servers.
+    /// NATS credentials file (JWT + NKey), for servers in operator mode.
     #[arg(long, env = "NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// File holding this service's NATS nkey seed (`SU…`), for servers that list users by nkey.
+    #[arg(long, env = "NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (never shown; prefer the environment to the command line).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<SecretString>,
+    /// PEM file of the CA the NATS server's certificate must chain to; setting it requires TLS.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
     /// Prefix of every subject, stream, consumer and bucket name.
     #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
     pub namespace: String,
@@ -51,14 +77,94 @@ impl NatsArgs {
         NatsArgs {
             nats_url: nats_url.into(),
             nats_creds: None,
+            nats_nkey: None,
+            nats_user: None,
+            nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             namespace: namespace.into(),
             startup_wait: DEFAULT_STARTUP_WAIT,
         }
     }
+
+    /// Who this client is to NATS, and its TLS settings.
+    pub fn security(&self) -> NatsSecurity {
+        NatsSecurity {
+            creds_file: self.nats_creds.clone(),
+            nkey_file: self.nats_nkey.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+        }
+    }
+
+    /// Connects as `client_name` with these settings (see [`sync_topology::connect_with`]).
+    pub async fn connect(
+        &self,
+        client_name: &str,
+    ) -> Result<async_nats::Client, sync_topology::ConnectError> {
+        sync_topology::connect_with(&self.nats_url, &self.security(), client_name).await
+    }
+
+    /// The server list with credentials hidden, for log lines and messages.
+    pub fn redacted_url(&self) -> String {
+        sync_topology::redact(&self.nats_url)
+    }
+}
+
+// By hand: a URL may carry a password, and the password flag is one.
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsArgs")
+            .field("nats_url", &self.redacted_url())
+            .field("security", &self.security())
+            .field("namespace", &self.namespace)
+            .field("startup_wait", &self.startup_wait)
+            .finish()
+    }
+}
+
+/// Parses a URL flag without ever repeating it in an error: clap's own error for a bad value quotes
+/// the value, and a URL may carry a password. `#[arg(value_parser = service_kit::UrlParser)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct UrlParser;
+
+impl clap::builder::TypedValueParser for UrlParser {
+    type Value = url::Url;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let name = arg.map_or_else(|| "URL".to_owned(), ToString::to_string);
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("not UTF-8".to_owned()))?;
+        url::Url::parse(text).map_err(|err| {
+            refuse(format!(
+                "{} is not a URL: {err}",
+                sync_topology::redact(text)
+            ))
+        })
+    }
 }
 
 /// Installs the global tracing subscriber. `LOG_FORMAT=json` gives one JSON object per line.
-/// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries).
+/// Logs go to stderr so a binary's stdout stays free for its output (`--json`, summaries). Every
+/// line passes through [`sync_topology::redact`] on its way out: libraries log server addresses
+/// too (async-nats prints its server URLs, password included, at debug level).
 pub fn init_telemetry() {
     init_telemetry_with_default("info");
 }
@@ -71,17 +177,42 @@ pub fn init_telemetry_with_default(default_directives: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json_logs() {
         registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(fmt::layer().json().with_writer(RedactedStderr))
             .try_init()
     } else {
         // Colour codes only for a person at a terminal, never into files or collectors.
         let ansi = std::io::stderr().is_terminal();
         registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(RedactedStderr))
             .try_init()
     };
     // Already installed (a test started two services in one process): keep the first.
     let _ = result;
+}
+
+/// Standard error with credentials taken out of what is written. The formatter writes each event
+/// whole in one call, so a URL or DSN is never split between two writes.
+#[derive(Debug, Clone, Copy)]
+struct RedactedStderr;
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(sync_topology::redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = RedactedStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM. A second signal exits at once, for an

@@ -101,7 +101,7 @@ pub async fn connect_nats(
         nats.startup_wait,
         shutdown,
         |err| matches!(err, sync_topology::ConnectError::Connect { .. }),
-        || sync_topology::connect(&nats.nats_url, nats.nats_creds.as_deref(), client_name),
+        || nats.connect(client_name),
     )
     .await
 }

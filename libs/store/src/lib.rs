@@ -1,12 +1,15 @@
 //! PostgreSQL: the connection pool, the embedded versioned schema migrations, and the queries the
-//! persister and `syncctl` share over the `customers`, `rejected_rows` and `dead_letters` tables.
+//! persister and `syncctl` share over the `customers`, `rejected_rows` and `dead_letters` tables,
+//! and connections over TLS as the URL's `sslmode` asks.
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 mod outcomes;
+mod tls;
+
+pub use tls::SslMode;
 
 pub use outcomes::{
     BatchReport, Outcome, PoisonMessage, WriteStrategy, poison_message_count, write_batch,
@@ -25,17 +28,21 @@ const MIGRATION_LOCK_ID: i64 = 0x5359_4e43_4d49_4752;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid DATABASE_URL {url:?}: {source}")]
-    InvalidUrl {
-        url: String,
-        source: tokio_postgres::Error,
-    },
+    #[error(
+        "invalid DATABASE_URL {url:?}: {message} (a postgres:// URL or a key-value DSN; TLS with \
+         sslmode=disable|prefer|require|verify-ca|verify-full and sslrootcert=FILE|system)"
+    )]
+    InvalidUrl { url: String, message: String },
     #[error("cannot build the PostgreSQL pool for {url}: {message}")]
     Pool { url: String, message: String },
     #[error(
         "cannot connect to PostgreSQL at {url}: {message} (is it running? `make infra` starts one)"
     )]
     Connect { url: String, message: String },
+    /// The server answered, with an error (wrong password, no such database, TLS refused): waiting
+    /// does not help, unlike [`StoreError::Connect`].
+    #[error("PostgreSQL at {url} refused the connection: {message}")]
+    Refused { url: String, message: String },
     #[error("migrating the schema failed: {0}")]
     Migration(String),
     #[error("{action} failed: {}", describe(source))]
@@ -86,22 +93,64 @@ fn describe(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A pool of `max_size` connections. Connecting is lazy: an unreachable database shows on first use.
-pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, StoreError> {
-    let mut pg_config: tokio_postgres::Config =
-        database_url
-            .parse()
-            .map_err(|source| StoreError::InvalidUrl {
-                url: redact(database_url),
-                source,
-            })?;
-    pg_config.connect_timeout(Duration::from_secs(5));
+/// tokio-postgres's config for `database_url` with this product's defaults (a 5-s connect timeout,
+/// an application name), and the TLS connector its `sslmode` asks for.
+fn database_config(
+    database_url: &str,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        tokio_postgres_rustls::MakeRustlsConnect,
+    ),
+    StoreError,
+> {
+    let (mut pg_config, tls) =
+        tls::database_config(database_url).map_err(|message| StoreError::InvalidUrl {
+            url: redact(database_url),
+            message,
+        })?;
+    if pg_config.get_connect_timeout().is_none() {
+        pg_config.connect_timeout(Duration::from_secs(5));
+    }
     if pg_config.get_application_name().is_none() {
         pg_config.application_name("customer-sync");
     }
+    Ok((pg_config, tls))
+}
+
+/// A failed connection attempt: refused when the server answered with an error, unreachable
+/// otherwise.
+pub fn connect_failed(database_url: &str, err: &tokio_postgres::Error) -> StoreError {
+    let (url, message) = (redact(database_url), redact(&describe(err)));
+    if err.as_db_error().is_some() {
+        StoreError::Refused { url, message }
+    } else {
+        StoreError::Connect { url, message }
+    }
+}
+
+/// One connection, its I/O driven by a background task: for CLIs and tests, which never need a
+/// pool. TLS as the URL's `sslmode` asks.
+pub async fn connect_one(database_url: &str) -> Result<tokio_postgres::Client, StoreError> {
+    let (pg_config, tls) = database_config(database_url)?;
+    let (client, connection) = pg_config
+        .connect(tls)
+        .await
+        .map_err(|err| connect_failed(database_url, &err))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(err = %redact(&describe(&err)), "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A pool of `max_size` connections. Connecting is lazy: an unreachable database shows on first use.
+pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, StoreError> {
+    let (pg_config, tls) = database_config(database_url)?;
     let manager = Manager::from_config(
         pg_config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -123,11 +172,11 @@ pub async fn connection(
     pool: &Pool,
     database_url: &str,
 ) -> Result<deadpool_postgres::Object, StoreError> {
-    pool.get().await.map_err(|err| StoreError::Connect {
-        url: redact(database_url),
-        message: match err {
-            deadpool_postgres::PoolError::Backend(e) => describe(&e),
-            other => other.to_string(),
+    pool.get().await.map_err(|err| match err {
+        deadpool_postgres::PoolError::Backend(e) => connect_failed(database_url, &e),
+        other => StoreError::Connect {
+            url: redact(database_url),
+            message: redact(&other.to_string()),
         },
     })
 }
@@ -214,24 +263,8 @@ pub async fn table_counts(client: &tokio_postgres::Client) -> Result<TableCounts
     })
 }
 
-/// The URL without its password, for messages and logs.
-pub fn redact(database_url: &str) -> String {
-    match (database_url.find("://"), database_url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &database_url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!(
-                    "{}{}:***{}",
-                    &database_url[..scheme_end + 3],
-                    user,
-                    &database_url[at..]
-                ),
-                None => database_url.to_owned(),
-            }
-        }
-        _ => database_url.to_owned(),
-    }
-}
+/// The URL or DSN without its password, for messages and logs.
+pub use sync_topology::redact;
 
 #[cfg(test)]
 mod tests {

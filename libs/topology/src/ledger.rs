@@ -152,9 +152,12 @@ pub fn decide(
     force_resend: bool,
     now_ms: i64,
 ) -> Decision {
+    // A forced copy (`Sync-Force-Resend`) is for a CRM that lost data; anyone who can publish on
+    // the ingest subject can set the header, so it is sent only after a lookup shows the CRM's
+    // copy differs: a forged one applies nothing twice.
     let Some(entry) = entry else {
         return Decision::Send {
-            look_up_first: false,
+            look_up_first: force_resend,
             create: true,
         };
     };
@@ -175,7 +178,7 @@ pub fn decide(
             create: entry.confirmed.is_none(),
         };
     }
-    let look_up_first = entry.doubtful_claim().is_some();
+    let look_up_first = entry.doubtful_claim().is_some() || force_resend;
     if let Some(confirmed) = &entry.confirmed {
         let crm_id = confirmed.crm_id.clone();
         if confirmed.version == version && confirmed.hash != *hash {
@@ -312,9 +315,17 @@ mod tests {
         assert_eq!(
             decide(Some(&e), v(5), &hash(1), true, NOW),
             Decision::Send {
-                look_up_first: false,
+                look_up_first: true,
                 create: false
             }
+        );
+        assert_eq!(
+            decide(None, v(5), &hash(1), true, NOW),
+            Decision::Send {
+                look_up_first: true,
+                create: true
+            },
+            "a forced copy is looked up first even when the ledger knows nothing"
         );
     }
 

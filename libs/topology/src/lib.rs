@@ -5,6 +5,7 @@
 //! setup`); and a NATS connection that checks the server. Every producer and consumer of these
 //! goes through this crate, so a format is written once.
 
+pub mod auth;
 pub mod ids;
 pub mod ingest;
 pub mod ledger;
@@ -13,18 +14,24 @@ pub mod messages;
 mod names;
 mod nats;
 mod prune;
+mod redact;
 mod setup;
 mod version;
 
 pub use ingest::{Decoded, IngestMessage, Malformed};
 pub use names::{InvalidNamespace, Names};
-pub use nats::{ConnectError, MIN_SERVER_VERSION, connect};
+pub use nats::{
+    ConnectError, MIN_SERVER_VERSION, NatsSecurity, connect, connect_with, inbox_prefix,
+};
 pub use prune::{PruneError, PruneReport, StreamPrune, prune_settled};
+pub use redact::redact;
 pub use setup::{
     Change, DEFAULT_MAX_STREAM_BYTES, RETENTION_METADATA, SetupError, SetupReport, TeardownReport,
     TopologySettings, ensure_topology, namespace_streams, teardown,
 };
-pub use version::{InvalidVersion, MAX_VERSION_COMPONENT, Version, stamp_from_text};
+pub use version::{
+    InvalidVersion, MAX_CLOCK_SKEW_MS, MAX_VERSION_COMPONENT, Version, stamp_from_text,
+};
 
 /// Header carrying the path of the file a row came from.
 pub const HEADER_SOURCE_FILE: &str = "Sync-Source-File";
@@ -38,5 +45,6 @@ pub const HEADER_VERSION: &str = "Sync-Version";
 /// of the message it copies, for tracing. The copy carries the original's version, so it can never
 /// pass for a newer one.
 pub const HEADER_REPLAY_OF: &str = "Sync-Replay-Of";
-/// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed.
+/// Header set by `syncctl replay --force`: send even when the ledger says this hash is confirmed,
+/// once a lookup shows the CRM's copy differs (the header proves nothing of who set it).
 pub const HEADER_FORCE_RESEND: &str = "Sync-Force-Resend";

@@ -29,6 +29,12 @@ pub struct Version {
 /// The largest component a version may have: it is stored in PostgreSQL `bigint` columns.
 pub const MAX_VERSION_COMPONENT: u64 = i64::MAX as u64;
 
+/// How far ahead of this host's clock a load may lie. A load is a clock reading of the reader's
+/// host (see the reader's load allocation), and two hosts' clocks differ by a little; a load
+/// further ahead was made by no reader, and a version carrying it would outrank every real one
+/// until that time.
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "version {text:?} is not `stamp.load.line` with three decimal numbers up to {MAX_VERSION_COMPONENT}"
@@ -58,6 +64,28 @@ impl Version {
 
     pub fn is_legacy(&self) -> bool {
         self.stamp == 0 && self.load == 0
+    }
+
+    /// Why no reader can have made this version (its load lies more than [`MAX_CLOCK_SKEW_MS`]
+    /// past `now_ms`, this host's clock), or None when one may have.
+    pub fn implausible(&self, now_ms: i64) -> Option<String> {
+        let limit = u64::try_from(now_ms)
+            .unwrap_or(0)
+            .saturating_add(MAX_CLOCK_SKEW_MS);
+        (self.load > limit).then(|| {
+            format!(
+                "version {self} has load {}, {} s past this host's clock: loads are the reader's \
+                 clock readings, so no reader made it (forged or corrupted)",
+                self.load,
+                (self.load - limit + MAX_CLOCK_SKEW_MS) / 1000
+            )
+        })
+    }
+
+    /// Whether the stamp came from the data (`--version-column`) rather than from the load: any
+    /// value is then possible, and only the ingest message the version came from can vouch for it.
+    pub fn stamped_by_data(&self) -> bool {
+        self.stamp != self.load
     }
 
     /// Parses the form [`fmt::Display`] writes (and the `Sync-Version` header carries).
@@ -138,6 +166,30 @@ impl fmt::Display for Version {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_load_from_the_future_is_implausible_within_the_clock_skew_it_is_not() {
+        let now: i64 = 1_800_000_000_000;
+        let now_u = now as u64;
+        assert_eq!(Version::row(now_u, 2).implausible(now), None);
+        assert_eq!(
+            Version::row(now_u + MAX_CLOCK_SKEW_MS, 2).implausible(now),
+            None
+        );
+        let far = Version::row(now_u + 3_600_000, 2);
+        let why = far.implausible(now).expect("an hour ahead");
+        assert!(why.contains("3600 s past"), "{why}");
+        assert_eq!(Version::legacy(7).implausible(now), None);
+        // A stamp from the data says nothing of the clock; only the load does.
+        let data = Version {
+            stamp: u64::MAX / 2,
+            load: now_u,
+            line: 2,
+        };
+        assert_eq!(data.implausible(now), None);
+        assert!(data.stamped_by_data());
+        assert!(!Version::row(now_u, 2).stamped_by_data());
+    }
 
     #[test]
     fn later_loads_win_then_later_lines() {

@@ -19,7 +19,13 @@ pub struct Config {
     #[command(flatten)]
     pub nats: NatsArgs,
     /// Base URL of the CRM API.
-    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "CRM_URL",
+        default_value = "http://127.0.0.1:8080",
+        hide_env_values = true,
+        value_parser = service_kit::UrlParser
+    )]
     pub crm_url: Url,
     /// Bearer token for the CRM API (never logged).
     #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
@@ -79,8 +85,12 @@ pub struct Config {
     pub breaker_cooldown_ms: u64,
     /// Longest fleet-wide pause, and longest wait of one record's retry, in milliseconds, whatever
     /// the CRM's Retry-After says.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = sync_topology::messages::DEFAULT_MAX_PAUSE_MS)]
     pub max_pause_ms: u64,
+    /// Send the CRM token over plain http:// to a host other than this machine (only on a private
+    /// network: anyone on the path can read it).
+    #[arg(long, env = "CRM_ALLOW_INSECURE")]
+    pub allow_insecure_crm: bool,
 }
 
 impl Config {
@@ -105,7 +115,8 @@ impl Config {
             breaker_min_requests: 20,
             breaker_window_ms: 10_000,
             breaker_cooldown_ms: 1_000,
-            max_pause_ms: 60_000,
+            max_pause_ms: sync_topology::messages::DEFAULT_MAX_PAUSE_MS,
+            allow_insecure_crm: false,
         }
     }
 
@@ -142,7 +153,9 @@ impl Config {
             return Err(ConfigError::Share("breaker-failure-share"));
         }
         if !matches!(self.crm_url.scheme(), "http" | "https") {
-            return Err(ConfigError::CrmScheme(self.crm_url.to_string()));
+            return Err(ConfigError::CrmScheme(sync_topology::redact(
+                self.crm_url.as_str(),
+            )));
         }
         if self.crm_token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::EmptyToken);
@@ -167,9 +180,8 @@ pub enum ConfigError {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("nats_url", &self.nats.nats_url)
-            .field("namespace", &self.nats.namespace)
-            .field("crm_url", &self.crm_url.as_str())
+            .field("nats", &self.nats)
+            .field("crm_url", &sync_topology::redact(self.crm_url.as_str()))
             .field("crm_token", &self.crm_token.as_ref().map(|_| "<redacted>"))
             .field("concurrency", &self.concurrency)
             .field("max_concurrency", &self.max_concurrency)
@@ -186,6 +198,7 @@ impl fmt::Debug for Config {
             .field("breaker_window_ms", &self.breaker_window_ms)
             .field("breaker_cooldown_ms", &self.breaker_cooldown_ms)
             .field("max_pause_ms", &self.max_pause_ms)
+            .field("allow_insecure_crm", &self.allow_insecure_crm)
             .finish()
     }
 }

@@ -114,14 +114,29 @@ impl FleetPause {
     fn apply(&self, value: &[u8]) {
         match serde_json::from_slice::<PauseNotice>(value) {
             Ok(notice) => {
-                if notice.set_by != self.replica
-                    && notice.until_ms > now_ms()
-                    && self.gate.pause_until(notice.until_ms)
-                {
+                let now = now_ms();
+                if notice.set_by == self.replica || notice.until_ms <= now {
+                    return;
+                }
+                let asked_ms = notice.until_ms - now;
+                let cap_ms = i64::try_from(self.gate.max_pause().as_millis()).unwrap_or(i64::MAX);
+                if asked_ms > cap_ms {
+                    // Integrators cap what they write; a longer notice comes from a replica with a
+                    // larger cap, or from whoever else can write the control bucket.
+                    tracing::warn!(
+                        set_by = %notice.set_by,
+                        reason = %notice.reason,
+                        asked_ms,
+                        held_ms = cap_ms,
+                        "a pause notice asks for longer than --max-pause-ms: holding only that long \
+                         (check who can write the control bucket if no replica has a larger cap)"
+                    );
+                }
+                if self.gate.pause_until(notice.until_ms) {
                     tracing::info!(
                         set_by = %notice.set_by,
                         reason = %notice.reason,
-                        pause_ms = notice.until_ms - now_ms(),
+                        pause_ms = asked_ms.min(cap_ms),
                         "pausing: another replica found the CRM overloaded"
                     );
                 }

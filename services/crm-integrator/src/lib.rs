@@ -67,6 +67,16 @@ async fn connect_with_consumer(
         .validate()
         .context("invalid crm-integrator configuration")?;
     let names = Names::new(&config.nats.namespace)?;
+    // Before NATS: a CRM URL the client refuses (a token in clear text) is a configuration error.
+    let request_timeout = config.request_timeout();
+    let max_connections = config.concurrency.unwrap_or(config.max_concurrency);
+    let crm = CrmClient::new(
+        config.crm_url.clone(),
+        config.crm_token.as_deref(),
+        request_timeout,
+        max_connections,
+        config.allow_insecure_crm,
+    )?;
     let client = service_kit::connect_nats(&config.nats, "crm-integrator", &shutdown)
         .await?
         .ok_or(StoppedWhileWaiting)?;
@@ -100,7 +110,6 @@ async fn connect_with_consumer(
             )
         })?;
     let ack_wait = consumer.cached_info().config.ack_wait;
-    let request_timeout = config.request_timeout();
     // A claim lives as long as an unacknowledged delivery, and always longer than one request, so
     // no one takes over while our request may still land.
     let claim_lease = ack_wait.max(request_timeout * 2 + Duration::from_secs(1));
@@ -111,13 +120,6 @@ async fn connect_with_consumer(
         }
         .with_deadlines(config.min_request_timeout(), request_timeout),
     );
-    let max_connections = config.concurrency.unwrap_or(config.max_concurrency);
-    let crm = CrmClient::new(
-        config.crm_url.clone(),
-        config.crm_token.as_deref(),
-        request_timeout,
-        max_connections,
-    )?;
     let gate = Arc::new(
         Gate::new(
             BreakerSettings {

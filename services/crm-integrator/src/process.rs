@@ -182,6 +182,12 @@ pub async fn process_message(
                 return nak_on_error(&message, stream_seq, result).await;
             }
         };
+    if let Some(reason) = decoded.message.version.implausible(now_ms()) {
+        // A version no reader made would outrank every real one in the ledger and the CRM until
+        // its time comes: dead-lettered with its body, never sent.
+        let result = outcome::malformed(integrator, &message, stream_seq, reason).await;
+        return nak_on_error(&message, stream_seq, result).await;
+    }
     if decoded.hash_header_mismatch {
         tracing::warn!(seq = stream_seq, id = %decoded.message.record.id, "content hash header differs from the body's; using the body's");
     }
@@ -223,7 +229,7 @@ async fn nak_on_error(
 
 async fn settle(integrator: &Integrator, task: &Task) -> Result<Settled, ProcessError> {
     if task.force_resend {
-        tracing::warn!(seq = task.stream_seq, id = %task.record.id, version = %task.version, "FORCED RESEND: sending even if the ledger has this content confirmed");
+        tracing::warn!(seq = task.stream_seq, id = %task.record.id, version = %task.version, "FORCED RESEND: looking the customer up, and writing if the CRM's copy differs from this version, even if the ledger has it confirmed");
     }
     match judge(integrator, task).await? {
         Judged::Settled(settled) => Ok(settled),

@@ -227,12 +227,50 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/customers", post(create))
         .route("/customers/{id}", get(fetch).put(update))
         .route_layer(middleware::from_fn_with_state(app.clone(), gate));
-    Router::new()
-        .merge(api)
+    // What a test or an operator reads or clears: behind the token too when one is set (anyone
+    // who can reach the mock could otherwise wipe its evidence), but never subject to faults.
+    let admin = Router::new()
         .route("/stats", get(stats))
         .route("/reset", post(reset))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .merge(admin)
         .route("/healthz", get(|| async { "ok" }))
         .with_state(app)
+}
+
+/// Whether the request presents the bearer token the settings ask for (any request when none is
+/// set). Compared in constant time, so the answer's timing says nothing of how much matched.
+fn authorized(settings: &Settings, headers: &HeaderMap) -> bool {
+    let Some(expected) = &settings.expected_authorization else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map_or(&b""[..], HeaderValue::as_bytes);
+    let expected = expected.as_bytes();
+    let differences = presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    differences == 0 && presented.len() == expected.len()
+}
+
+fn unauthorized(counters: &Counters) -> Response {
+    bump(&counters.rejected_auth);
+    respond(Answer::error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token",
+    ))
+}
+
+async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if authorized(&app.settings(), request.headers()) {
+        next.run(request).await
+    } else {
+        unauthorized(&app.counters)
+    }
 }
 
 fn respond(answer: Answer) -> Response {
@@ -259,15 +297,8 @@ async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
     let settings = app.settings();
     let config = &settings.config;
     let request_number = counters.requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(expected) = &settings.expected_authorization {
-        let presented = request.headers().get(header::AUTHORIZATION);
-        if presented.is_none_or(|value| value.as_bytes() != expected.as_bytes()) {
-            bump(&counters.rejected_auth);
-            return respond(Answer::error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token",
-            ));
-        }
+    if !authorized(&settings, request.headers()) {
+        return unauthorized(counters);
     }
     let Some(_in_flight) = InFlight::enter(counters, config.max_concurrency) else {
         bump(&counters.concurrency_limited);

@@ -185,7 +185,7 @@ async fn a_timeout_that_applied_is_remembered_so_the_retry_is_a_replay() -> anyh
 }
 
 #[tokio::test]
-async fn the_bearer_token_is_enforced_on_api_routes_only() -> anyhow::Result<()> {
+async fn the_bearer_token_guards_the_api_stats_and_reset_but_not_health() -> anyhow::Result<()> {
     let mock = Mock::start(CrmMockConfig {
         token: Some("s3cret".into()),
         ..CrmMockConfig::default()
@@ -217,14 +217,30 @@ async fn the_bearer_token_is_enforced_on_api_routes_only() -> anyhow::Result<()>
         .await?;
     assert_eq!(right.status().as_u16(), 201);
 
-    for open in ["/stats", "/healthz"] {
-        let response = mock.http.get(mock.at(open)).send().await?;
-        assert_eq!(response.status().as_u16(), 200, "{open} needs no token");
-    }
-    let stats = mock.stats().await?;
-    assert_eq!((stats.rejected_auth, stats.created), (2, 1));
+    let health = mock.http.get(mock.at("/healthz")).send().await?;
+    assert_eq!(health.status().as_u16(), 200, "/healthz needs no token");
+    // Whoever reaches the mock must not read or wipe the evidence of a run without the token.
+    let stats = mock.http.get(mock.at("/stats")).send().await?;
+    assert_eq!(stats.status().as_u16(), 401, "/stats wants the token");
     let reset = mock.http.post(mock.at("/reset")).send().await?;
-    assert_eq!(reset.status().as_u16(), 200, "/reset needs no token");
+    assert_eq!(reset.status().as_u16(), 401, "/reset wants the token");
+    let reset = mock
+        .http
+        .post(mock.at("/reset"))
+        .bearer_auth("guess")
+        .send()
+        .await?;
+    assert_eq!(reset.status().as_u16(), 401, "/reset wants the right token");
+    let stats = mock.stats().await?;
+    assert_eq!((stats.rejected_auth, stats.created), (5, 1));
+    let reset = mock
+        .http
+        .post(mock.at("/reset"))
+        .bearer_auth("s3cret")
+        .send()
+        .await?;
+    assert_eq!(reset.status().as_u16(), 200, "/reset with the token");
+    assert_eq!(mock.stats().await?.created, 0);
     mock.stop().await
 }
 

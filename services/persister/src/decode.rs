@@ -1,9 +1,11 @@
 //! Turning a results-stream message into the outcome it carries, or into poison that says why not.
 
+use async_nats::jetstream::message::StreamMessage;
 use chrono::Utc;
+use customer_record::ContentHash;
 use sync_store::{Outcome, PoisonMessage};
-use sync_topology::Names;
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncAction, SyncedOutcome};
+use sync_topology::{IngestMessage, Names, Version};
 
 /// Where a message came from: enough to key its poison row and to find it in the stream again.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +76,103 @@ fn dead_or_malformed(names: &Names, letter: DeadLetter) -> Result<Outcome, Strin
     }))
 }
 
+/// Whether an outcome's version and record can be taken at their word. Only an integrator should
+/// publish outcomes, but the results subjects are where a forger who got past NATS's permissions
+/// (or a server without them) would write, and a stored version outranks every older one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provenance {
+    /// Nothing to check, or nothing that could pin a customer: stored as it is.
+    Plausible,
+    /// No integrator can have made it (a load from the future, a record that is not the content
+    /// it names): kept in `poison_messages` with the reason.
+    Refused(String),
+    /// Stored only if the ingest message it names carries this customer, version and content:
+    /// a stamp from the data (any value is possible), or a dead letter (whose record `syncctl dlq
+    /// redrive` would send to the CRM).
+    MustMatchIngest {
+        ingest_seq: u64,
+        customer_id: String,
+        version: Version,
+        hash: ContentHash,
+    },
+}
+
+/// What [`Provenance`] an outcome needs, judged against this host's clock `now_ms`.
+pub fn provenance(outcome: &Outcome, now_ms: i64) -> Provenance {
+    let (customer_id, version, hash, record, ingest_seq, always_check) = match outcome {
+        Outcome::Synced(s) => (
+            &s.customer.id,
+            s.version(),
+            &s.content_hash,
+            Some(&s.customer),
+            s.ingest_seq,
+            false,
+        ),
+        Outcome::Dead(d) => (
+            &d.customer_id,
+            d.version(),
+            &d.content_hash,
+            d.customer.as_ref(),
+            d.ingest_seq,
+            true,
+        ),
+        Outcome::Superseded(_) | Outcome::Rejected(_) | Outcome::Poison(_) => {
+            return Provenance::Plausible;
+        }
+    };
+    if let Some(reason) = version.implausible(now_ms) {
+        return Provenance::Refused(reason);
+    }
+    if !always_check && !version.stamped_by_data() {
+        // A plain load at most MAX_CLOCK_SKEW_MS ahead: any load read later outranks it.
+        return Provenance::Plausible;
+    }
+    if let Some(record) = record
+        && record.content_hash() != *hash
+    {
+        return Provenance::Refused(format!(
+            "the record of {customer_id:?} does not hash to the content hash {hash} it claims"
+        ));
+    }
+    Provenance::MustMatchIngest {
+        ingest_seq,
+        customer_id: customer_id.clone(),
+        version,
+        hash: hash.clone(),
+    }
+}
+
+/// Why the ingest message `found` does not vouch for `expected` ([`Provenance::MustMatchIngest`]),
+/// or None when it does.
+pub fn ingest_mismatch(expected: &Provenance, found: &StreamMessage) -> Option<String> {
+    let Provenance::MustMatchIngest {
+        ingest_seq,
+        customer_id,
+        version,
+        hash,
+    } = expected
+    else {
+        return None;
+    };
+    let decoded = match IngestMessage::decode(Some(&found.headers), &found.payload, *ingest_seq) {
+        Ok(decoded) => decoded,
+        Err(malformed) => {
+            return Some(format!(
+                "it names ingest message {ingest_seq}, which is not a customer: {malformed}"
+            ));
+        }
+    };
+    let carried = &decoded.message;
+    (carried.record.id != *customer_id || carried.version != *version || decoded.hash != *hash)
+        .then(|| {
+            format!(
+                "it claims {customer_id:?} version {version} with content {hash}, but ingest \
+                 message {ingest_seq} carries {:?} version {} with content {}",
+                carried.record.id, carried.version, decoded.hash
+            )
+        })
+}
+
 pub fn poison(origin: Origin<'_>, reason: String, body: &[u8]) -> Outcome {
     Outcome::Poison(PoisonMessage {
         stream: origin.stream.to_owned(),
@@ -142,6 +241,66 @@ mod tests {
             decode(&names, origin("customers.synced"), body),
             Outcome::Superseded(_)
         ));
+    }
+
+    fn synced_at(version: Version) -> Outcome {
+        let customer = customer_record::CustomerRecord::normalised(
+            "c1",
+            "Ada",
+            "Lovelace",
+            "ada@example.com",
+            None,
+            Default::default(),
+        );
+        Outcome::Synced(SyncedOutcome {
+            content_hash: customer.content_hash(),
+            customer,
+            version: Some(version),
+            ingest_seq: 9,
+            crm_id: None,
+            action: SyncAction::Created,
+            source_file: None,
+            source_line: None,
+            synced_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn only_what_could_pin_a_customer_is_checked() {
+        let now: i64 = 1_800_000_000_000;
+        let load = now as u64 - 1_000;
+        assert_eq!(
+            provenance(&synced_at(Version::row(load, 2)), now),
+            Provenance::Plausible,
+            "a plain load is outranked by any later one: nothing to ask"
+        );
+        assert!(matches!(
+            provenance(&synced_at(Version::row(load + 86_400_000, 2)), now),
+            Provenance::Refused(reason) if reason.contains("past this host's clock")
+        ));
+        let stamped = Version {
+            stamp: 42,
+            load,
+            line: 2,
+        };
+        assert!(matches!(
+            provenance(&synced_at(stamped), now),
+            Provenance::MustMatchIngest { ingest_seq: 9, version, .. } if version == stamped
+        ));
+        let Outcome::Synced(mut tampered) = synced_at(stamped) else {
+            unreachable!("synced_at makes a synced outcome");
+        };
+        tampered.customer.first_name = "Eve".to_owned();
+        assert!(matches!(
+            provenance(&Outcome::Synced(tampered), now),
+            Provenance::Refused(reason) if reason.contains("does not hash")
+        ));
+        let rejected = decode(
+            &Names::default(),
+            origin("customers.rejected"),
+            br#"{"source_file":"a.csv","line":3,"kind":"empty_id","reason":"r","raw":"","rejected_at":"2026-01-01T00:00:00Z"}"#,
+        );
+        assert_eq!(provenance(&rejected, now), Provenance::Plausible);
     }
 
     #[test]

@@ -49,11 +49,13 @@ pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
 pub struct Args {
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// PostgreSQL to write to; the schema is migrated at start.
+    /// PostgreSQL to write to (URL or key-value DSN; `sslmode` and `sslrootcert` turn TLS on);
+    /// the schema is migrated at start.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
     )]
     pub database_url: String,
     /// Durable consumer on the results stream to read from.
@@ -197,7 +199,7 @@ pub async fn run(
                 "cannot bind to consumer {} on stream {stream} at {}: does it exist? \
                  (`syncctl setup --namespace {}` creates the layout)",
                 config.consumer,
-                config.nats.nats_url,
+                config.nats.redacted_url(),
                 names.namespace()
             )
         })?;
@@ -231,11 +233,16 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let ingest = js
+        .get_stream_no_info(names.ingest_stream())
+        .await
+        .context("naming the ingest stream")?;
     let writer = Arc::new(BatchWriter {
         pool,
         database_url: config.database_url.clone(),
         names: names.clone(),
         stream: stream.clone(),
+        ingest,
         ack_wait,
         strategy: config.write_strategy,
         shutdown: shutdown.clone(),
@@ -314,7 +321,9 @@ pub async fn run(
         for item in items {
             match item {
                 Ok(message) => {
-                    let outcome = writer.decode(&message);
+                    let Some(outcome) = writer.decode(&message).await else {
+                        continue;
+                    };
                     let index = partition(&outcome, writers);
                     parts[index].messages.push(message);
                     parts[index].outcomes.push(outcome);

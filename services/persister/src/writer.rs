@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use backon::{ExponentialBuilder, Retryable as _};
 use deadpool_postgres::Pool;
@@ -12,7 +13,7 @@ use sync_store::{BatchReport, Outcome, StoreError, WriteStrategy};
 use sync_topology::Names;
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{self, Origin};
+use crate::decode::{self, Origin, Provenance};
 
 /// Writes batches for one consumer. Holds no state between batches but counters.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub(crate) struct BatchWriter {
     pub database_url: String,
     pub names: Names,
     pub stream: String,
+    /// The ingest stream, which vouches for outcomes that cannot be taken at their word.
+    pub ingest: jetstream::stream::Stream<()>,
     /// Progress acks go out three times per ack wait while a write is retried, so the server does
     /// not redeliver the batch to someone else meanwhile.
     pub ack_wait: Duration,
@@ -148,8 +151,13 @@ impl BatchWriter {
         message.info().map(|info| info.stream_sequence).unwrap_or(0)
     }
 
-    pub fn decode(&self, message: &jetstream::Message) -> Outcome {
-        let outcome = decode::decode(&self.names, self.origin(message), &message.message.payload);
+    /// The outcome a message carries, or poison that says why it cannot be stored as what it
+    /// claims (undecodable, or made by no integrator: see [`decode::provenance`]). None when whether
+    /// to believe it cannot be checked now (NATS did not answer): the message is handed back.
+    pub async fn decode(&self, message: &jetstream::Message) -> Option<Outcome> {
+        let origin = self.origin(message);
+        let payload = &message.message.payload;
+        let outcome = decode::decode(&self.names, origin, payload);
         if let Outcome::Poison(p) = &outcome {
             tracing::warn!(
                 stream_seq = p.stream_seq,
@@ -158,8 +166,64 @@ impl BatchWriter {
                 "undecodable outcome; storing it in poison_messages"
             );
             metrics::counter!("persister_poison_messages_total").increment(1);
+            return Some(outcome);
         }
-        outcome
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let refusal = match decode::provenance(&outcome, now_ms) {
+            Provenance::Plausible => None,
+            Provenance::Refused(reason) => Some(reason),
+            check => match self.vouch(&check).await {
+                Ok(refusal) => refusal,
+                Err(err) => {
+                    tracing::warn!(
+                        stream_seq = origin.stream_seq,
+                        %err,
+                        "cannot check this outcome against its ingest message; handing it back"
+                    );
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                        .await;
+                    return None;
+                }
+            },
+        };
+        let Some(reason) = refusal else {
+            return Some(outcome);
+        };
+        tracing::warn!(
+            stream_seq = origin.stream_seq,
+            subject = origin.subject,
+            %reason,
+            "refusing an outcome no integrator made; storing it in poison_messages"
+        );
+        metrics::counter!("persister_poison_messages_total").increment(1);
+        Some(decode::poison(
+            origin,
+            format!("refused, no integrator made it: {reason}"),
+            payload,
+        ))
+    }
+
+    /// Whether the ingest stream vouches for `check` (None) or why not.
+    async fn vouch(&self, check: &Provenance) -> Result<Option<String>, String> {
+        let Provenance::MustMatchIngest { ingest_seq, .. } = check else {
+            return Ok(None);
+        };
+        match self.ingest.get_raw_message(*ingest_seq).await {
+            Ok(found) => Ok(decode::ingest_mismatch(check, &found)),
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => {
+                let info = self.ingest.get_info().await.map_err(|e| e.to_string())?;
+                if *ingest_seq < info.state.first_sequence {
+                    // Pruned, which happens only to settled messages: nothing left to compare.
+                    return Ok(None);
+                }
+                Ok(Some(format!(
+                    "it names ingest message {ingest_seq}, which the ingest stream {} does not hold",
+                    info.config.name
+                )))
+            }
+            Err(err) => Err(err.to_string()),
+        }
     }
 
     /// Writes until committed or refused for its data. Connection and server failures are retried

@@ -12,7 +12,7 @@ use e2e::{PrivatePostgres, TestDatabase, wait_for};
 use persister::{Outcome, PersisterConfig, RunReport};
 use service_kit::NatsArgs;
 use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
-use sync_topology::{Names, Version};
+use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -67,8 +67,28 @@ impl Pipeline {
         (self.names.synced_subject(), json(outcome))
     }
 
-    fn dead(&self, letter: &DeadLetter) -> (String, Vec<u8>) {
-        (self.names.dead_subject(), json(letter))
+    /// A dead letter as an integrator makes one: of an ingest message that carries its customer,
+    /// version and content (the persister stores no other), published first.
+    async fn dead(&self, mut letter: DeadLetter) -> anyhow::Result<(String, Vec<u8>)> {
+        let record = letter
+            .customer
+            .clone()
+            .context("a dead letter with its record")?;
+        letter.ingest_seq = self.ingest(record, letter.version()).await?;
+        Ok((self.names.dead_subject(), json(&letter)))
+    }
+
+    /// Publishes `record` as the ingest message of `version`; returns its stream sequence.
+    async fn ingest(&self, record: CustomerRecord, version: Version) -> anyhow::Result<u64> {
+        let message = IngestMessage::from_row(record, version, "customers.csv", version.line);
+        let (headers, body) = message.encode(&ids::ingest_row(&version))?;
+        Ok(self
+            .js
+            .publish_with_headers(self.names.ingest_subject(), headers, body)
+            .await?
+            .await
+            .context("ingest publish ack")?
+            .sequence)
     }
 
     fn rejected(&self, row: &RejectedRow) -> (String, Vec<u8>) {
@@ -218,7 +238,7 @@ async fn batches_commit_and_every_message_is_acked() -> anyhow::Result<()> {
         .map(|i| pipeline.synced(&synced(&format!("c{i}"), i, "Ada")))
         .collect();
     messages.extend((1..=3).map(|line| pipeline.rejected(&rejected(line))));
-    messages.push(pipeline.dead(&dead("d1", 1000)));
+    messages.push(pipeline.dead(dead("d1", 1000)).await?);
     let last = pipeline.publish(messages).await?;
 
     let (shutdown, task) = start(pipeline.config(&db.url));
@@ -256,7 +276,7 @@ async fn a_redelivered_batch_changes_nothing() -> anyhow::Result<()> {
         .map(|i| synced(&format!("c{i}"), i, "Ada"))
         .collect();
     let mut messages: Vec<_> = outcomes.iter().map(|o| pipeline.synced(o)).collect();
-    messages.push(pipeline.dead(&dead("d1", 500)));
+    messages.push(pipeline.dead(dead("d1", 500)).await?);
     messages.push(pipeline.rejected(&rejected(9)));
     let first = pipeline.publish(messages.clone()).await?;
 
@@ -467,8 +487,8 @@ async fn a_dead_letter_leaves_when_a_later_version_of_its_customer_syncs() -> an
 
     let seq = pipeline
         .publish(vec![
-            pipeline.dead(&dead("c1", 5)),
-            pipeline.dead(&dead("c2", 6)),
+            pipeline.dead(dead("c1", 5)).await?,
+            pipeline.dead(dead("c2", 6)).await?,
         ])
         .await?;
     pipeline.wait_acked(seq).await?;
@@ -545,5 +565,104 @@ async fn both_write_strategies_build_the_same_tables() -> anyhow::Result<()> {
     }
     assert_eq!(snapshots[0].len(), 50);
     assert_eq!(snapshots[0], snapshots[1]);
+    Ok(())
+}
+
+/// Outcomes that no integrator can have made (the results subjects are where a forger who got past
+/// NATS's permissions would write) are kept as poison, with the reason, and pin no customer: a load
+/// from the future, a stamp from the data that its ingest message does not carry, a dead letter
+/// whose record is not its ingest message's (`dlq redrive` would send it to the CRM) or that names
+/// no ingest message at all.
+#[tokio::test]
+async fn outcomes_no_integrator_made_are_kept_as_poison_and_pin_nothing() -> anyhow::Result<()> {
+    let pipeline = Pipeline::new().await?;
+    let db = TestDatabase::create().await?;
+    let now = u64::try_from(Utc::now().timestamp_millis())?;
+
+    let real = synced("c1", 2, "Real");
+    let mut from_the_future = synced("c1", 3, "Forged");
+    from_the_future.version = Some(Version::row(now + 3_600_000, 3));
+
+    // A data-stamped version (csv-reader --version-column) vouched for by its ingest message, and
+    // a forged one naming the same ingest message with a stamp that outranks everything.
+    let stamped = Version {
+        stamp: 5_000,
+        load: 1,
+        line: 4,
+    };
+    let mut vouched = synced("c2", 0, "Stamped");
+    vouched.version = Some(stamped);
+    vouched.ingest_seq = pipeline.ingest(vouched.customer.clone(), stamped).await?;
+    let mut outranking = synced("c2", 0, "Forged");
+    outranking.version = Some(Version {
+        stamp: u64::MAX / 4,
+        ..stamped
+    });
+    outranking.ingest_seq = vouched.ingest_seq;
+
+    // Dead letters: one whose record is not its ingest message's, one naming nothing.
+    let (_, honest) = pipeline.dead(dead("c3", 6)).await?;
+    let honest: DeadLetter = serde_json::from_slice(&honest)?;
+    let mut swapped = honest.clone();
+    let forged_record = synced("c3", 6, "Forged").customer;
+    swapped.content_hash = forged_record.content_hash();
+    swapped.customer = Some(forged_record);
+    let mut nowhere = dead("c4", 7);
+    nowhere.ingest_seq = 1_000_000;
+
+    let last = pipeline
+        .publish(vec![
+            pipeline.synced(&real),
+            pipeline.synced(&from_the_future),
+            pipeline.synced(&vouched),
+            pipeline.synced(&outranking),
+            (pipeline.names.dead_subject(), json(&swapped)),
+            (pipeline.names.dead_subject(), json(&nowhere)),
+            (pipeline.names.dead_subject(), json(&honest)),
+        ])
+        .await?;
+    let (shutdown, task) = start(pipeline.config(&db.url));
+    pipeline.wait_acked(last).await?;
+    stop(shutdown, task).await?;
+
+    let client = db.client().await?;
+    assert_eq!(
+        hash_of(&client, "c1").await?,
+        (real.content_hash.to_string(), 2),
+        "the load from the future pins nothing"
+    );
+    assert_eq!(
+        hash_of(&client, "c2").await?.0,
+        vouched.content_hash.to_string(),
+        "the vouched stamp is stored, the outranking one is not"
+    );
+    let dead_hashes: Vec<String> = client
+        .query("SELECT content_hash FROM dead_letters ORDER BY 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dead_hashes, vec![honest.content_hash.to_string()]);
+    let reasons: Vec<String> = client
+        .query(
+            "SELECT reason FROM poison_messages ORDER BY stream_seq",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:#?}");
+    assert!(
+        reasons.iter().all(|r| r.contains("no integrator made it")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons[0].contains("past this host's clock"),
+        "{reasons:#?}"
+    );
+    assert!(reasons[1].contains("carries"), "{reasons:#?}");
+    assert!(reasons[2].contains("carries"), "{reasons:#?}");
+    assert!(reasons[3].contains("does not hold"), "{reasons:#?}");
     Ok(())
 }

@@ -248,41 +248,26 @@ pub(crate) async fn ingest_messages(
         }))
 }
 
-/// Connects to PostgreSQL with a single connection (the CLI never needs more), driving the
-/// connection on a background task; waits up to `wait` (`--startup-wait`) for a database that
-/// does not answer yet.
+/// Connects to PostgreSQL with a single connection (the CLI never needs more), over TLS as the
+/// URL's `sslmode` asks; waits up to `wait` (`--startup-wait`) for a database that does not answer
+/// yet.
 pub async fn connect_database(
     database_url: &str,
     wait: std::time::Duration,
 ) -> Result<tokio_postgres::Client, CtlError> {
     let server = format!("PostgreSQL at {}", service_kit::host_port(database_url));
+    // Nothing cancels the wait but the operator's Ctrl-C, which ends the process.
     let patience = tokio_util::sync::CancellationToken::new();
     let connected = service_kit::retry_until_up(
         &server,
         wait,
         &patience,
         // Refused credentials or a missing database do not get better by waiting.
-        |err: &tokio_postgres::Error| err.as_db_error().is_none(),
-        || tokio_postgres::connect(database_url, tokio_postgres::NoTls),
+        |err: &sync_store::StoreError| matches!(err, sync_store::StoreError::Connect { .. }),
+        || sync_store::connect_one(database_url),
     )
-    .await;
-    let (client, connection) = match connected {
-        Ok(Some(connected)) => connected,
-        Ok(None) => return Err(nats_error("connecting to PostgreSQL", "cancelled")),
-        Err(err) => {
-            return Err(sync_store::StoreError::Connect {
-                url: sync_store::redact(database_url),
-                message: describe_error(&err),
-            }
-            .into());
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(%err, "PostgreSQL connection closed");
-        }
-    });
-    Ok(client)
+    .await?;
+    connected.ok_or_else(|| nats_error("connecting to PostgreSQL", "cancelled"))
 }
 
 /// Fails with "run `syncctl setup`" on a database that was never migrated, rather than with
@@ -297,12 +282,6 @@ pub async fn require_schema(
         }),
         version => Ok(version),
     }
-}
-
-/// The error and every cause below it, for a message that says what PostgreSQL or NATS said
-/// ("db error" alone helps nobody).
-pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
-    service_kit::one_line(err)
 }
 
 /// A table for the terminal: plain columns two spaces apart, each as wide as its longest cell so

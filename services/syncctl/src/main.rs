@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::io::{IsTerminal as _, Write as _};
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
 use service_kit::NatsArgs;
 use sync_topology::TopologySettings;
 use syncctl::{CtlError, DEFAULT_DATABASE_URL};
@@ -28,8 +29,14 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct DatabaseArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    /// PostgreSQL connection URL or key-value DSN; `sslmode` (disable, prefer, require, verify-ca,
+    /// verify-full) and `sslrootcert` (a CA file, or `system`) turn TLS on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide_env_values = true
+    )]
     database_url: String,
 }
 
@@ -65,6 +72,17 @@ enum Command {
     /// Write a realistic customer CSV (streaming, any size, deterministic for a seed). Statistics
     /// go to stderr as JSON.
     GenCsv(GenCsvArgs),
+    /// Print nats-server's `accounts` block for a namespace: one user per service with exactly the
+    /// permissions its job needs, passwords read from `$NATS_PASSWORD_<USER>` (see the README's
+    /// Security section).
+    NatsAccounts(NatsAccountsArgs),
+}
+
+#[derive(Debug, Args)]
+struct NatsAccountsArgs {
+    /// Prefix of every subject, stream, consumer and bucket name.
+    #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
+    namespace: String,
 }
 
 const STATUS_HELP: &str = "\
@@ -180,18 +198,27 @@ struct WaitArgs {
     timeout: Duration,
 }
 
-/// Where `verify --crm` and `show --crm` ask the CRM.
+/// Where `verify --crm` and `show --crm` ask the CRM, and how they authenticate to it.
 #[derive(Debug, Args)]
 struct CrmArgs {
     /// Also ask the CRM what it holds.
     #[arg(long)]
     crm: bool,
     /// Base URL of the CRM API.
-    #[arg(long, env = "CRM_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "CRM_URL",
+        default_value = "http://127.0.0.1:8080",
+        hide_env_values = true,
+        value_parser = service_kit::UrlParser
+    )]
     crm_url: crm_client::Url,
     /// Bearer token for the CRM API.
     #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
-    crm_token: Option<String>,
+    crm_token: Option<SecretString>,
+    /// Send the token over plain http:// to a host other than this machine (a private network).
+    #[arg(long, env = "CRM_ALLOW_INSECURE")]
+    allow_insecure_crm: bool,
 }
 
 impl CrmArgs {
@@ -201,6 +228,7 @@ impl CrmArgs {
             token: self.crm_token,
             sample,
             concurrency,
+            allow_insecure: self.allow_insecure_crm,
         })
     }
 }
@@ -275,6 +303,8 @@ struct ReplayArgs {
     results: bool,
 }
 
+// Parsed once per run: the size of a variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// Dead letters, newest first: customer id, hash, CRM status, attempts, when, why.
@@ -483,6 +513,16 @@ async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
                     outcome.without_record.join(", ")
                 );
             }
+        }
+        Command::NatsAccounts(args) => {
+            let names = sync_topology::Names::new(&args.namespace)?;
+            print!(
+                "{}",
+                sync_topology::auth::accounts_config(
+                    &names,
+                    sync_topology::auth::Passwords::FromEnvironment
+                )
+            );
         }
         Command::GenCsv(args) => {
             let config = syncctl::gen_csv::GenCsvConfig {

@@ -10,7 +10,7 @@ use std::fmt;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use chrono::{DateTime, Utc};
-use crm_client::{CrmClient, CrmReply};
+use crm_client::CrmReply;
 use customer_record::CustomerRecord;
 use futures::StreamExt as _;
 use serde::Serialize;
@@ -306,13 +306,7 @@ async fn rejected_rows(
 }
 
 async fn crm_copy(check: &CrmCheck, id: &str) -> Result<Option<CustomerRecord>, CtlError> {
-    let client = CrmClient::new(
-        check.url.clone(),
-        check.token.as_deref(),
-        std::time::Duration::from_secs(10),
-        1,
-    )
-    .map_err(|e| CtlError::Usage(format!("cannot talk to the CRM at {}: {e}", check.url)))?;
+    let client = check.client(1)?;
     match client.look_up(id, std::time::Duration::from_secs(10)).await {
         CrmReply::Stored(stored) => Ok(Some(stored.customer)),
         CrmReply::NotFound => Ok(None),

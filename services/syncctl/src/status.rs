@@ -30,7 +30,7 @@ use serde::Serialize;
 use service_kit::NatsArgs;
 use sync_store::TableCounts;
 use sync_topology::messages::{
-    Checkpoint, PAUSE_KEY, PauseNotice, REPLICA_KEY_PREFIX, ReplicaHeartbeat,
+    Checkpoint, DEFAULT_MAX_PAUSE_MS, PAUSE_KEY, PauseNotice, REPLICA_KEY_PREFIX, ReplicaHeartbeat,
 };
 
 use crate::{CtlError, Pipeline, nats_error};
@@ -358,11 +358,15 @@ impl Source {
             .query_account()
             .await
             .map_err(|e| nats_error("reading the JetStream account", e))?;
-        let warnings = fill_warnings(
+        let mut warnings = fill_warnings(
             &[&ingest, &results],
             account.storage,
             account.limits.max_storage.unwrap_or(-1),
         );
+        warnings.extend(pause_warning(
+            crm_pause.as_ref(),
+            chrono::Utc::now().timestamp_millis(),
+        ));
         Ok(Status {
             namespace: names.namespace().to_owned(),
             streams: vec![ingest, results],
@@ -560,6 +564,24 @@ fn fill_warnings(streams: &[&StreamStatus], used: u64, account_limit: i64) -> Ve
     warnings
 }
 
+/// A notice asking for more than integrators hold by default: none of them writes one (their own
+/// pauses are capped), so it comes from a replica with a larger cap or from someone else who can
+/// write the control bucket.
+fn pause_warning(notice: Option<&PauseNotice>, now_ms: i64) -> Option<String> {
+    let notice = notice?;
+    let asked_ms = notice.until_ms - now_ms;
+    (asked_ms > DEFAULT_MAX_PAUSE_MS as i64).then(|| {
+        format!(
+            "the CRM pause notice (set by {:?}) asks for {:.0} s more, longer than integrators \
+             hold by default ({} s, --max-pause-ms): each holds at most its cap; if no replica \
+             runs with a larger one, check who can write the control bucket",
+            notice.set_by,
+            asked_ms as f64 / 1000.0,
+            DEFAULT_MAX_PAUSE_MS / 1000
+        )
+    })
+}
+
 /// The pause notice in the control bucket while it holds; unreadable or missing shows as none.
 async fn pause_in_force(pipeline: &Pipeline) -> Option<PauseNotice> {
     let control = pipeline
@@ -735,7 +757,8 @@ impl fmt::Display for Status {
             let left = p.until_ms - chrono::Utc::now().timestamp_millis();
             writeln!(
                 f,
-                "CRM pause: every integrator holds for {:.1} s more (set by {}): {}",
+                "CRM pause: every integrator holds for {:.1} s more, at most its --max-pause-ms \
+                 (set by {}): {}",
                 left.max(0) as f64 / 1000.0,
                 p.set_by,
                 p.reason

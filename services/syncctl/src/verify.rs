@@ -16,6 +16,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use crm_client::{CrmClient, CrmReply};
 use customer_record::{ContentHash, CustomerRecord};
 use futures::{StreamExt as _, TryStreamExt as _, pin_mut};
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Serialize;
 use service_kit::NatsArgs;
 use sync_topology::Version;
@@ -29,10 +30,31 @@ use crate::{CtlError, Pipeline, nats_error};
 #[derive(Debug, Clone)]
 pub struct CrmCheck {
     pub url: crm_client::Url,
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// Check this many customers chosen at random; None: all.
     pub sample: Option<usize>,
     pub concurrency: usize,
+    /// Send the token over plain http:// to another host.
+    pub allow_insecure: bool,
+}
+
+impl CrmCheck {
+    /// A client of the CRM, named in errors with its credentials hidden.
+    pub fn client(&self, concurrency: usize) -> Result<CrmClient, CtlError> {
+        CrmClient::new(
+            self.url.clone(),
+            self.token.as_ref().map(|t| t.expose_secret()),
+            Duration::from_secs(10),
+            concurrency,
+            self.allow_insecure,
+        )
+        .map_err(|e| {
+            CtlError::Usage(format!(
+                "cannot talk to the CRM at {}: {e}",
+                sync_topology::redact(self.url.as_str())
+            ))
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -549,13 +571,7 @@ impl<T> Sampler<T> {
 }
 
 async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmReport, CtlError> {
-    let client = CrmClient::new(
-        check.url.clone(),
-        check.token.as_deref(),
-        Duration::from_secs(10),
-        check.concurrency,
-    )
-    .map_err(|e| CtlError::Usage(format!("cannot talk to the CRM at {}: {e}", check.url)))?;
+    let client = check.client(check.concurrency)?;
     let mut report = CrmReport::default();
     let answers = futures::stream::iter(expected)
         .map(|(id, hash)| {

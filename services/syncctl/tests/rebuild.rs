@@ -7,7 +7,7 @@ use customer_record::CustomerRecord;
 use e2e::TestDatabase;
 use service_kit::NatsArgs;
 use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
-use sync_topology::{TopologySettings, Version};
+use sync_topology::{IngestMessage, TopologySettings, Version, ids};
 use syncctl::Pipeline;
 
 fn customer(id: &str, email: &str) -> CustomerRecord {
@@ -93,6 +93,16 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
     )
     .await?;
     let refused = customer("c3", "three@x.io");
+    // The persister stores a dead letter only when its ingest message carries it.
+    let (headers, body) =
+        IngestMessage::from_row(refused.clone(), Version::row(1, 4), "customers.csv", 4)
+            .encode(&ids::ingest_row(&Version::row(1, 4)))?;
+    let ingest_seq = pipeline
+        .js
+        .publish_with_headers(names.ingest_subject(), headers, body)
+        .await?
+        .await?
+        .sequence;
     publish(
         &pipeline,
         names.dead_subject(),
@@ -100,7 +110,7 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
             customer_id: refused.id.clone(),
             content_hash: refused.content_hash(),
             version: Some(Version::row(1, 4)),
-            ingest_seq: 3,
+            ingest_seq,
             reason: "CRM refused: 422".to_owned(),
             crm_status: Some(422),
             crm_body: Some("{}".to_owned()),

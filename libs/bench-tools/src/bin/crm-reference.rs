@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         args.crm_token.as_deref(),
         timeout,
         args.concurrency,
+        false,
     )
     .context("building the CRM client")?;
     let counts = Arc::new(Counts::default());

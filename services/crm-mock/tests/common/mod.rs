@@ -14,6 +14,8 @@ pub struct Mock {
     pub running: Option<RunningMock>,
     pub shutdown: CancellationToken,
     pub http: reqwest::Client,
+    /// The mock's token, which `/stats` wants when one is set.
+    pub token: Option<String>,
 }
 
 impl Mock {
@@ -23,6 +25,7 @@ impl Mock {
             ..config
         };
         let shutdown = CancellationToken::new();
+        let token = config.token.clone();
         let running = crm_mock::start(config, shutdown.clone()).await?;
         let http = client(Duration::from_secs(10))?;
         Ok(Mock {
@@ -30,6 +33,7 @@ impl Mock {
             running: Some(running),
             shutdown,
             http,
+            token,
         })
     }
 
@@ -38,9 +42,11 @@ impl Mock {
     }
 
     pub async fn stats(&self) -> anyhow::Result<Stats> {
-        let stats = self
-            .http
-            .get(self.at("/stats"))
+        let mut request = self.http.get(self.at("/stats"));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let stats = request
             .send()
             .await
             .context("GET /stats")?
