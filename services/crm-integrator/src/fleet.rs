@@ -11,7 +11,8 @@ use futures::StreamExt as _;
 pub use sync_topology::messages::{PAUSE_KEY, PauseNotice};
 use tokio_util::sync::CancellationToken;
 
-use crate::flow::{Gate, now_ms};
+use crate::flow::Gate;
+use crate::now_ms;
 use crate::policy::PauseRequest;
 
 /// Publishes this replica's pauses and applies everyone's.

@@ -12,7 +12,7 @@ use service_kit::Health;
 use sync_topology::messages::{ReplicaHeartbeat, replica_key};
 use tokio_util::sync::CancellationToken;
 
-use crate::flow::now_ms;
+use crate::now_ms;
 use crate::process::Integrator;
 use crate::telemetry::{self, Totals};
 

@@ -11,7 +11,7 @@ use customer_record::ContentHash;
 use sync_topology::Version;
 use sync_topology::ledger::{Claim, Confirmed, Failing, LedgerEntry};
 
-use crate::flow::now_ms;
+use crate::now_ms;
 use crate::process::ProcessError;
 
 /// Compare-and-set conflicts tolerated on one key before giving up for this delivery.

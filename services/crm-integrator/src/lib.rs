@@ -37,6 +37,11 @@ pub use flow::{Gate, Limiter};
 pub use policy::{BreakerSettings, PauseRequest, Signal};
 pub use process::{Integrator, ProcessError, Settled, process_message};
 
+/// Wall-clock time in Unix milliseconds, as the ledger and pause notices write it.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
 /// How long one pull request waits on the server for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);

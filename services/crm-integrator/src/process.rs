@@ -17,8 +17,9 @@ use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::FleetPause;
-use crate::flow::{Admission, Gate, Limiter, Parked, Slots, now_ms};
+use crate::flow::{Admission, Gate, Limiter, Parked, Slots};
 use crate::ledger::{Held, Ledger, MAX_CAS_CONFLICTS, Subject};
+use crate::now_ms;
 use crate::outcome::{self, CrmAnswer};
 use crate::{policy, telemetry};
 use crm_client::{CrmClient, CrmReply, Transient, Write};

@@ -1,0 +1,22 @@
+//! How hard the integrator pushes the CRM, per replica: the request concurrency limit and each
+//! request's deadline ([`limiter`]), the pause a CRM asks for and the circuit breaker that stops
+//! sending while the CRM is down ([`gate`]), and the messages in hand ([`slots`]). The pause is
+//! shared by the fleet through `fleet.rs`; what each answer means is decided in `policy.rs`.
+
+mod capacity;
+mod gate;
+mod limiter;
+mod slots;
+
+use std::sync::Mutex;
+
+pub use gate::{Admission, Gate};
+pub use limiter::{Limiter, Permit};
+pub use slots::{Parked, Slots};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain numbers behind, still usable.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
