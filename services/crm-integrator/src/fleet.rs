@@ -3,17 +3,16 @@
 //! control bucket, and every replica watches that key and holds its requests until T. `syncctl
 //! status` reads the same key to show a pause in force.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use async_nats::jetstream::kv;
+use backon::Retryable as _;
 use futures::StreamExt as _;
+use std::sync::Arc;
 pub use sync_topology::messages::{PAUSE_KEY, PauseNotice};
 use tokio_util::sync::CancellationToken;
 
 use crate::flow::Gate;
-use crate::now_ms;
 use crate::policy::PauseRequest;
+use crate::{now_ms, schedules};
 
 /// Publishes this replica's pauses and applies everyone's.
 #[derive(Debug, Clone)]
@@ -81,17 +80,19 @@ impl FleetPause {
         loop {
             // With history: the notice in force arrives first, so nothing written between a
             // read and the subscription can slip by.
-            let watch = match self.control.watch_with_history(PAUSE_KEY).await {
-                Ok(watch) => watch,
-                Err(err) => {
+            let watching = (|| self.control.watch_with_history(PAUSE_KEY))
+                .retry(schedules::pause_watch())
+                .notify(|err, _| {
                     tracing::warn!(%err, key = PAUSE_KEY, "cannot watch the shared pause; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
+                });
+            let mut watch = tokio::select! {
+                () = shutdown.cancelled() => return,
+                watching = watching => match watching {
+                    Ok(watch) => watch,
+                    // The schedule never runs out; were it to, the next round starts over.
+                    Err(_) => continue,
+                },
             };
-            let mut watch = watch;
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,

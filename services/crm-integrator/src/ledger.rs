@@ -13,9 +13,7 @@ use sync_topology::ledger::{Claim, Confirmed, Failing, LedgerEntry};
 
 use crate::now_ms;
 use crate::process::ProcessError;
-
-/// Compare-and-set conflicts tolerated on one key before giving up for this delivery.
-pub(crate) const MAX_CAS_CONFLICTS: u32 = 16;
+use crate::schedules::LEDGER_CONFLICTS;
 
 /// The ledger bucket and what this replica writes into claims.
 #[derive(Debug)]
@@ -103,7 +101,7 @@ impl Ledger {
         held: &mut Held,
         mut change: impl FnMut(&mut LedgerEntry) -> bool,
     ) -> Result<bool, ProcessError> {
-        for _ in 0..MAX_CAS_CONFLICTS {
+        for _ in 0..LEDGER_CONFLICTS {
             let mut wanted = held.entry.clone();
             if !change(&mut wanted) {
                 return Ok(false);
@@ -120,7 +118,7 @@ impl Ledger {
         Err(ProcessError::Ledger {
             action: "compare-and-set",
             key: key.to_owned(),
-            message: format!("{MAX_CAS_CONFLICTS} conflicts in a row"),
+            message: format!("{LEDGER_CONFLICTS} conflicts in a row"),
         })
     }
 

@@ -12,6 +12,7 @@ mod ledger;
 mod outcome;
 mod policy;
 mod process;
+mod schedules;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -374,7 +375,7 @@ async fn consume(
                     tracing::warn!(%err, "cannot start pulling from the consumer; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = tokio::time::sleep(schedules::PULL_RESTART) => continue,
                     }
                 }
             },
@@ -412,7 +413,7 @@ async fn consume(
                 messages = None;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = tokio::time::sleep(schedules::PULL_RETRY) => {}
                 }
             }
             None => {

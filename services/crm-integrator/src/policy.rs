@@ -9,10 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder as _, ExponentialBuilder};
-
 use crate::flow::{Gate, Permit};
-use crm_client::{CrmReply, Transient};
+use crm_client::CrmReply;
 
 /// How one request went, as the limiter and the policy see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,59 +281,9 @@ fn failure_detail(reply: &CrmReply) -> String {
     }
 }
 
-/// When this record tries again: exponential backoff with full jitter, never shorter than the
-/// CRM's `Retry-After` for it, never longer than `max`.
-pub fn retry_delay(failure: &Transient, delivered: u64, attempt: u32, max: Duration) -> Duration {
-    let step = (delivered.saturating_sub(1) as usize).saturating_add(attempt as usize);
-    let ceiling = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_factor(2.0)
-        .with_max_delay(Duration::from_secs(30))
-        .without_max_times()
-        .build()
-        .nth(step.saturating_sub(1))
-        .unwrap_or(Duration::from_secs(30));
-    let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
-    let delay = match failure.retry_after {
-        // A little spread so the records refused together do not return in lockstep.
-        Some(after) => after + Duration::from_millis(rand::random_range(0..=100)),
-        None => jittered,
-    };
-    delay.min(max)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn failure(retry_after: Option<Duration>) -> Transient {
-        Transient {
-            status: Some(503),
-            retry_after,
-            maybe_applied: false,
-            congestion: false,
-            unreachable: false,
-            detail: String::new(),
-        }
-    }
-
-    #[test]
-    fn backoff_grows_with_attempts_honours_retry_after_and_is_capped() {
-        let max = Duration::from_secs(60);
-        for _ in 0..100 {
-            assert!(retry_delay(&failure(None), 1, 1, max) <= Duration::from_millis(50));
-            assert!(retry_delay(&failure(None), 3, 2, max) <= Duration::from_millis(400));
-            assert!(retry_delay(&failure(None), 40, 9, max) <= Duration::from_secs(30));
-            assert!(
-                retry_delay(&failure(Some(Duration::from_secs(2))), 1, 1, max)
-                    >= Duration::from_secs(2)
-            );
-            assert_eq!(
-                retry_delay(&failure(Some(Duration::from_secs(3600))), 1, 1, max),
-                max
-            );
-        }
-    }
 
     /// Answers at `per_second`, each a 429 with probability `share` (seeded), for `seconds`.
     fn run_overload(share: f64, per_second: u32, seconds: u32) -> Vec<PauseRequest> {

@@ -18,14 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::FleetPause;
 use crate::flow::{Admission, Gate, Limiter, Parked, Slots};
-use crate::ledger::{Held, Ledger, MAX_CAS_CONFLICTS, Subject};
+use crate::ledger::{Held, Ledger, Subject};
 use crate::now_ms;
 use crate::outcome::{self, CrmAnswer};
+use crate::schedules::{self, INLINE_ATTEMPTS, LEDGER_CONFLICTS};
 use crate::{policy, telemetry};
 use crm_client::{CrmClient, CrmReply, Transient, Write};
-
-/// Retries of one delivery done in-process before the message is handed back with a NAK.
-const MAX_INLINE_ATTEMPTS: u32 = 4;
 
 /// Everything `process_message` needs, shared by every message task of a replica.
 pub struct Integrator {
@@ -219,7 +217,7 @@ async fn nak_on_error(
     if let Err(err) = &result {
         tracing::warn!(seq, %err, "processing failed; handing the message back");
         if let Err(nak) = message
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .ack_with(AckKind::Nak(Some(schedules::AFTER_NATS_FAILURE)))
             .await
         {
             tracing::debug!(seq, %nak, "nak after failure failed too");
@@ -260,7 +258,7 @@ async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessEr
     // Most first deliveries are new customers: try the claim as a create straight away, which
     // saves the read; the create fails harmlessly when the customer is known.
     let mut optimistic = task.delivered == 1;
-    for _ in 0..=MAX_CAS_CONFLICTS {
+    for _ in 0..=LEDGER_CONFLICTS {
         let current = if std::mem::take(&mut optimistic) {
             None
         } else {
@@ -308,10 +306,7 @@ async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessEr
             } => {
                 // Waiting is not failing: nothing is counted, and the wait grows with each
                 // delivery so a long one stays cheap.
-                let backoff_ms = 100u64 << task.delivered.saturating_sub(1).min(6);
-                let delay = Duration::from_millis(
-                    (remaining_ms.max(100) as u64).min(backoff_ms).min(5_000),
-                );
+                let delay = schedules::claim_wait_delay(task.delivered, remaining_ms);
                 let reason = format!("waiting for the claim of version {claim_version}");
                 outcome::defer(task, delay, reason).await?
             }
@@ -338,7 +333,7 @@ async fn judge(integrator: &Integrator, task: &Task) -> Result<Judged, ProcessEr
     }
     let reason = "ledger key keeps changing under us".to_owned();
     Ok(Judged::Settled(
-        outcome::defer(task, Duration::from_millis(200), reason).await?,
+        outcome::defer(task, schedules::LEDGER_RACE, reason).await?,
     ))
 }
 
@@ -383,7 +378,7 @@ async fn send(
         if !renewed {
             drop(permit);
             let reason = "our claim was taken over".to_owned();
-            return outcome::defer(task, Duration::from_millis(200), reason).await;
+            return outcome::defer(task, schedules::LEDGER_RACE, reason).await;
         }
         let looking_up = claimed.in_doubt;
         let request_started = Instant::now();
@@ -463,7 +458,9 @@ async fn send(
                 let reason = format!(
                     "the CRM refused our credentials (HTTP {status}; check CRM_API_TOKEN): {body}"
                 );
-                let delay = integrator.request_timeout.max(Duration::from_secs(5));
+                let delay = integrator
+                    .request_timeout
+                    .max(schedules::CREDENTIALS_REFUSED);
                 Next::Done(hand_back(integrator, task, &mut claimed, delay, reason, false).await?)
             }
             CrmReply::Transient(failure) => {
@@ -572,7 +569,7 @@ async fn on_failure<'a>(
     // Waiting lets another message in meanwhile; when too many wait already, the server keeps
     // the record for its delay instead.
     if delay <= integrator.max_inline_wait
-        && attempt < MAX_INLINE_ATTEMPTS
+        && attempt < INLINE_ATTEMPTS
         && let Some(parked) = integrator.slots.park()
     {
         return Ok(Next::RetryAfter(delay, parked));

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::lock;
-use crate::now_ms;
-use crate::policy::{self, BreakerSettings, Overload, PauseRequest, Recent, Signal};
+use crate::policy::{BreakerSettings, Overload, PauseRequest, Recent, Signal};
+use crate::{now_ms, schedules};
 use crm_client::Transient;
 
 /// Whether a request may go now.
@@ -140,9 +140,10 @@ impl Gate {
         self.max_pause
     }
 
-    /// When a record that failed with `failure` tries again (see [`policy::retry_delay`]).
+    /// When a record that failed with `failure` tries again (see
+    /// [`schedules::crm_retry_delay`]).
     pub fn retry_delay(&self, failure: &Transient, delivered: u64, attempt: u32) -> Duration {
-        policy::retry_delay(failure, delivered, attempt, self.max_pause)
+        schedules::crm_retry_delay(failure, delivered, attempt, self.max_pause)
     }
 
     /// Extends the pause to `until_ms` (Unix ms), at most the longest pause from now; never
