@@ -12,8 +12,8 @@ use service_kit::Health;
 use sync_topology::messages::{ReplicaHeartbeat, replica_key};
 use tokio_util::sync::CancellationToken;
 
+use crate::integrator::Integrator;
 use crate::now_ms;
-use crate::process::Integrator;
 use crate::telemetry::{self, Totals};
 
 /// How often readiness and the gauges are brought up to date.

@@ -1,7 +1,9 @@
-//! The ledger as the integrator uses it: the KV bucket behind the rules in
-//! [`sync_topology::ledger`], and every change one message makes to its customer's entry, each a
-//! compare-and-set on the key's revision so two replicas can never both believe they own a
-//! customer.
+//! The ledger as the integrator keeps it: the KV bucket behind the rules in
+//! [`sync_topology::ledger`] (which version may be sent, which is superseded, which must wait),
+//! and every change one message makes to its customer's entry. Each change is a compare-and-set
+//! on the key's revision, so two replicas can never both believe they own a customer: a message
+//! [`LedgerStore::claim`]s its customer, then its [`OurClaim`] renews, releases, dead-letters or
+//! confirms it.
 
 use std::time::Duration;
 
@@ -17,16 +19,16 @@ use crate::schedules::LEDGER_CONFLICTS;
 
 /// The ledger bucket and what this replica writes into claims.
 #[derive(Debug)]
-pub(crate) struct Ledger {
-    pub store: kv::Store,
+pub(crate) struct LedgerStore {
+    bucket: kv::Store,
     /// This process's name in claims.
-    pub replica: String,
+    replica: String,
     /// How long a claim lives without renewal: longer than an unacknowledged delivery and than one
     /// request, so nobody takes over while our request may still land.
-    pub claim_lease: Duration,
+    claim_lease: Duration,
     /// How long a claim given up in doubt still holds other versions back: a CRM may apply a
     /// request after we stopped waiting for it, and a second version sent meanwhile would race it.
-    pub doubt_grace: Duration,
+    doubt_grace: Duration,
 }
 
 /// A customer's entry as last read or written by one message's task. Revision 0: no entry.
@@ -44,10 +46,41 @@ pub(crate) struct Subject<'a> {
     pub hash: &'a ContentHash,
 }
 
-impl Ledger {
+/// This replica's claim on one customer, held by the message that sends its version: every
+/// change it makes to the entry until it lets go.
+#[derive(Debug)]
+pub(crate) struct OurClaim<'a> {
+    store: &'a LedgerStore,
+    subject: Subject<'a>,
+    held: Held,
+    /// An earlier send may have landed unseen: the next request is a lookup, and whoever sends
+    /// after us must look up too.
+    pub in_doubt: bool,
+}
+
+impl LedgerStore {
+    pub fn new(
+        bucket: kv::Store,
+        replica: String,
+        claim_lease: Duration,
+        doubt_grace: Duration,
+    ) -> Self {
+        LedgerStore {
+            bucket,
+            replica,
+            claim_lease,
+            doubt_grace,
+        }
+    }
+
+    /// This process's name in claims.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     pub async fn read(&self, key: &str) -> Result<Option<Held>, ProcessError> {
         let entry = self
-            .store
+            .bucket
             .entry(key)
             .await
             .map_err(|err| ProcessError::ledger("read", key, err))?;
@@ -74,7 +107,7 @@ impl Ledger {
 
     /// Compare-and-set: `Some(new revision)`, or `None` when someone else wrote first. Revision 0
     /// expects no entry at all: the create of a new customer.
-    pub async fn write(
+    async fn write(
         &self,
         key: &str,
         entry: &LedgerEntry,
@@ -86,40 +119,11 @@ impl Ledger {
                 what: "ledger entry",
                 source,
             })?;
-        match self.store.update(key, body, revision).await {
+        match self.bucket.update(key, body, revision).await {
             Ok(revision) => Ok(Some(revision)),
             Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(err) => Err(ProcessError::ledger("compare-and-set", key, err)),
         }
-    }
-
-    /// Applies `change` with compare-and-set, re-reading after conflicts. `change` returns false
-    /// when there is nothing (left) to write; so does this.
-    pub async fn update(
-        &self,
-        key: &str,
-        held: &mut Held,
-        mut change: impl FnMut(&mut LedgerEntry) -> bool,
-    ) -> Result<bool, ProcessError> {
-        for _ in 0..LEDGER_CONFLICTS {
-            let mut wanted = held.entry.clone();
-            if !change(&mut wanted) {
-                return Ok(false);
-            }
-            if let Some(revision) = self.write(key, &wanted, held.revision).await? {
-                *held = Held {
-                    entry: wanted,
-                    revision,
-                };
-                return Ok(true);
-            }
-            *held = self.read(key).await?.unwrap_or_default();
-        }
-        Err(ProcessError::Ledger {
-            action: "compare-and-set",
-            key: key.to_owned(),
-            message: format!("{LEDGER_CONFLICTS} conflicts in a row"),
-        })
     }
 
     fn claim_for(&self, subject: Subject<'_>, in_doubt: bool, lease: Duration) -> Claim {
@@ -139,142 +143,22 @@ impl Ledger {
 
     /// Writes our claim over `current` (the entry `decide` judged). `None`: someone wrote first,
     /// decide again.
-    pub async fn claim(
-        &self,
-        subject: Subject<'_>,
+    pub async fn claim<'a>(
+        &'a self,
+        subject: Subject<'a>,
         current: Option<&Held>,
         in_doubt: bool,
-    ) -> Result<Option<Held>, ProcessError> {
+    ) -> Result<Option<OurClaim<'a>>, ProcessError> {
         let mut entry = current.map(|h| h.entry.clone()).unwrap_or_default();
         entry.claim = Some(self.claim_for(subject, in_doubt, self.claim_lease));
         let revision = current.map_or(0, |h| h.revision);
-        Ok(self
-            .write(subject.key, &entry, revision)
-            .await?
-            .map(|revision| Held { entry, revision }))
-    }
-
-    /// Renews our claim so it stays live for at least `needed`. False when it is no longer ours.
-    pub async fn renew(
-        &self,
-        subject: Subject<'_>,
-        held: &mut Held,
-        in_doubt: bool,
-        needed: Duration,
-    ) -> Result<bool, ProcessError> {
-        let Some(claim) = held.entry.claim.as_ref() else {
-            return Ok(false);
-        };
-        let margin = needed.as_millis() as i64 + 1_000;
-        if claim.lease_until_ms - now_ms() > margin && claim.in_doubt == in_doubt {
-            return Ok(true);
-        }
-        let lease = self.claim_lease.max(needed + Duration::from_secs(1));
-        let mut still_ours = true;
-        let written = self
-            .update(subject.key, held, |entry| {
-                if !self.is_ours(entry.claim.as_ref(), subject.version) {
-                    still_ours = false;
-                    return false;
-                }
-                entry.claim = Some(self.claim_for(subject, in_doubt, lease));
-                true
-            })
-            .await?;
-        Ok(written && still_ours)
-    }
-
-    /// Gives the claim up, keeping the doubt for whoever sends next. `failed`: this delivery's
-    /// sends failed, and it counts toward `--max-deliver`.
-    pub async fn release(
-        &self,
-        subject: Subject<'_>,
-        held: &mut Held,
-        in_doubt: bool,
-        failed: bool,
-    ) -> Result<(), ProcessError> {
-        self.update(subject.key, held, |entry| {
-            let ours = self.is_ours(entry.claim.as_ref(), subject.version);
-            if ours {
-                release_claim(entry, in_doubt, self.doubt_grace);
-            }
-            // A version something newer has overtaken will be superseded anyway: no count.
-            let counted = failed && entry.newest_known() <= Some(subject.version);
-            if counted {
-                entry.failing = Some(Failing {
-                    version: subject.version,
-                    failures: entry.failures_of(subject.version) + 1,
-                    dead_seq: None,
-                });
-            }
-            ours || counted
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// The version was dead-lettered (by the ingest message at `seq`): release the claim and keep
-    /// the version as the newest known (older versions stay superseded by it), with the count
-    /// reset so a redrive starts over.
-    pub async fn mark_dead(
-        &self,
-        subject: Subject<'_>,
-        held: &mut Held,
-        in_doubt: bool,
-        seq: u64,
-    ) -> Result<(), ProcessError> {
-        self.update(subject.key, held, |entry| {
-            if self.is_ours(entry.claim.as_ref(), subject.version) {
-                release_claim(entry, in_doubt, self.doubt_grace);
-            }
-            if entry.newest_known() > Some(subject.version) {
-                return false;
-            }
-            entry.failing = Some(Failing {
-                version: subject.version,
-                failures: 0,
-                dead_seq: Some(seq),
-            });
-            true
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// The CRM holds this version: record it (unless a newer one is confirmed meanwhile) and drop
-    /// our claim and what failed before it.
-    pub async fn confirm(
-        &self,
-        subject: Subject<'_>,
-        held: &mut Held,
-        crm_id: Option<String>,
-    ) -> Result<(), ProcessError> {
-        self.update(subject.key, held, |entry| {
-            let newer_confirmed = entry
-                .confirmed
-                .as_ref()
-                .is_some_and(|c| c.version > subject.version);
-            if !newer_confirmed {
-                entry.confirmed = Some(Confirmed {
-                    hash: subject.hash.clone(),
-                    version: subject.version,
-                    crm_id: crm_id.clone(),
-                });
-            }
-            if self.is_ours(entry.claim.as_ref(), subject.version) {
-                entry.claim = None;
-            }
-            if entry
-                .failing
-                .as_ref()
-                .is_some_and(|f| f.version <= subject.version)
-            {
-                entry.failing = None;
-            }
-            true
-        })
-        .await?;
-        Ok(())
+        let written = self.write(subject.key, &entry, revision).await?;
+        Ok(written.map(|revision| OurClaim {
+            store: self,
+            subject,
+            held: Held { entry, revision },
+            in_doubt,
+        }))
     }
 
     /// The CRM already holds this content from an older version: record this version as the
@@ -296,6 +180,145 @@ impl Ledger {
             .write(subject.key, &entry, held.revision)
             .await?
             .is_some())
+    }
+}
+
+impl OurClaim<'_> {
+    /// Failed deliveries counted against this version so far.
+    pub fn failures(&self) -> u64 {
+        self.held.entry.failures_of(self.subject.version)
+    }
+
+    /// Renews our claim so it stays live for at least `needed`. False when it is no longer ours.
+    pub async fn renew(&mut self, needed: Duration) -> Result<bool, ProcessError> {
+        let Some(claim) = self.held.entry.claim.as_ref() else {
+            return Ok(false);
+        };
+        let margin = needed.as_millis() as i64 + 1_000;
+        if claim.lease_until_ms - now_ms() > margin && claim.in_doubt == self.in_doubt {
+            return Ok(true);
+        }
+        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        let lease = store.claim_lease.max(needed + Duration::from_secs(1));
+        let mut still_ours = true;
+        let written = self
+            .update(|entry| {
+                if !store.is_ours(entry.claim.as_ref(), subject.version) {
+                    still_ours = false;
+                    return false;
+                }
+                entry.claim = Some(store.claim_for(subject, in_doubt, lease));
+                true
+            })
+            .await?;
+        Ok(written && still_ours)
+    }
+
+    /// Gives the claim up, keeping the doubt for whoever sends next. `failed`: this delivery's
+    /// sends failed, and it counts toward `--max-deliver`.
+    pub async fn release(&mut self, failed: bool) -> Result<(), ProcessError> {
+        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        self.update(|entry| {
+            let ours = store.is_ours(entry.claim.as_ref(), subject.version);
+            if ours {
+                release_claim(entry, in_doubt, store.doubt_grace);
+            }
+            // A version something newer has overtaken will be superseded anyway: no count.
+            let counted = failed && entry.newest_known() <= Some(subject.version);
+            if counted {
+                entry.failing = Some(Failing {
+                    version: subject.version,
+                    failures: entry.failures_of(subject.version) + 1,
+                    dead_seq: None,
+                });
+            }
+            ours || counted
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The version was dead-lettered (by the ingest message at `seq`): release the claim and keep
+    /// the version as the newest known (older versions stay superseded by it), with the count
+    /// reset so a redrive starts over.
+    pub async fn mark_dead(&mut self, seq: u64) -> Result<(), ProcessError> {
+        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        self.update(|entry| {
+            if store.is_ours(entry.claim.as_ref(), subject.version) {
+                release_claim(entry, in_doubt, store.doubt_grace);
+            }
+            if entry.newest_known() > Some(subject.version) {
+                return false;
+            }
+            entry.failing = Some(Failing {
+                version: subject.version,
+                failures: 0,
+                dead_seq: Some(seq),
+            });
+            true
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The CRM holds this version: record it (unless a newer one is confirmed meanwhile) and drop
+    /// our claim and what failed before it.
+    pub async fn confirm(&mut self, crm_id: Option<String>) -> Result<(), ProcessError> {
+        let (store, subject) = (self.store, self.subject);
+        self.update(|entry| {
+            let newer_confirmed = entry
+                .confirmed
+                .as_ref()
+                .is_some_and(|c| c.version > subject.version);
+            if !newer_confirmed {
+                entry.confirmed = Some(Confirmed {
+                    hash: subject.hash.clone(),
+                    version: subject.version,
+                    crm_id: crm_id.clone(),
+                });
+            }
+            if store.is_ours(entry.claim.as_ref(), subject.version) {
+                entry.claim = None;
+            }
+            if entry
+                .failing
+                .as_ref()
+                .is_some_and(|f| f.version <= subject.version)
+            {
+                entry.failing = None;
+            }
+            true
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Applies `change` with compare-and-set, re-reading after conflicts. `change` returns false
+    /// when there is nothing (left) to write; so does this.
+    async fn update(
+        &mut self,
+        mut change: impl FnMut(&mut LedgerEntry) -> bool,
+    ) -> Result<bool, ProcessError> {
+        let key = self.subject.key;
+        for _ in 0..LEDGER_CONFLICTS {
+            let mut wanted = self.held.entry.clone();
+            if !change(&mut wanted) {
+                return Ok(false);
+            }
+            if let Some(revision) = self.store.write(key, &wanted, self.held.revision).await? {
+                self.held = Held {
+                    entry: wanted,
+                    revision,
+                };
+                return Ok(true);
+            }
+            self.held = self.store.read(key).await?.unwrap_or_default();
+        }
+        Err(ProcessError::Ledger {
+            action: "compare-and-set",
+            key: key.to_owned(),
+            message: format!("{LEDGER_CONFLICTS} conflicts in a row"),
+        })
     }
 }
 

@@ -8,8 +8,8 @@ mod config;
 mod fleet;
 mod flow;
 mod heartbeat;
+mod integrator;
 mod ledger;
-mod outcome;
 mod policy;
 mod process;
 mod schedules;
@@ -35,8 +35,9 @@ pub use config::{Config, ConfigError};
 pub use crm_client::{CrmClient, CrmCustomer, CrmReply, Transient, Write};
 pub use fleet::{PAUSE_KEY, PauseNotice};
 pub use flow::{Gate, Limiter};
+pub use integrator::Integrator;
 pub use policy::{BreakerSettings, PauseRequest, Signal};
-pub use process::{Integrator, ProcessError, Settled, process_message};
+pub use process::{ProcessError, Settled, process_message};
 
 /// Wall-clock time in Unix milliseconds, as the ledger and pause notices write it.
 pub(crate) fn now_ms() -> i64 {
@@ -147,13 +148,13 @@ async fn connect_with_consumer(
     let integrator = Integrator {
         names,
         js,
-        ledger: ledger::Ledger {
-            store: ledger,
+        ledger: ledger::LedgerStore::new(
+            ledger,
             replica,
             claim_lease,
             // As long as a claim's own lease assumes a request may still land after its deadline.
-            doubt_grace: request_timeout * 2 + Duration::from_secs(1),
-        },
+            request_timeout * 2 + Duration::from_secs(1),
+        ),
         crm,
         gate,
         fleet,

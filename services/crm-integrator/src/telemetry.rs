@@ -8,6 +8,8 @@ use std::sync::{OnceLock, RwLock};
 
 use metrics::{Counter, Histogram};
 
+use std::time::Instant;
+
 use crate::process::Settled;
 
 type Labels = (&'static str, &'static str, &'static str);
@@ -56,6 +58,11 @@ pub fn phase(phase: &'static str) -> Histogram {
         .entry(phase)
         .or_insert_with(|| metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase))
         .clone()
+}
+
+/// Records how long a phase of one record took, from `started`: where a record's time goes.
+pub fn time_phase(name: &'static str, started: Instant) {
+    phase(name).record(started.elapsed().as_secs_f64());
 }
 
 /// `crm_integrator_records_total{outcome, action}`.
