@@ -5,6 +5,7 @@
 //! fleet-wide CRM pause, the circuit breaker and the request concurrency (fixed or adaptive).
 
 mod config;
+mod consume;
 mod fleet;
 mod flow;
 mod heartbeat;
@@ -17,17 +18,14 @@ mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt as _;
 use governor::{Quota, RateLimiter};
 use service_kit::Health;
 use sync_topology::Names;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::telemetry::Totals;
 
@@ -43,10 +41,6 @@ pub use process::{ProcessError, Settled, process_message};
 pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
-
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Connects to NATS and the CRM and builds the shared state of one replica, without consuming.
 /// Tests use it to call [`process_message`] directly.
@@ -158,7 +152,7 @@ async fn connect_with_consumer(
         crm,
         gate,
         fleet,
-        slots: flow::Slots::new(message_capacity(limiter.limit())),
+        slots: flow::Slots::new(flow::message_capacity(limiter.limit())),
         limiter,
         rate,
         max_deliver: config.max_deliver,
@@ -264,7 +258,7 @@ pub async fn start(
         health.clone(),
         shutdown.clone(),
     ));
-    let consuming = tokio::spawn(consume(
+    let consuming = tokio::spawn(consume::consume(
         integrator.clone(),
         consumer,
         config.fetch_batch,
@@ -310,127 +304,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         breaker_openings,
         "crm-integrator stopped: in-flight messages settled"
     );
-    Ok(())
-}
-
-/// Messages allowed in hand for a request limit. A record spends about as long in its ledger and
-/// outcome round trips to NATS as at the CRM, so twice the request limit keeps the CRM at its limit
-/// while the other half is in those phases; what waits for a request slot waits about one request
-/// latency, small next to the ack wait. Records waiting for a retry (a `Retry-After`, a backoff,
-/// a short pause) are not counted: as many again may wait beside these (see `flow::Slots`).
-fn message_capacity(request_limit: usize) -> usize {
-    request_limit * 2 + 16
-}
-
-async fn consume(
-    integrator: Arc<Integrator>,
-    consumer: PullConsumer,
-    fetch_batch: usize,
-    health: Health,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let ack_wait = consumer.cached_info().config.ack_wait;
-    let tracker = TaskTracker::new();
-    let slots = integrator.slots.clone();
-    let mut messages = None;
-    let in_hand = metrics::gauge!("crm_integrator_messages_in_hand");
-    let waiting = metrics::gauge!("crm_integrator_messages_waiting");
-    let in_flight = metrics::gauge!("crm_integrator_requests_in_flight");
-    health.set_ready(true);
-    'consume: loop {
-        slots.resize(message_capacity(integrator.limiter().limit()));
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
-            slot = slots.acquire() => slot,
-        };
-        // Pulling while the CRM is off limits would only age messages in our hands. A short hold
-        // keeps the pull: what it buffered is processed right after. A hold long enough to eat
-        // into the ack wait drops it, so those messages come back once, after the ack wait,
-        // rather than being processed beside their redelivery.
-        if integrator
-            .gate()
-            .holding()
-            .is_some_and(|wait| wait > ack_wait / 4)
-        {
-            messages = None;
-        }
-        while let Some(wait) = integrator.gate().holding() {
-            tokio::select! {
-                () = shutdown.cancelled() => break 'consume,
-                () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
-            }
-        }
-        let stream = match &mut messages {
-            Some(stream) => stream,
-            None => match consumer
-                .stream()
-                .max_messages_per_batch(fetch_batch)
-                .expires(PULL_EXPIRES)
-                .heartbeat(PULL_HEARTBEAT)
-                .messages()
-                .await
-            {
-                Ok(stream) => messages.insert(stream),
-                Err(err) => {
-                    drop(slot);
-                    tracing::warn!(%err, "cannot start pulling from the consumer; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(schedules::PULL_RESTART) => continue,
-                    }
-                }
-            },
-        };
-        let next = tokio::select! {
-            () = shutdown.cancelled() => break,
-            next = stream.next() => next,
-        };
-        match next {
-            Some(Ok(message)) => {
-                let integrator = integrator.clone();
-                in_hand.set(slots.in_use() as f64);
-                waiting.set(slots.parked() as f64);
-                in_flight.set(integrator.limiter().in_flight() as f64);
-                tracker.spawn(async move {
-                    match process_message(&integrator, message).await {
-                        Ok(settled) => {
-                            integrator.totals.count(&settled);
-                            tracing::trace!(?settled, "message settled");
-                        }
-                        Err(err) => {
-                            integrator
-                                .totals
-                                .not_settled
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(%err, "message not settled; it will be redelivered")
-                        }
-                    }
-                    drop(slot);
-                });
-            }
-            Some(Err(err)) => {
-                drop(slot);
-                tracing::warn!(%err, "pulling messages failed; re-subscribing");
-                messages = None;
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(schedules::PULL_RETRY) => {}
-                }
-            }
-            None => {
-                drop(slot);
-                messages = None;
-            }
-        }
-    }
-    health.set_ready(false);
-    // Messages pulled but not started come back after the ack wait; the ones we started finish.
-    drop(messages);
-    tracker.close();
-    tracing::info!(
-        in_flight = tracker.len(),
-        "stopped fetching; draining in-flight messages"
-    );
-    tracker.wait().await;
     Ok(())
 }

@@ -7,6 +7,15 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::capacity::Capacity;
 
+/// Messages allowed in hand for a request limit. A record spends about as long in its ledger and
+/// outcome round trips to NATS as at the CRM, so twice the request limit keeps the CRM at its limit
+/// while the other half is in those phases; what waits for a request slot waits about one request
+/// latency, small next to the ack wait. Records waiting for a retry (a `Retry-After`, a backoff,
+/// a short pause) are not counted: as many again may wait beside these (see [`Slots::park`]).
+pub fn message_capacity(request_limit: usize) -> usize {
+    request_limit * 2 + 16
+}
+
 /// Messages taken from the consumer and not yet settled. What is pulled but not started stays
 /// small next to the ack wait; a record waiting for its retry (a `Retry-After`, a backoff, a
 /// pause) hands its place to a new message while it waits, up to as many waiting as there are
