@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crm_integrator::{Config, ConfigError};
+use crm_integrator::{Args, Settings, SettingsError};
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]
@@ -15,16 +15,16 @@ const PROGRAM: &str = "crm-integrator";
 #[tokio::main]
 async fn main() -> ExitCode {
     service_kit::init_telemetry();
-    let config: Config = service_kit::parse_args(PROGRAM);
-    if let Err(err) = config.validate() {
+    let settings = Settings::from(service_kit::parse_args::<Args>(PROGRAM));
+    if let Err(err) = settings.validate() {
         return service_kit::report_failure(PROGRAM, &err, service_kit::EXIT_USAGE);
     }
     let shutdown = service_kit::shutdown_on_signals();
-    match crm_integrator::run(config, shutdown).await {
+    match crm_integrator::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let usage = err.chain().any(|cause| {
-                cause.is::<ConfigError>() || cause.is::<sync_topology::InvalidNamespace>()
+                cause.is::<SettingsError>() || cause.is::<sync_topology::InvalidNamespace>()
             });
             let code = if usage {
                 service_kit::EXIT_USAGE

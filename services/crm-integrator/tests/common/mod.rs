@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, kv};
-use crm_integrator::Config;
+use crm_integrator::Settings;
 use crm_mock::{CrmMockConfig, RunningMock};
 use customer_record::CustomerRecord;
 use futures::StreamExt as _;
@@ -49,16 +49,16 @@ impl Pipeline {
         })
     }
 
-    /// An integrator config for this namespace and mock, with test-sized timeouts.
-    pub fn config(&self, crm_url: &str) -> anyhow::Result<Config> {
-        let mut config = Config::new(
+    /// Integrator settings for this namespace and mock, with test-sized timeouts.
+    pub fn settings(&self, crm_url: &str) -> anyhow::Result<Settings> {
+        let mut settings = Settings::new(
             &self.nats_url,
             self.names.namespace(),
             crm_url.parse().context("mock URL")?,
         );
-        config.request_timeout_ms = 300;
-        config.breaker_cooldown_ms = 200;
-        Ok(config)
+        settings.request_timeout = Duration::from_millis(300);
+        settings.breaker.cooldown = Duration::from_millis(200);
+        Ok(settings)
     }
 
     /// Publishes one ingest message as csv-reader does, as line `line` of this test's load;
