@@ -33,7 +33,7 @@ impl FleetPause {
 
     /// Pauses this replica at once and tells the others. A failed write is logged, not fatal: this
     /// replica still pauses, and the others will draw their own 429s. The gate caps the pause at
-    /// `--max-pause-ms`.
+    /// `--max-pause`.
     pub async fn announce(&self, pause: PauseRequest) {
         let since_ms = now_ms();
         let wait = pause.wait.min(self.gate.max_pause());
@@ -130,7 +130,7 @@ impl FleetPause {
                         reason = %notice.reason,
                         asked_ms,
                         held_ms = cap_ms,
-                        "a pause notice asks for longer than --max-pause-ms: holding only that long \
+                        "a pause notice asks for longer than --max-pause: holding only that long \
                          (check who can write the control bucket if no replica has a larger cap)"
                     );
                 }

@@ -49,7 +49,7 @@ pub struct PauseRequest {
     pub cause: String,
 }
 
-/// A `Retry-After` at least this long pauses the fleet on its own (capped by `--max-pause-ms`).
+/// A `Retry-After` at least this long pauses the fleet on its own (capped by `--max-pause`).
 pub const LONG_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Window over which the share of 429s is judged for a fleet pause.
 pub const OVERLOAD_WINDOW: Duration = Duration::from_secs(5);

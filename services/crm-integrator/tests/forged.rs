@@ -1,6 +1,6 @@
 //! Integrity where NATS permissions cannot help (a forger who got past them, or a server without
 //! them): a forged `Sync-Force-Resend` applies nothing twice, an ingest version no reader made is
-//! never sent, and a pause notice of any length holds the fleet no longer than `--max-pause-ms`.
+//! never sent, and a pause notice of any length holds the fleet no longer than `--max-pause`.
 
 mod common;
 
@@ -94,7 +94,7 @@ async fn an_ingest_version_from_the_future_is_never_sent() -> anyhow::Result<()>
 }
 
 /// Anyone who can write the control bucket can ask the fleet to pause for a year; every integrator
-/// holds at most `--max-pause-ms`, from when it read the notice.
+/// holds at most `--max-pause`, from when it read the notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_notice_of_any_length_holds_no_longer_than_the_cap() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
