@@ -11,6 +11,7 @@ pub mod replay;
 pub mod setup;
 pub mod show;
 pub mod status;
+pub mod teardown;
 pub mod verify;
 pub mod wait;
 

@@ -328,6 +328,14 @@ impl fmt::Display for Story {
             "customer {} (ledger key {})",
             self.customer_id, self.ledger_key
         )?;
+        self.write_versions(f)?;
+        self.write_ledger(f)?;
+        self.write_tables_and_crm(f)
+    }
+}
+
+impl Story {
+    fn write_versions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "\ningest stream: {} version(s)", self.versions.len())?;
         if !self.versions.is_empty() {
             let rows = self
@@ -362,6 +370,10 @@ impl fmt::Display for Story {
                 )
             )?;
         }
+        Ok(())
+    }
+
+    fn write_ledger(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.ledger {
             Some(entry) => {
                 writeln!(f, "\nledger:")?;
@@ -394,6 +406,10 @@ impl fmt::Display for Story {
             }
             None => writeln!(f, "\nledger: no entry")?,
         }
+        Ok(())
+    }
+
+    fn write_tables_and_crm(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.customers_row {
             Some(row) => writeln!(
                 f,
