@@ -127,10 +127,7 @@ async fn ingest_versions(pipeline: &Pipeline, id: &str) -> Result<Vec<SeenVersio
         }
         versions.push(SeenVersion {
             ingest_seq: stored.seq,
-            stored_at: stored
-                .stored_at
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok(),
+            stored_at: stored.stored_at.map(crate::rfc3339),
             version: decoded.message.version,
             content_hash: decoded.hash.to_string(),
             source_file: decoded.message.source_file,

@@ -601,13 +601,10 @@ async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, 
         .await
         .map_err(|e| nats_error(format!("reading stream {name}"), e))?;
     let empty = info.state.messages == 0;
-    let rfc3339 = |time: time::OffsetDateTime| {
-        // An empty stream reports the zero time: show nothing instead.
+    // An empty stream reports the zero time: show nothing instead.
+    let rfc3339 = |time| {
         (!empty)
-            .then(|| {
-                time.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
+            .then(|| crate::utc(time).map(crate::rfc3339))
             .flatten()
     };
     Ok(StreamStatus {
