@@ -4,6 +4,9 @@ SHELL := /bin/bash
 INFRA := deploy/local/infra.sh
 WITH_ENV := . .run/env &&
 ROWS ?= 20000
+# Cargo tools the lint needs, built once per machine (not per clone) at a pinned version.
+TOOLS := $(HOME)/.cache/customer-sync/tools
+MACHETE_VERSION := 0.9.2
 
 .PHONY: all infra test-infra down build release test test-cluster lint fmt demo bench soak compose-test clean
 
@@ -31,9 +34,14 @@ release:
 fmt:
 	cargo fmt --all
 
-lint:
+## fmt, clippy (with clippy.toml's bans) and unused dependencies.
+lint: $(TOOLS)/bin/cargo-machete
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(TOOLS)/bin/cargo-machete
+
+$(TOOLS)/bin/cargo-machete:
+	cargo install --locked --quiet --root $(TOOLS) cargo-machete@$(MACHETE_VERSION)
 
 ## The binaries are built first: the end-to-end tests run them as separate processes.
 test: test-infra lint
