@@ -307,7 +307,18 @@ async fn a_service_logs_in_with_an_nkey_seed_file() -> anyhow::Result<()> {
         })?;
     let other = nkeys::KeyPair::new_user();
     std::fs::write(&seed_file, other.seed()?)?;
-    let refused = env.run("syncctl", &["setup", "--skip-db"]).await?;
+    // A refused login is not a server still starting: it fails at once, not after --startup-wait.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        env.run("syncctl", &["setup", "--skip-db", "--startup-wait", "1h"]),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("a refused nkey was retried as if NATS were not up yet"))??;
     assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("authorization"),
+        "{}",
+        describe(&refused)
+    );
     Ok(())
 }

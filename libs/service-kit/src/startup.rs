@@ -98,7 +98,7 @@ pub async fn connect_nats(
         &server,
         nats.startup_wait,
         shutdown,
-        |err| matches!(err, sync_topology::ConnectError::Connect { .. }),
+        sync_topology::ConnectError::is_transient,
         || nats.connect(client_name),
     )
     .await

@@ -37,6 +37,22 @@ pub enum ConnectError {
     NoJetStream { url: String },
 }
 
+impl ConnectError {
+    /// Worth trying again: the server may not be up yet (refused, timed out, name not resolvable
+    /// yet). A refused login, a TLS mismatch, a bad setting or an old server stay as they are
+    /// however long one waits, so they fail at once.
+    pub fn is_transient(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        match self {
+            ConnectError::Connect { source, .. } => matches!(
+                source.kind(),
+                Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Who this client is to NATS and how its connection is protected; everything optional (an open
 /// development server needs none of it). At most one of a creds file, an nkey seed file and a
 /// user with password; TLS with a CA file and an optional client certificate.
