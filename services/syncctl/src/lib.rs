@@ -19,8 +19,8 @@ use async_nats::jetstream;
 use service_kit::NatsArgs;
 use sync_topology::Names;
 
-/// Default `DATABASE_URL`: a local PostgreSQL with the stock superuser.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Default `DATABASE_URL`, the store's.
+pub use sync_store::DEFAULT_DATABASE_URL;
 
 /// Everything that can make a subcommand fail, each naming what failed and with which input.
 #[derive(Debug, thiserror::Error)]
