@@ -4,8 +4,12 @@ SHELL := /bin/bash
 INFRA := deploy/local/infra.sh
 WITH_ENV := . .run/env &&
 ROWS ?= 20000
+# Cargo tools the lint needs, built once per machine (not per clone) at a pinned version.
+TOOLS := $(HOME)/.cache/customer-sync/tools
+MACHETE_VERSION := 0.9.2
+DENY_VERSION := 0.20.2
 
-.PHONY: all infra test-infra down build release test test-cluster lint fmt demo bench soak compose-test clean
+.PHONY: all infra test-infra down build release test test-cluster lint audit fmt demo bench soak compose-test clean
 
 all: build
 
@@ -31,9 +35,27 @@ release:
 fmt:
 	cargo fmt --all
 
-lint:
+## fmt, clippy (with clippy.toml's bans) and unused dependencies.
+lint: $(TOOLS)/bin/cargo-machete
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(TOOLS)/bin/cargo-machete
+
+## Licences, bans and sources by deny.toml; advisories too when RustSec's database (on GitHub) can be
+## fetched. Not part of `make test`: cargo-deny takes minutes to build and CI cannot reach GitHub.
+audit: $(TOOLS)/bin/cargo-deny
+	$(TOOLS)/bin/cargo-deny check licenses bans sources
+	@if $(TOOLS)/bin/cargo-deny fetch db >/dev/null 2>&1; then \
+	  $(TOOLS)/bin/cargo-deny check --disable-fetch advisories; \
+	else \
+	  echo "advisories NOT checked: the RustSec database (github.com/RustSec/advisory-db) cannot be fetched from here"; \
+	fi
+
+$(TOOLS)/bin/cargo-deny:
+	cargo install --locked --quiet --root $(TOOLS) cargo-deny@$(DENY_VERSION)
+
+$(TOOLS)/bin/cargo-machete:
+	cargo install --locked --quiet --root $(TOOLS) cargo-machete@$(MACHETE_VERSION)
 
 ## The binaries are built first: the end-to-end tests run them as separate processes.
 test: test-infra lint

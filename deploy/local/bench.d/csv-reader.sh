@@ -27,7 +27,7 @@ mkdir -p "$DATA"
 log() { echo "[csv-reader bench] $*" >&2; }
 cleanup() {
   for ns in "${NAMESPACES[@]}"; do
-    "$BIN/publish-bench" --nats-url "$NATS_URL" teardown --namespace "$ns" >&2 || true
+    "$BIN/syncctl" teardown --yes --nats-url "$NATS_URL" --namespace "$ns" >&2 || true
   done
 }
 trap cleanup EXIT
@@ -44,7 +44,8 @@ generate() { # rows -> path (generated once, then reused)
   local rows=$1 path="$DATA/customers-$1.csv"
   if [ ! -s "$path" ] || [ ! -s "$path.stats.json" ]; then
     log "generating $rows rows into $path"
-    "$BIN/publish-bench" gen --rows "$rows" --out "$path" >"$path.stats.json"
+    "$BIN/syncctl" gen-csv --rows "$rows" --bad-rate 0.01 --dup-rate 0.01 --change-rate 0.01 \
+      --output "$path" --stats-json "$path.stats.json" 2>/dev/null
   fi
   echo "$path"
 }
@@ -54,7 +55,7 @@ generate() { # rows -> path (generated once, then reused)
 read_file() {
   local file=$1 window=$2 ns="bench_reader_${STAMP}_$RANDOM"
   NAMESPACES+=("$ns")
-  "$BIN/publish-bench" --nats-url "$NATS_URL" setup --namespace "$ns" >&2
+  "$BIN/syncctl" setup --skip-db --nats-url "$NATS_URL" --namespace "$ns" >&2
   local summary="$DATA/summary.json" timing="$DATA/time.txt"
   timeout "$RUN_LIMIT_S" /usr/bin/time -v -o "$timing" \
     "$BIN/csv-reader" "$file" --nats-url "$NATS_URL" --namespace "$ns" \
@@ -62,7 +63,7 @@ read_file() {
   local rss
   rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$timing")
   jq -r --arg rss "$rss" '"\(.rows_per_sec) \($rss) \(.published) \(.deduplicated) \(.rejected) \(.rows_read)"' "$summary"
-  "$BIN/publish-bench" --nats-url "$NATS_URL" teardown --namespace "$ns" >&2
+  "$BIN/syncctl" teardown --yes --nats-url "$NATS_URL" --namespace "$ns" >&2
 }
 
 load_start=$(cut -d' ' -f1 /proc/loadavg)

@@ -3,7 +3,9 @@
 //! every user is refused what is not its job, as an attacker holding its password would try it.
 //! The reference configuration in deploy/nats loads.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use e2e::pipeline::{MockFaults, Pipeline, PipelineEnv, describe};
@@ -42,10 +44,8 @@ impl Session {
                 .event_callback(move |event| {
                     let sink = sink.clone();
                     async move {
-                        if let async_nats::Event::ServerError(err) = event
-                            && let Ok(mut refusals) = sink.lock()
-                        {
-                            refusals.push(err.to_string());
+                        if let async_nats::Event::ServerError(err) = event {
+                            sink.lock().push(err.to_string());
                         }
                     }
                 })
@@ -63,7 +63,8 @@ impl Session {
             || {
                 let found = refusals
                     .lock()
-                    .is_ok_and(|r| r.iter().any(|e| e.to_lowercase().contains(&needle)));
+                    .iter()
+                    .any(|e| e.to_lowercase().contains(&needle));
                 async move { found.then_some(()) }
             },
         )
@@ -306,7 +307,18 @@ async fn a_service_logs_in_with_an_nkey_seed_file() -> anyhow::Result<()> {
         })?;
     let other = nkeys::KeyPair::new_user();
     std::fs::write(&seed_file, other.seed()?)?;
-    let refused = env.run("syncctl", &["setup", "--skip-db"]).await?;
+    // A refused login is not a server still starting: it fails at once, not after --startup-wait.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        env.run("syncctl", &["setup", "--skip-db", "--startup-wait", "1h"]),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("a refused nkey was retried as if NATS were not up yet"))??;
     assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("authorization"),
+        "{}",
+        describe(&refused)
+    );
     Ok(())
 }

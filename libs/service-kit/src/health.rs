@@ -4,7 +4,9 @@
 //! a bare 503.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -32,10 +34,7 @@ enum Phase {
 
 impl Health {
     fn state(&self) -> MutexGuard<'_, HealthState> {
-        // The state is plain data: a panic elsewhere leaves it usable.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock()
     }
 
     /// Whether the service is doing its work: true once it consumes, false again when it stops.

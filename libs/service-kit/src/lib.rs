@@ -4,6 +4,7 @@
 
 mod failure;
 mod health;
+pub mod retry;
 mod startup;
 
 use std::io::IsTerminal as _;

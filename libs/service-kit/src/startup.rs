@@ -5,17 +5,14 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::NatsArgs;
 
-/// Longest pause between two attempts.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
-
 /// Calls `attempt` until it succeeds, fails with an error `retryable` refuses, `give_up_after` has
 /// passed since the first attempt (then the last error is returned), or `shutdown` is cancelled
-/// (`Ok(None)`). Between attempts it waits with exponential backoff (0.5 s doubling to 5 s) and
+/// (`Ok(None)`). Between attempts it waits as [`crate::retry::server_startup`] says and
 /// logs `"{server} not reachable yet ({cause}); retrying in 2s, giving up after 5m"`. A zero
 /// `give_up_after` tries once.
 pub async fn retry_until_up<T, E, F, Fut>(
@@ -31,7 +28,7 @@ where
     E: std::error::Error + 'static,
 {
     let started = Instant::now();
-    let mut delay = FIRST_RETRY_DELAY;
+    let mut delays = crate::retry::server_startup().build();
     let mut failures = 0u32;
     loop {
         let result = tokio::select! {
@@ -68,7 +65,9 @@ where
             return Err(err);
         }
         failures += 1;
-        let pause = delay.min(give_up_after - waited);
+        // The schedule never ends (`without_max_times`); the deadline above ends the waiting.
+        let next = delays.next().unwrap_or(give_up_after);
+        let pause = next.min(give_up_after - waited);
         let cause = crate::root_cause(&err);
         tracing::warn!(
             server,
@@ -83,7 +82,6 @@ where
             () = shutdown.cancelled() => return Ok(None),
             () = tokio::time::sleep(pause) => {}
         }
-        delay = (delay * 2).min(MAX_RETRY_DELAY);
     }
 }
 
@@ -100,7 +98,7 @@ pub async fn connect_nats(
         &server,
         nats.startup_wait,
         shutdown,
-        |err| matches!(err, sync_topology::ConnectError::Connect { .. }),
+        sync_topology::ConnectError::is_transient,
         || nats.connect(client_name),
     )
     .await

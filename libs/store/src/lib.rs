@@ -1,11 +1,13 @@
 //! PostgreSQL: the connection pool, the embedded versioned schema migrations, and the queries the
-//! persister and `syncctl` share over the `customers`, `rejected_rows` and `dead_letters` tables,
-//! and connections over TLS as the URL's `sslmode` asks.
+//! persister and `syncctl` share over the `customers`, `rejected_rows` and `dead_letters` tables
+//! (the batch writes of outcomes, and [`dead_letters`] for reading what the CRM refused), and
+//! connections over TLS as the URL's `sslmode` asks.
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+pub mod dead_letters;
 mod outcomes;
 mod tls;
 
@@ -19,6 +21,9 @@ pub use outcomes::{
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
+
+/// Default `DATABASE_URL` of every binary: a local PostgreSQL with the stock superuser.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = 4;
@@ -52,6 +57,11 @@ pub enum StoreError {
     },
     #[error("cannot store {what}")]
     InvalidData { what: String },
+    #[error("{what} is not valid JSON: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
 }
 
 impl StoreError {

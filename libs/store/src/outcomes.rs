@@ -493,84 +493,112 @@ fn version_arrays<T>(rows: &[Row<'_, T>]) -> [Vec<i64>; 3] {
     columns
 }
 
+/// The columns of dead letters, column by column, for `unnest`.
+struct DeadLetterColumns<'a> {
+    ids: Vec<&'a str>,
+    hashes: Vec<&'a str>,
+    seqs: Vec<i64>,
+    reasons: Vec<&'a str>,
+    statuses: Vec<Option<i32>>,
+    bodies: Vec<Option<&'a str>>,
+    attempts: Vec<i64>,
+    records: Vec<Option<String>>,
+    files: Vec<Option<&'a str>>,
+    lines: Vec<Option<i64>>,
+    dead_ats: Vec<DateTime<Utc>>,
+}
+
+impl<'a> DeadLetterColumns<'a> {
+    fn of(rows: &[Row<'a, DeadLetter>]) -> Self {
+        let n = rows.len();
+        let mut columns = DeadLetterColumns {
+            ids: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            bodies: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            records: Vec::with_capacity(n),
+            files: Vec::with_capacity(n),
+            lines: Vec::with_capacity(n),
+            dead_ats: Vec::with_capacity(n),
+        };
+        for row in rows {
+            let d = row.outcome;
+            columns.ids.push(d.customer_id.as_str());
+            columns.hashes.push(d.content_hash.as_str());
+            columns.seqs.push(row.ingest_seq);
+            columns.reasons.push(d.reason.as_str());
+            columns.statuses.push(d.crm_status.map(i32::from));
+            columns.bodies.push(d.crm_body.as_deref());
+            columns.attempts.push(bigint(d.attempts));
+            columns.records.push(
+                d.customer
+                    .as_ref()
+                    .and_then(|c| serde_json::to_string(c).ok()),
+            );
+            columns.files.push(d.source_file.as_deref());
+            columns.lines.push(d.source_line.map(bigint));
+            columns.dead_ats.push(d.dead_at);
+        }
+        columns
+    }
+}
+
+/// A dead letter is stored only while `customers` holds no version at least as new, and replaces
+/// a stored one of the same content only when it is newer or was attempted more often.
+const DEAD_LETTER_UPSERT: &str = "INSERT INTO dead_letters (customer_id, content_hash, \
+         version_stamp, version_load, version_line, ingest_seq, reason, crm_status, crm_body, \
+         attempts, record, source_file, source_line, dead_at) \
+     SELECT t.customer_id, t.content_hash, t.version_stamp, t.version_load, t.version_line, \
+            t.ingest_seq, t.reason, t.crm_status, t.crm_body, t.attempts, t.record::jsonb, \
+            t.source_file, t.source_line, t.dead_at \
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
+                 $7::text[], $8::int4[], $9::text[], $10::int8[], $11::text[], $12::text[], \
+                 $13::int8[], $14::timestamptz[]) \
+          AS t(customer_id, content_hash, version_stamp, version_load, version_line, \
+               ingest_seq, reason, crm_status, crm_body, attempts, record, source_file, \
+               source_line, dead_at) \
+     WHERE NOT EXISTS (SELECT 1 FROM customers c \
+                       WHERE c.id = t.customer_id \
+                         AND (c.version_stamp, c.version_load, c.version_line) \
+                             >= (t.version_stamp, t.version_load, t.version_line)) \
+     ON CONFLICT (customer_id, content_hash) DO UPDATE SET \
+         version_stamp = EXCLUDED.version_stamp, version_load = EXCLUDED.version_load, \
+         version_line = EXCLUDED.version_line, ingest_seq = EXCLUDED.ingest_seq, \
+         reason = EXCLUDED.reason, crm_status = EXCLUDED.crm_status, \
+         crm_body = EXCLUDED.crm_body, attempts = EXCLUDED.attempts, \
+         record = EXCLUDED.record, source_file = EXCLUDED.source_file, \
+         source_line = EXCLUDED.source_line, dead_at = EXCLUDED.dead_at \
+     WHERE (dead_letters.version_stamp, dead_letters.version_load, \
+            dead_letters.version_line, dead_letters.attempts) \
+         < (EXCLUDED.version_stamp, EXCLUDED.version_load, EXCLUDED.version_line, \
+            EXCLUDED.attempts)";
+
 async fn write_dead_letters(
     tx: &tokio_postgres::Transaction<'_>,
     rows: &[Row<'_, DeadLetter>],
 ) -> Result<u64, StoreError> {
-    let n = rows.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut hashes = Vec::with_capacity(n);
-    let mut seqs = Vec::with_capacity(n);
-    let mut reasons = Vec::with_capacity(n);
-    let mut statuses = Vec::with_capacity(n);
-    let mut bodies = Vec::with_capacity(n);
-    let mut attempts = Vec::with_capacity(n);
-    let mut records = Vec::with_capacity(n);
-    let mut files = Vec::with_capacity(n);
-    let mut lines = Vec::with_capacity(n);
-    let mut dead_ats = Vec::with_capacity(n);
-    for row in rows {
-        let d = row.outcome;
-        ids.push(d.customer_id.as_str());
-        hashes.push(d.content_hash.as_str());
-        seqs.push(row.ingest_seq);
-        reasons.push(d.reason.as_str());
-        statuses.push(d.crm_status.map(i32::from));
-        bodies.push(d.crm_body.as_deref());
-        attempts.push(bigint(d.attempts));
-        records.push(
-            d.customer
-                .as_ref()
-                .and_then(|c| serde_json::to_string(c).ok()),
-        );
-        files.push(d.source_file.as_deref());
-        lines.push(d.source_line.map(bigint));
-        dead_ats.push(d.dead_at);
-    }
+    let c = DeadLetterColumns::of(rows);
     let [stamps, loads, version_lines] = version_arrays(rows);
     tx.execute(
-        "INSERT INTO dead_letters (customer_id, content_hash, version_stamp, version_load, \
-                                   version_line, ingest_seq, reason, crm_status, crm_body, \
-                                   attempts, record, source_file, source_line, dead_at) \
-         SELECT t.customer_id, t.content_hash, t.version_stamp, t.version_load, t.version_line, \
-                t.ingest_seq, t.reason, t.crm_status, t.crm_body, t.attempts, t.record::jsonb, \
-                t.source_file, t.source_line, t.dead_at \
-         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
-                     $7::text[], $8::int4[], $9::text[], $10::int8[], $11::text[], $12::text[], \
-                     $13::int8[], $14::timestamptz[]) \
-              AS t(customer_id, content_hash, version_stamp, version_load, version_line, \
-                   ingest_seq, reason, crm_status, crm_body, attempts, record, source_file, \
-                   source_line, dead_at) \
-         WHERE NOT EXISTS (SELECT 1 FROM customers c \
-                           WHERE c.id = t.customer_id \
-                             AND (c.version_stamp, c.version_load, c.version_line) \
-                                 >= (t.version_stamp, t.version_load, t.version_line)) \
-         ON CONFLICT (customer_id, content_hash) DO UPDATE SET \
-             version_stamp = EXCLUDED.version_stamp, version_load = EXCLUDED.version_load, \
-             version_line = EXCLUDED.version_line, ingest_seq = EXCLUDED.ingest_seq, \
-             reason = EXCLUDED.reason, crm_status = EXCLUDED.crm_status, \
-             crm_body = EXCLUDED.crm_body, attempts = EXCLUDED.attempts, \
-             record = EXCLUDED.record, source_file = EXCLUDED.source_file, \
-             source_line = EXCLUDED.source_line, dead_at = EXCLUDED.dead_at \
-         WHERE (dead_letters.version_stamp, dead_letters.version_load, \
-                dead_letters.version_line, dead_letters.attempts) \
-             < (EXCLUDED.version_stamp, EXCLUDED.version_load, EXCLUDED.version_line, \
-                EXCLUDED.attempts)",
+        DEAD_LETTER_UPSERT,
         &[
-            &ids,
-            &hashes,
+            &c.ids,
+            &c.hashes,
             &stamps,
             &loads,
             &version_lines,
-            &seqs,
-            &reasons,
-            &statuses,
-            &bodies,
-            &attempts,
-            &records,
-            &files,
-            &lines,
-            &dead_ats,
+            &c.seqs,
+            &c.reasons,
+            &c.statuses,
+            &c.bodies,
+            &c.attempts,
+            &c.records,
+            &c.files,
+            &c.lines,
+            &c.dead_ats,
         ],
     )
     .await

@@ -37,10 +37,27 @@ pub enum ConnectError {
     NoJetStream { url: String },
 }
 
+impl ConnectError {
+    /// Worth trying again: the server may not be up yet (refused, timed out, name not resolvable
+    /// yet). A refused login, a TLS mismatch, a bad setting or an old server stay as they are
+    /// however long one waits, so they fail at once.
+    pub fn is_transient(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        match self {
+            ConnectError::Connect { source, .. } => matches!(
+                source.kind(),
+                Kind::Io | Kind::TimedOut | Kind::Dns | Kind::MaxReconnects
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Who this client is to NATS and how its connection is protected; everything optional (an open
 /// development server needs none of it). At most one of a creds file, an nkey seed file and a
-/// user with password; TLS with a CA file and an optional client certificate.
-#[derive(Clone, Default)]
+/// user with password; TLS with a CA file and an optional client certificate. Its Debug shows
+/// which files are used, never the password (a `SecretString`).
+#[derive(Debug, Clone, Default)]
 pub struct NatsSecurity {
     /// A `.creds` file (JWT and nkey seed), for servers in operator mode.
     pub creds_file: Option<PathBuf>,
@@ -131,21 +148,6 @@ impl NatsSecurity {
                 .require_tls(true);
         }
         Ok(options)
-    }
-}
-
-// By hand: the password must never reach a log line, and the rest says which files are used.
-impl std::fmt::Debug for NatsSecurity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsSecurity")
-            .field("creds_file", &self.creds_file)
-            .field("nkey_file", &self.nkey_file)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .finish()
     }
 }
 

@@ -167,7 +167,30 @@ pub async fn ensure_topology(
     settings: &TopologySettings,
 ) -> Result<SetupReport, SetupError> {
     let mut report = SetupReport::default();
-    let streams = [
+    for config in stream_configs(names, settings) {
+        let name = format!("stream {}", config.name);
+        let change = ensure_stream(js, config).await?;
+        report.objects.push((name, change));
+    }
+    for (stream, config) in consumer_configs(names, settings) {
+        let name = format!(
+            "consumer {}/{}",
+            stream,
+            config.durable_name.clone().unwrap_or_default()
+        );
+        let change = ensure_consumer(js, &stream, config).await?;
+        report.objects.push((name, change));
+    }
+    for config in bucket_configs(names, settings) {
+        let name = format!("bucket {}", config.bucket);
+        let change = ensure_bucket(js, config).await?;
+        report.objects.push((name, change));
+    }
+    Ok(report)
+}
+
+fn stream_configs(names: &Names, settings: &TopologySettings) -> [stream::Config; 2] {
+    [
         stream_config(
             names.ingest_stream(),
             vec![names.ingest_subject()],
@@ -185,14 +208,12 @@ pub async fn ensure_topology(
             "outcomes: synced, superseded, rejected, dead",
             settings,
         ),
-    ];
-    for config in streams {
-        let name = format!("stream {}", config.name);
-        let change = ensure_stream(js, config).await?;
-        report.objects.push((name, change));
-    }
+    ]
+}
 
-    let consumers = [
+/// The integrators' shared consumer on the ingest stream and the persister's on the results stream.
+fn consumer_configs(names: &Names, settings: &TopologySettings) -> [(String, pull::Config); 2] {
+    [
         (
             names.ingest_stream(),
             pull::Config {
@@ -222,18 +243,11 @@ pub async fn ensure_topology(
                 ..Default::default()
             },
         ),
-    ];
-    for (stream, config) in consumers {
-        let name = format!(
-            "consumer {}/{}",
-            stream,
-            config.durable_name.clone().unwrap_or_default()
-        );
-        let change = ensure_consumer(js, &stream, config).await?;
-        report.objects.push((name, change));
-    }
+    ]
+}
 
-    let buckets = [
+fn bucket_configs(names: &Names, settings: &TopologySettings) -> [kv::Config; 3] {
+    [
         kv::Config {
             bucket: names.ledger_bucket(),
             description: "per customer: confirmed hash, ingest sequence, CRM id, claim".to_owned(),
@@ -259,13 +273,7 @@ pub async fn ensure_topology(
             num_replicas: settings.replicas,
             ..Default::default()
         },
-    ];
-    for config in buckets {
-        let name = format!("bucket {}", config.bucket);
-        let change = ensure_bucket(js, config).await?;
-        report.objects.push((name, change));
-    }
-    Ok(report)
+    ]
 }
 
 fn stream_config(

@@ -284,7 +284,7 @@ async fn a_refused_token_dead_letters_nothing() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mock = start_mock(
         CrmMockConfig {
-            token: Some("right".to_owned()),
+            token: Some("right".into()),
             ..CrmMockConfig::default()
         },
         &shutdown,

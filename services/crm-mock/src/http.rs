@@ -1,6 +1,7 @@
 //! Routes, the gate every customer request passes (auth, concurrency cap, quota, latency, faults)
 //! and the counters behind `/stats`.
 
+use secrecy::ExposeSecret as _;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +67,10 @@ impl Settings {
             .rps
             .and_then(NonZeroU32::new)
             .map(|rps| RateLimiter::direct(Quota::per_second(rps)));
-        let expected_authorization = config.token.as_ref().map(|token| format!("Bearer {token}"));
+        let expected_authorization = config
+            .token
+            .as_ref()
+            .map(|token| format!("Bearer {}", token.expose_secret()));
         Settings {
             config,
             quota,

@@ -8,88 +8,97 @@ mod http;
 mod store;
 mod validate;
 
-use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use faults::{FaultPlan, InjectedFault};
 
-/// Everything that shapes the mock's behaviour. `Default` is a well-behaved CRM on 127.0.0.1:8080.
-#[derive(Clone, PartialEq)]
+/// Everything that shapes the mock's behaviour, and the `crm-mock` binary's flags (and
+/// environment). `Default` (the flags' defaults, written once in [`CrmMockConfig::DEFAULT`]) is a
+/// well-behaved CRM on 127.0.0.1:8080.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "crm-mock",
+    version,
+    about = "A mock CRM JSON API with injectable faults, for demos, tests and benchmarks"
+)]
 pub struct CrmMockConfig {
+    /// Address to serve on (port 0 picks a free one).
+    #[arg(long, env = "CRM_MOCK_LISTEN", default_value_t = Self::DEFAULT.listen)]
     pub listen: SocketAddr,
-    /// Share of requests answered 500/502/503 before anything is applied.
+    /// Share of API requests answered 500/502/503 before anything is applied (0..1).
+    #[arg(long, default_value_t = Self::DEFAULT.failure_rate)]
     pub failure_rate: f64,
-    /// Share of requests answered 429 with `Retry-After: retry_after_secs`.
+    /// Share of API requests answered 429 with `Retry-After: --retry-after-secs` (0..1).
+    #[arg(long, default_value_t = Self::DEFAULT.rate_limit_rate)]
     pub rate_limit_rate: f64,
+    /// Seconds sent in Retry-After with an injected 429.
+    #[arg(long, default_value_t = Self::DEFAULT.retry_after_secs)]
     pub retry_after_secs: u64,
-    /// Share of requests that hang for `hang_ms` and then get 504; half of them (seeded) apply the
-    /// change before hanging.
+    /// Share of API requests that hang for --hang-ms, then 504; half of them (seeded) apply the
+    /// change before hanging (0..1).
+    #[arg(long, default_value_t = Self::DEFAULT.timeout_rate)]
     pub timeout_rate: f64,
+    /// How long an injected timeout hangs, in milliseconds.
+    #[arg(long, default_value_t = Self::DEFAULT.hang_ms)]
     pub hang_ms: u64,
-    /// Share of requests that hang for `hang_ms`, answer 504, and apply the change at the end of
-    /// the hang even though the client has given up.
+    /// Share of API requests that hang for --hang-ms, then 504, while the change lands at the end
+    /// of the hang whether or not the client is still there (0..1).
+    #[arg(long, default_value_t = Self::DEFAULT.late_apply_rate)]
     pub late_apply_rate: f64,
-    /// Added to every API request, plus a uniform `0..=jitter_ms`.
+    /// Latency added to every API request, in milliseconds.
+    #[arg(long, default_value_t = Self::DEFAULT.latency_ms)]
     pub latency_ms: u64,
+    /// Extra uniform random latency 0..=N ms on every API request.
+    #[arg(long, default_value_t = Self::DEFAULT.jitter_ms)]
     pub jitter_ms: u64,
-    /// Requests beyond this many in flight get 429 at once.
+    /// Requests beyond this many in flight get 429 with Retry-After: 1 at once.
+    #[arg(long)]
     pub max_concurrency: Option<usize>,
-    /// Requests over this per-second quota get 429.
+    /// Requests-per-second quota; requests over it get 429 with Retry-After: 1.
+    #[arg(long)]
     pub rps: Option<u32>,
-    /// When set, API routes require `Authorization: Bearer <token>`.
-    pub token: Option<String>,
-    /// Fixes the fault sequence: the n-th request gets the same fate in every run.
+    /// Bearer token every API request must present (none: auth off).
+    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
+    pub token: Option<SecretString>,
+    /// Seed of the fault sequence: the n-th request gets the same fate in every run.
+    #[arg(long, default_value_t = Self::DEFAULT.seed)]
     pub seed: u64,
-    /// Ignore `Idempotency-Key`, like a CRM without idempotency support.
+    /// Ignore Idempotency-Key headers, like a CRM without idempotency support, so a retried request
+    /// is applied again.
+    #[arg(long)]
     pub no_idempotency: bool,
+}
+
+impl CrmMockConfig {
+    /// The only place the defaults are written: a well-behaved CRM on 127.0.0.1:8080.
+    pub const DEFAULT: CrmMockConfig = CrmMockConfig {
+        listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080)),
+        failure_rate: 0.0,
+        rate_limit_rate: 0.0,
+        retry_after_secs: 1,
+        timeout_rate: 0.0,
+        hang_ms: 30_000,
+        late_apply_rate: 0.0,
+        latency_ms: 0,
+        jitter_ms: 0,
+        max_concurrency: None,
+        rps: None,
+        token: None,
+        seed: 0,
+        no_idempotency: false,
+    };
 }
 
 impl Default for CrmMockConfig {
     fn default() -> Self {
-        CrmMockConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            failure_rate: 0.0,
-            rate_limit_rate: 0.0,
-            retry_after_secs: 1,
-            timeout_rate: 0.0,
-            hang_ms: 30_000,
-            late_apply_rate: 0.0,
-            latency_ms: 0,
-            jitter_ms: 0,
-            max_concurrency: None,
-            rps: None,
-            token: None,
-            seed: 0,
-            no_idempotency: false,
-        }
-    }
-}
-
-// Hand-written so the token never reaches a log line.
-impl fmt::Debug for CrmMockConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CrmMockConfig")
-            .field("listen", &self.listen)
-            .field("failure_rate", &self.failure_rate)
-            .field("rate_limit_rate", &self.rate_limit_rate)
-            .field("retry_after_secs", &self.retry_after_secs)
-            .field("timeout_rate", &self.timeout_rate)
-            .field("hang_ms", &self.hang_ms)
-            .field("late_apply_rate", &self.late_apply_rate)
-            .field("latency_ms", &self.latency_ms)
-            .field("jitter_ms", &self.jitter_ms)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("rps", &self.rps)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("seed", &self.seed)
-            .field("no_idempotency", &self.no_idempotency)
-            .finish()
+        Self::DEFAULT
     }
 }
 
@@ -135,84 +144,14 @@ impl CrmMockConfig {
         if self.rps == Some(0) {
             return Err(ConfigError::ZeroLimit { flag: "rps" });
         }
-        if self.token.as_deref().is_some_and(str::is_empty) {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().is_empty())
+        {
             return Err(ConfigError::EmptyToken);
         }
         Ok(())
-    }
-}
-
-/// Command-line flags (and environment) of the `crm-mock` binary.
-#[derive(Clone, clap::Parser)]
-#[command(
-    name = "crm-mock",
-    version,
-    about = "A mock CRM JSON API with injectable faults, for demos, tests and benchmarks"
-)]
-pub struct Args {
-    /// Address to serve on (port 0 picks a free one).
-    #[arg(long, env = "CRM_MOCK_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Share of API requests answered 500/502/503 (0..1).
-    #[arg(long, default_value_t = 0.0)]
-    pub failure_rate: f64,
-    /// Share of API requests answered 429 with Retry-After (0..1).
-    #[arg(long, default_value_t = 0.0)]
-    pub rate_limit_rate: f64,
-    /// Seconds sent in Retry-After with an injected 429.
-    #[arg(long, default_value_t = 1)]
-    pub retry_after_secs: u64,
-    /// Share of API requests that hang for --hang-ms, then 504; half apply the change first (0..1).
-    #[arg(long, default_value_t = 0.0)]
-    pub timeout_rate: f64,
-    /// How long an injected timeout hangs, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    pub hang_ms: u64,
-    /// Share of API requests that hang for --hang-ms, then 504, while the change lands at the end
-    /// of the hang whether or not the client is still there (0..1).
-    #[arg(long, default_value_t = 0.0)]
-    pub late_apply_rate: f64,
-    /// Latency added to every API request, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    pub latency_ms: u64,
-    /// Extra uniform random latency 0..=N ms on every API request.
-    #[arg(long, default_value_t = 0)]
-    pub jitter_ms: u64,
-    /// Requests beyond this many in flight get 429 with Retry-After: 1.
-    #[arg(long)]
-    pub max_concurrency: Option<usize>,
-    /// Requests-per-second quota; requests over it get 429 with Retry-After: 1.
-    #[arg(long)]
-    pub rps: Option<u32>,
-    /// Bearer token every API request must present.
-    #[arg(long, env = "CRM_API_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Seed of the fault sequence: the same seed gives the same faults in the same order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Ignore Idempotency-Key headers, so a retried request is applied again.
-    #[arg(long)]
-    pub no_idempotency: bool,
-}
-
-impl From<Args> for CrmMockConfig {
-    fn from(args: Args) -> Self {
-        CrmMockConfig {
-            listen: args.listen,
-            failure_rate: args.failure_rate,
-            rate_limit_rate: args.rate_limit_rate,
-            retry_after_secs: args.retry_after_secs,
-            timeout_rate: args.timeout_rate,
-            hang_ms: args.hang_ms,
-            late_apply_rate: args.late_apply_rate,
-            latency_ms: args.latency_ms,
-            jitter_ms: args.jitter_ms,
-            max_concurrency: args.max_concurrency,
-            rps: args.rps,
-            token: args.token,
-            seed: args.seed,
-            no_idempotency: args.no_idempotency,
-        }
     }
 }
 
@@ -413,13 +352,13 @@ mod tests {
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
     }
 
     #[test]
     fn flags_parse_into_the_config() {
         use clap::Parser as _;
-        let args = Args::try_parse_from([
+        let config = CrmMockConfig::try_parse_from([
             "crm-mock",
             "--listen",
             "127.0.0.1:0",
@@ -432,10 +371,12 @@ mod tests {
             "--no-idempotency",
         ])
         .expect("flags should parse");
-        let config = CrmMockConfig::from(args);
         assert_eq!(config.failure_rate, 0.2);
         assert_eq!(config.max_concurrency, Some(200));
-        assert_eq!(config.token.as_deref(), Some("t"));
+        assert_eq!(
+            config.token.as_ref().map(ExposeSecret::expose_secret),
+            Some("t")
+        );
         assert!(config.no_idempotency);
         assert_eq!(config.hang_ms, 30_000);
     }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::CommandFactory as _;
-use crm_mock::{Args, CrmMockConfig};
+use crm_mock::CrmMockConfig;
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]
@@ -14,10 +14,10 @@ const PROGRAM: &str = "crm-mock";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = CrmMockConfig::from(service_kit::parse_args::<Args>(PROGRAM));
+    let config: CrmMockConfig = service_kit::parse_args(PROGRAM);
     if let Err(err) = config.validate() {
         // Reported like any other bad flag: a usage error, exit code 2.
-        let err = Args::command().error(clap::error::ErrorKind::ValueValidation, err);
+        let err = CrmMockConfig::command().error(clap::error::ErrorKind::ValueValidation, err);
         service_kit::exit_on_usage_error(PROGRAM, &err);
     }
     service_kit::init_telemetry();

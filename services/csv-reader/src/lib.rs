@@ -3,122 +3,34 @@
 //! checkpoint of the line up to which every row is acknowledged so a killed run can be resumed.
 
 pub mod checkpoint;
+pub mod config;
 pub mod guard;
 pub mod input;
 pub mod message;
 pub mod progress;
 pub mod publish;
+mod reading;
 pub mod rows;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind};
 use csv_async::ByteRecord;
 use customer_record::{ColumnLayout, HeaderError};
-use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
 use serde::Serialize;
-use service_kit::NatsArgs;
 use sync_topology::{ConnectError, Names};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::{
+    Args, DEFAULT_MAX_ROW_BYTES, DEFAULT_PUBLISH_WINDOW, ReaderConfig, Settings,
+};
 pub use crate::rows::{ReadFailure, Row, RowReader};
 
-use crate::checkpoint::{CheckpointStore, Counters, StartPoint};
+use crate::checkpoint::{Counters, StartPoint};
 use crate::input::InputReader;
 use crate::message::{MessageContext, MessageKind, OutgoingMessage};
-use crate::progress::{Progress, ProgressMode};
-use crate::publish::{Acknowledged, RetryPolicy};
-
-/// Chosen by benchmark (BENCHMARKS.md): beyond it the rate no longer rises on a local server,
-/// and the window's memory (a few hundred bytes per message) stays far below the RSS target.
-pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
-
-/// Far above any real line (fields are at most 1 KiB), far below the memory target.
-pub const DEFAULT_MAX_ROW_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Everything a run needs; the binary fills it from flags and the environment.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReaderConfig {
-    /// The CSV file to read (`.gz` is decompressed); `-` reads standard input.
-    pub input: PathBuf,
-    #[command(flatten)]
-    pub nats: NatsArgs,
-    /// Publishes awaiting their acknowledgement at once.
-    #[arg(long, env = "CSV_READER_PUBLISH_WINDOW", default_value_t = DEFAULT_PUBLISH_WINDOW,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
-    pub publish_window: usize,
-    /// Continue after the line checkpointed by an earlier run of this file.
-    #[arg(long)]
-    pub resume: bool,
-    /// With --resume: continue even though the file changed since its checkpoint.
-    #[arg(long, requires = "resume")]
-    pub force: bool,
-    /// Read the file again as a new load, even if it was read completely before: its rows become
-    /// the newest versions of their customers (how an older file is deliberately loaded again).
-    #[arg(long, conflicts_with = "resume")]
-    pub reload: bool,
-    /// A column whose value orders a customer's rows, as reverse-ETL tools do: a whole number, or a
-    /// date-time such as `updated_at` (RFC 3339, `YYYY-MM-DD HH:MM:SS` in UTC, or `YYYY-MM-DD`). Of
-    /// two rows of a customer the one with the greater value wins, whatever file or line it is
-    /// on; the load and the line only break ties. A row without a readable value is rejected.
-    #[arg(long, env = "CSV_READER_VERSION_COLUMN")]
-    pub version_column: Option<String>,
-    /// Print the final summary as JSON on stdout.
-    #[arg(long)]
-    pub summary_json: bool,
-    /// How progress is shown.
-    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
-    pub progress: ProgressMode,
-    /// How often the checkpoint is saved while reading.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub checkpoint_interval: Duration,
-    /// How long to wait for one acknowledgement before publishing again.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub ack_timeout: Duration,
-    /// A line longer than this without a line break is rejected (row_too_long) and skipped, not
-    /// held in memory: it is not a CSV row (fields are at most 1 KiB).
-    #[arg(long, default_value_t = DEFAULT_MAX_ROW_BYTES)]
-    pub max_row_bytes: u64,
-    /// Attempts per message (with exponential backoff, at most 5 s apart) before the run fails.
-    #[arg(long, default_value_t = 20, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
-    pub publish_attempts: usize,
-    /// Parse and validate the whole file and print what a run would publish and reject, by kind,
-    /// without publishing anything: needs no NATS.
-    #[arg(long, env = "CSV_READER_DRY_RUN")]
-    pub dry_run: bool,
-    /// Stop the file, before publishing more of it, once the share of its bad rows is above this
-    /// (from 0 to 1), judged from the first 1,000 rows (or the whole file if shorter, held back
-    /// until then) and at every row after them. Exit code 2; rows published so far stay
-    /// published and checkpointed.
-    #[arg(long, env = "CSV_READER_MAX_REJECT_RATE", value_parser = guard::parse_share)]
-    pub max_reject_rate: Option<f64>,
-}
-
-impl ReaderConfig {
-    /// Defaults for tests and in-process callers.
-    pub fn new(input: impl Into<PathBuf>, nats: NatsArgs) -> Self {
-        ReaderConfig {
-            input: input.into(),
-            nats,
-            publish_window: DEFAULT_PUBLISH_WINDOW,
-            resume: false,
-            force: false,
-            reload: false,
-            version_column: None,
-            summary_json: false,
-            progress: ProgressMode::Off,
-            checkpoint_interval: Duration::from_secs(2),
-            ack_timeout: Duration::from_secs(10),
-            publish_attempts: RetryPolicy::default().attempts,
-            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
-            dry_run: false,
-            max_reject_rate: None,
-        }
-    }
-}
+use crate::publish::Acknowledged;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReaderError {
@@ -349,258 +261,34 @@ pub async fn run(
 ) -> Result<Summary, ReaderError> {
     let started = Instant::now();
     let names = Names::new(&config.nats.namespace)?;
-    if config.resume && config.input.as_os_str() == "-" {
+    let settings = &config.settings;
+    if settings.resume && config.input.as_os_str() == "-" {
         return Err(ReaderError::ResumeNeedsFile);
     }
     let opened = input::open(&config.input).await?;
-    let identity = opened.identity;
     let shown = config.input.display().to_string();
-
-    let (mut rows, layout) = read_header(opened.reader, config.max_row_bytes, &shown).await?;
-    let version_column = version_column(&config, &layout, &shown)?;
-    let mut record = ByteRecord::new();
-    if config.dry_run {
+    let (rows, layout) = read_header(opened.reader, settings.max_row_bytes, &shown).await?;
+    let version_column = version_column(settings, &layout, &shown)?;
+    if settings.dry_run {
         let mut context = MessageContext::new(
             &names,
-            &identity.path,
-            &identity.key,
+            &opened.identity.path,
+            &opened.identity.key,
             chrono::Utc::now().timestamp_millis().unsigned_abs(),
             DRY_RUN_MAX_PAYLOAD,
         );
         context.version_column = version_column;
         return dry_run(&context, &layout, rows, &shown, started, shutdown).await;
     }
-
-    let client = service_kit::connect_nats(&config.nats, "csv-reader", &shutdown)
-        .await?
-        .ok_or(ReaderError::StoppedWhileWaiting)?;
-    let max_message_bytes = client.server_info().max_payload;
-    let js = jetstream::ContextBuilder::new()
-        .timeout(config.ack_timeout)
-        // Our window bounds what is in flight; the context's own limit must not be the tighter one.
-        .max_ack_inflight(config.publish_window.saturating_mul(2).max(16))
-        .build(client);
-    require_stream(&js, &names.ingest_stream()).await?;
-    require_stream(&js, &names.results_stream()).await?;
-    let checkpoints = CheckpointStore::open(&js, &names.checkpoints_bucket()).await?;
-    let stored = if identity.is_stdin {
-        None
-    } else {
-        checkpoints.load(&identity.key).await?
+    let input = reading::Input {
+        rows,
+        layout,
+        identity: opened.identity,
+        bytes_read: opened.bytes_read,
+        shown,
+        version_column,
     };
-    let mode = checkpoint::ReadMode {
-        resume: config.resume,
-        force: config.force,
-        reload: config.reload,
-    };
-    let start = checkpoint::start_point(&identity, stored.as_ref(), mode)?;
-    let load = checkpoints.load_for(&identity, &start).await?;
-    if start.complete {
-        tracing::info!(file = %identity.path, load, "the checkpoint says this file was read completely: nothing to do (--reload reads it again as the newest data)");
-    } else if config.resume && start.line > 0 {
-        tracing::info!(file = %identity.path, line = start.line, load, "resuming after the checkpointed line");
-    }
-
-    let mut context = MessageContext::new(
-        &names,
-        &identity.path,
-        &identity.key,
-        load,
-        max_message_bytes,
-    );
-    context.version_column = version_column;
-    let retry = RetryPolicy {
-        attempts: config.publish_attempts,
-        ..RetryPolicy::default()
-    };
-    let mut tally = Tally::new(start);
-    let mut progress = Progress::new(config.progress, identity.size);
-    let mut in_flight = FuturesOrdered::new();
-    let mut last_save = Instant::now();
-    let mut interrupted = false;
-    let mut failure: Option<ReaderError> = None;
-    let mut stopped: Option<ReadFailure> = None;
-    let mut rows_skipped = 0u64;
-    let mut rows_sent = 0u64;
-    let mut identity = identity;
-
-    let mut guard = config.max_reject_rate.map(guard::RejectGuard::new);
-    // Rows read and not yet published: with --max-reject-rate, the first ones until their share
-    // of bad rows can be judged; otherwise only the row just read.
-    let mut held: Vec<OutgoingMessage> = Vec::new();
-    let mut too_many_at: Option<u64> = None;
-    let mut last_line = start.line;
-
-    'reading: loop {
-        if start.complete {
-            break;
-        }
-        let row = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => {
-                interrupted = true;
-                break 'reading;
-            }
-            row = rows.next(&mut record) => row,
-        };
-        let (row, at_end) = match row {
-            Ok(Some(row)) => (Some(row), false),
-            Ok(None) => (None, true),
-            Err(failure) => {
-                stopped = Some(failure);
-                (None, true)
-            }
-        };
-        let mut verdict = guard::Verdict::Publish;
-        if let Some(row) = row {
-            if row.line() <= start.line {
-                rows_skipped += 1;
-                continue;
-            }
-            let message = match message_of(&context, &layout, &record, row) {
-                Ok(message) => message,
-                Err(err) => {
-                    failure = Some(err);
-                    break;
-                }
-            };
-            // A record that held a huge field keeps its buffer; let it go rather than carry it along.
-            if record.as_slice().len() > 1024 * 1024 {
-                record = ByteRecord::new();
-            }
-            last_line = message.line;
-            if let Some(guard) = &mut guard {
-                verdict = guard.observe(matches!(message.kind, MessageKind::Rejected(_)));
-            }
-            held.push(message);
-        } else if let Some(guard) = &guard
-            && !held.is_empty()
-        {
-            // The file ended before enough rows to judge: the whole of it is the sample.
-            verdict = guard.judge();
-        }
-        match verdict {
-            guard::Verdict::Hold => continue,
-            guard::Verdict::TooMany => {
-                too_many_at = Some(last_line);
-                break;
-            }
-            guard::Verdict::Publish => {}
-        }
-        for message in held.drain(..) {
-            let sent = publish::send(&js, &message).await;
-            in_flight.push_back(publish::acknowledged(&js, sent, message, retry));
-            rows_sent += 1;
-
-            while in_flight.len() >= config.publish_window {
-                match in_flight.next().await {
-                    Some(done) => {
-                        if let Err(err) = tally.settle(done) {
-                            failure = Some(err);
-                            break 'reading;
-                        }
-                    }
-                    None => break,
-                }
-            }
-            while let Some(Some(done)) = in_flight.next().now_or_never() {
-                if let Err(err) = tally.settle(done) {
-                    failure = Some(err);
-                    break 'reading;
-                }
-            }
-        }
-        if at_end {
-            break;
-        }
-        if last_save.elapsed() >= config.checkpoint_interval {
-            last_save = Instant::now();
-            if identity.is_stdin {
-                identity.size = opened.bytes_read.load(Ordering::Relaxed);
-            }
-            let saved = checkpoints
-                .save(
-                    &identity.key,
-                    &checkpoint::checkpoint(&identity, load, tally.acked_line, tally.total, false),
-                )
-                .await;
-            if let Err(err) = saved {
-                tracing::warn!(%err, "checkpoint not saved; will try again");
-            }
-        }
-        if rows_sent.is_multiple_of(1024) {
-            progress.update(
-                opened.bytes_read.load(Ordering::Relaxed),
-                rows_sent,
-                tally.run.rejected,
-                tally.acked_line,
-            );
-        }
-    }
-
-    // Whatever stopped the reading, what was sent is awaited, so the checkpoint covers it.
-    let publishing_failed = matches!(failure, Some(ReaderError::Publish { .. }));
-    if !publishing_failed {
-        while let Some(done) = in_flight.next().await {
-            if let Err(err) = tally.settle(done) {
-                failure = Some(err);
-                break;
-            }
-        }
-    }
-    drop(in_flight);
-    progress.finish();
-    let complete = failure.is_none() && stopped.is_none() && too_many_at.is_none() && !interrupted;
-    if identity.is_stdin {
-        identity.size = opened.bytes_read.load(Ordering::Relaxed);
-    }
-    let final_checkpoint =
-        checkpoint::checkpoint(&identity, load, tally.acked_line, tally.total, complete);
-    let saved = checkpoints.save(&identity.key, &final_checkpoint).await;
-    if let Some(err) = failure {
-        if let Err(save_err) = saved {
-            tracing::warn!(%save_err, "final checkpoint not saved either");
-        }
-        return Err(err);
-    }
-    if let (Some(line), Some(guard)) = (too_many_at, &guard) {
-        if let Err(err) = &saved {
-            tracing::warn!(%err, "final checkpoint not saved");
-        }
-        return Err(ReaderError::TooManyRejected {
-            path: shown,
-            line,
-            rows: guard.rows(),
-            rejected: guard.rejected(),
-            max: guard.max(),
-            resumed_from: start.line,
-            acked_line: tally.acked_line,
-            checkpoint_saved: saved.is_ok(),
-        });
-    }
-    if let Some(stopped) = stopped {
-        return Err(stopped_mid_file(&shown, stopped, tally.acked_line, saved));
-    }
-    saved?;
-
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(Summary {
-        file: identity.path.clone(),
-        checkpoint_key: identity.key.clone(),
-        resumed_from_line: start.line,
-        rows_skipped,
-        rows_read: tally.run.rows_read,
-        published: tally.run.published,
-        deduplicated: tally.run.deduplicated,
-        rejected: tally.run.rejected,
-        rejected_by_kind: tally.rejected_by_kind,
-        acked_line: tally.acked_line,
-        complete,
-        interrupted,
-        elapsed_secs: elapsed,
-        rows_per_sec: tally.run.rows_read as f64 / elapsed.max(0.001),
-        dry_run: false,
-    })
+    reading::publish_file(&config, &names, input, started, shutdown).await
 }
 
 /// `--dry-run` sizes rows against NATS's default `max_payload` (1 MiB), there being no server to
@@ -647,23 +335,15 @@ async fn dry_run(
             duplicate: false,
         }))?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
     Ok(Summary {
-        file: context.source_file.clone(),
-        checkpoint_key: context.file_key.clone(),
-        resumed_from_line: 0,
-        rows_skipped: 0,
-        rows_read: tally.run.rows_read,
-        published: tally.run.published,
-        deduplicated: 0,
-        rejected: tally.run.rejected,
-        rejected_by_kind: tally.rejected_by_kind,
-        acked_line: tally.acked_line,
         complete: !interrupted,
         interrupted,
-        elapsed_secs: elapsed,
-        rows_per_sec: tally.run.rows_read as f64 / elapsed.max(0.001),
         dry_run: true,
+        ..tally.into_summary(
+            context.source_file.clone(),
+            context.file_key.clone(),
+            started,
+        )
     })
 }
 
@@ -702,7 +382,7 @@ async fn read_header(
 
 /// Where the `--version-column` sits; a column missing from the header is a file-level problem.
 fn version_column(
-    config: &ReaderConfig,
+    config: &Settings,
     layout: &ColumnLayout,
     shown: &str,
 ) -> Result<Option<usize>, ReaderError> {
@@ -722,7 +402,7 @@ fn version_column(
 }
 
 /// The message of what the reader found: a row's customer or rejection, or a line it rejected.
-fn message_of(
+pub(crate) fn message_of(
     context: &MessageContext,
     layout: &ColumnLayout,
     record: &ByteRecord,
@@ -740,7 +420,7 @@ fn message_of(
 
 /// The error of a file that could not be read to its end, once the rows before the failure are
 /// acknowledged and the checkpoint is saved (or not).
-fn stopped_mid_file(
+pub(crate) fn stopped_mid_file(
     shown: &str,
     stopped: ReadFailure,
     acked_line: u64,
@@ -823,7 +503,7 @@ fn too_many_rejected_advice(
 
 /// Counts acknowledgements, which arrive in file order, so the checkpoint line only ever covers a
 /// prefix of the file that is entirely acknowledged.
-struct Tally {
+pub(crate) struct Tally {
     acked_line: u64,
     total: Counters,
     run: Counters,
@@ -837,6 +517,28 @@ impl Tally {
             total: start.counters,
             run: Counters::default(),
             rejected_by_kind: BTreeMap::new(),
+        }
+    }
+
+    /// The summary of a run that counted this, as of now; the caller says how it ended.
+    fn into_summary(self, file: String, checkpoint_key: String, started: Instant) -> Summary {
+        let elapsed = started.elapsed().as_secs_f64();
+        Summary {
+            file,
+            checkpoint_key,
+            resumed_from_line: 0,
+            rows_skipped: 0,
+            rows_read: self.run.rows_read,
+            published: self.run.published,
+            deduplicated: self.run.deduplicated,
+            rejected: self.run.rejected,
+            rejected_by_kind: self.rejected_by_kind,
+            acked_line: self.acked_line,
+            complete: false,
+            interrupted: false,
+            elapsed_secs: elapsed,
+            rows_per_sec: self.run.rows_read as f64 / elapsed.max(0.001),
+            dry_run: false,
         }
     }
 
@@ -858,7 +560,10 @@ impl Tally {
     }
 }
 
-async fn require_stream(js: &jetstream::Context, stream: &str) -> Result<(), ReaderError> {
+pub(crate) async fn require_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<(), ReaderError> {
     match js.get_stream_no_info(stream).await {
         Ok(_) => Ok(()),
         Err(err)

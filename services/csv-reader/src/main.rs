@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use csv_reader::{ReaderConfig, resume_hint, run};
+use csv_reader::{Args, ReaderConfig, resume_hint, run};
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]
@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "csv-reader", version)]
 struct Cli {
     #[command(flatten)]
-    reader: ReaderConfig,
+    args: Args,
 }
 
 /// Conventional code of a run stopped by a signal: it did not finish the file.
@@ -33,11 +33,11 @@ const PROGRAM: &str = "csv-reader";
 async fn main() -> ExitCode {
     let cli: Cli = service_kit::parse_args(PROGRAM);
     service_kit::init_telemetry();
-    let config = cli.reader;
+    let config = ReaderConfig::from(cli.args);
     let shutdown = service_kit::shutdown_on_signals();
     match run(config.clone(), shutdown).await {
         Ok(summary) => {
-            if config.summary_json {
+            if config.settings.summary_json {
                 match serde_json::to_string_pretty(&summary) {
                     Ok(json) => println!("{json}"),
                     Err(err) => eprintln!("cannot encode the summary as JSON: {err}"),
@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
             } else {
                 println!("{summary}");
             }
-            if let Some(max) = config.max_reject_rate
+            if let Some(max) = config.settings.max_reject_rate
                 && summary.dry_run
                 && csv_reader::guard::exceeds(summary.rejected, summary.rows_read, max)
             {

@@ -72,7 +72,7 @@ async fn a_short_file_with_too_many_bad_rows_publishes_nothing() -> anyhow::Resu
     rows.extend([false; 6]);
     let file = file_of(&rows)?;
     let mut config = pipeline.config(file.path());
-    config.max_reject_rate = Some(0.5);
+    config.settings.max_reject_rate = Some(0.5);
     let err = csv_reader::run(config, CancellationToken::new())
         .await
         .expect_err("60% bad rows is more than 50%");
@@ -98,7 +98,7 @@ async fn bad_rows_past_the_limit_stop_the_file_where_they_pass_it() -> anyhow::R
     rows.extend([true; 100]);
     let file = file_of(&rows)?;
     let mut config = pipeline.config(file.path());
-    config.max_reject_rate = Some(0.2);
+    config.settings.max_reject_rate = Some(0.2);
     let err = csv_reader::run(config.clone(), CancellationToken::new())
         .await
         .expect_err("the bad rows pass 20%");
@@ -125,8 +125,8 @@ async fn bad_rows_past_the_limit_stop_the_file_where_they_pass_it() -> anyhow::R
     assert_eq!(pipeline.message_count(&results).await?, 250);
 
     // Accepting the rest as it is: resumed after line 1251, every row once.
-    config.resume = true;
-    config.max_reject_rate = Some(1.0);
+    config.settings.resume = true;
+    config.settings.max_reject_rate = Some(1.0);
     let summary = csv_reader::run(config, CancellationToken::new()).await?;
     assert!(summary.complete, "{summary}");
     assert_eq!(summary.resumed_from_line, 1251);

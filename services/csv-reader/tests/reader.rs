@@ -180,7 +180,7 @@ async fn tricky_file_gives_exactly_the_expected_messages_and_a_rerun_adds_none()
     // rows must not come back as newer than a file read after it).
     for resume in [false, true] {
         let mut config = pipeline.config(file.path());
-        config.resume = resume;
+        config.settings.resume = resume;
         let again = csv_reader::run(config, CancellationToken::new()).await?;
         assert!(again.complete);
         assert_eq!((again.rows_read, again.resumed_from_line), (0, 15));
@@ -194,7 +194,7 @@ async fn tricky_file_gives_exactly_the_expected_messages_and_a_rerun_adds_none()
 
     // --reload reads it again as a new, newer load; the rejections are not repeated.
     let mut config = pipeline.config(file.path());
-    config.reload = true;
+    config.settings.reload = true;
     let reloaded = csv_reader::run(config, CancellationToken::new()).await?;
     assert_eq!(
         (reloaded.published, reloaded.deduplicated, reloaded.rejected),
@@ -263,7 +263,7 @@ async fn killed_mid_file_and_resumed_publishes_every_row_exactly_once() -> anyho
     );
 
     let mut config = pipeline.config(file.path());
-    config.resume = true;
+    config.settings.resume = true;
     let summary = csv_reader::run(config, CancellationToken::new()).await?;
     assert!(summary.complete);
     assert!(summary.resumed_from_line > 1000);
@@ -298,7 +298,7 @@ async fn stopped_gracefully_then_resumed_counts_every_row_exactly() -> anyhow::R
     let key = checkpoint_key(file.path())?;
     let shutdown = CancellationToken::new();
     let mut config = pipeline.config(file.path());
-    config.checkpoint_interval = Duration::from_millis(50);
+    config.settings.checkpoint_interval = Duration::from_millis(50);
     let running = tokio::spawn(csv_reader::run(config.clone(), shutdown.clone()));
     e2e::wait_for(
         "a checkpoint past line 1000",
@@ -316,7 +316,7 @@ async fn stopped_gracefully_then_resumed_counts_every_row_exactly() -> anyhow::R
     assert_eq!(checkpoint.line, first.acked_line);
     assert_eq!(checkpoint.rows_read, first.rows_read);
 
-    config.resume = true;
+    config.settings.resume = true;
     let second = csv_reader::run(config, CancellationToken::new()).await?;
     assert!(second.complete);
     assert_eq!(second.resumed_from_line, first.acked_line);
@@ -410,7 +410,7 @@ async fn standard_input_is_read_but_cannot_be_resumed() -> anyhow::Result<()> {
     assert_eq!(summary["file"], "-");
 
     let mut config = pipeline.config(std::path::Path::new("-"));
-    config.resume = true;
+    config.settings.resume = true;
     let err = csv_reader::run(config, CancellationToken::new())
         .await
         .expect_err("stdin cannot be resumed");
@@ -652,7 +652,7 @@ async fn a_changed_file_is_refused_on_resume_unless_forced() -> anyhow::Result<(
     file.flush()?;
 
     let mut config = pipeline.config(file.path());
-    config.resume = true;
+    config.settings.resume = true;
     let err = csv_reader::run(config.clone(), CancellationToken::new())
         .await
         .expect_err("a changed file must be refused");
@@ -662,7 +662,7 @@ async fn a_changed_file_is_refused_on_resume_unless_forced() -> anyhow::Result<(
         "{err}"
     );
 
-    config.force = true;
+    config.settings.force = true;
     let forced = csv_reader::run(config, CancellationToken::new()).await?;
     assert_eq!((forced.resumed_from_line, forced.published), (2, 1));
     assert_eq!(

@@ -1,44 +1,49 @@
-//! The persister: consumes the outcomes stream (synced, rejected, dead) and writes it to PostgreSQL
-//! in batches, one transaction each, acking a message only once its batch is committed.
-//!
-//! Writes are idempotent (see [`sync_store::write_batch`]), so a redelivery is harmless; that is
-//! what lets acks be plain acks and lets a PostgreSQL outage be ridden out by holding the batch and
-//! retrying. A message that cannot be stored as what it claims (a body that does not parse, a value
-//! PostgreSQL refuses) is isolated by splitting its batch and kept in `poison_messages` with the
-//! reason, then acked, so it never blocks the stream.
+//! The persister service: consumes the outcomes stream (synced, rejected, dead) and writes it to
+//! PostgreSQL with [`outcome_writer`], which owns the consuming, decoding, provenance checks and
+//! batch writes. What is the service's own: its settings and flags, waiting for PostgreSQL and NATS
+//! at start-up (migrating the schema), and its health and metrics endpoint.
 
-mod decode;
-mod writer;
-
-use std::hash::{DefaultHasher, Hash as _, Hasher as _};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
 use deadpool_postgres::Pool;
+use outcome_writer::{Endpoints, OutcomeWriter};
 use service_kit::{Health, NatsArgs};
+use sync_store::{StoreError, WriteStrategy};
 use sync_topology::Names;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-pub use decode::{Origin, decode};
-pub use sync_store::{
-    BatchReport, Outcome, PoisonMessage, StoreError, WriteStrategy, write_batch, write_batch_with,
-};
+pub use outcome_writer::RunReport;
 
-use writer::{BatchWriter, Part, Persisted};
+/// Where the binary serves `/metrics`, `/healthz` and `/readyz` unless told otherwise.
+pub const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9102));
 
-/// Default batch size, chosen by `deploy/local/bench.d/persister.sh`.
-pub const DEFAULT_BATCH_SIZE: usize = 4000;
-pub const DEFAULT_WRITERS: usize = 2;
-pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(50);
+/// Everything the persister is told besides how to reach NATS. `Default` holds every default of
+/// its command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// PostgreSQL to write to; the schema is migrated at start.
+    pub database_url: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; None: nowhere (in-process runs).
+    pub metrics_addr: Option<SocketAddr>,
+    /// The consumer, batches and writers.
+    pub writer: outcome_writer::Settings,
+}
 
-/// Command line and environment of the `persister` binary.
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: sync_store::DEFAULT_DATABASE_URL.to_owned(),
+            metrics_addr: Some(DEFAULT_METRICS_ADDR),
+            writer: outcome_writer::Settings::default(),
+        }
+    }
+}
+
+/// Command line and environment of the `persister` binary; its defaults are [`Settings`]'.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "persister",
@@ -54,31 +59,42 @@ pub struct Args {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        default_value_t = Settings::default().database_url,
         hide_env_values = true
     )]
     pub database_url: String,
     /// Durable consumer on the results stream to read from.
-    #[arg(long, env = "PERSISTER_CONSUMER", default_value = "persister")]
+    #[arg(long, env = "PERSISTER_CONSUMER", default_value_t = Settings::default().writer.consumer)]
     pub consumer: String,
     /// Most outcomes written in one transaction (at most the consumer's max ack pending).
-    #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE as u32,
+    #[arg(long, env = "PERSISTER_BATCH_SIZE",
+          default_value_t = u32::try_from(Settings::default().writer.batch_size).unwrap_or(u32::MAX),
           value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub batch_size: u32,
     /// Concurrent writers (PostgreSQL connections). Outcomes are split among them by customer id,
     /// so each batch of up to `--batch-size` becomes one transaction per writer.
-    #[arg(long, env = "PERSISTER_WRITERS", default_value_t = DEFAULT_WRITERS as u32,
+    #[arg(long, env = "PERSISTER_WRITERS",
+          default_value_t = u32::try_from(Settings::default().writer.writers).unwrap_or(u32::MAX),
           value_parser = clap::value_parser!(u32).range(1..=32))]
     pub writers: u32,
     /// How customer rows are written: `unnest` (array-parameter upsert) or `copy-merge` (binary
     /// COPY into a temporary table, then upsert from it). Same result; see BENCHMARKS.md for speed.
-    #[arg(long, env = "PERSISTER_WRITE_STRATEGY", value_enum, default_value_t = StrategyArg::Unnest)]
+    #[arg(long, env = "PERSISTER_WRITE_STRATEGY", value_enum,
+          default_value_t = Settings::default().writer.write_strategy.into())]
     pub write_strategy: StrategyArg,
-    /// Longest wait, after a batch's first outcome, for the batch to fill.
-    #[arg(long, env = "PERSISTER_BATCH_LINGER_MS", default_value_t = 50)]
-    pub batch_linger_ms: u64,
+    /// Longest wait, after a batch's first outcome, for the batch to fill (`50ms`, `1s`).
+    #[arg(long, env = "PERSISTER_BATCH_LINGER",
+          default_value_t = Settings::default().writer.batch_linger.into())]
+    pub batch_linger: humantime::Duration,
+    /// --batch-linger in milliseconds (its older spelling).
+    #[arg(
+        long,
+        env = "PERSISTER_BATCH_LINGER_MS",
+        conflicts_with = "batch_linger"
+    )]
+    pub batch_linger_ms: Option<u64>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    #[arg(long, env = "PERSISTER_METRICS_ADDR", default_value = "127.0.0.1:9102")]
+    #[arg(long, env = "PERSISTER_METRICS_ADDR", default_value_t = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// Exit once the consumer has nothing pending (for rebuilding tables and benchmarks).
     #[arg(long)]
@@ -100,66 +116,59 @@ impl From<StrategyArg> for WriteStrategy {
     }
 }
 
-impl From<Args> for PersisterConfig {
-    fn from(args: Args) -> Self {
-        PersisterConfig {
-            nats: args.nats,
-            database_url: args.database_url,
-            consumer: args.consumer,
-            batch_size: args.batch_size as usize,
-            writers: args.writers as usize,
-            write_strategy: args.write_strategy.into(),
-            batch_linger: Duration::from_millis(args.batch_linger_ms),
-            metrics_addr: Some(args.metrics_addr),
-            stop_when_drained: args.stop_when_drained,
+impl From<WriteStrategy> for StrategyArg {
+    fn from(strategy: WriteStrategy) -> Self {
+        match strategy {
+            WriteStrategy::Unnest => StrategyArg::Unnest,
+            WriteStrategy::CopyMerge => StrategyArg::CopyMerge,
         }
     }
 }
 
+impl From<Args> for PersisterConfig {
+    fn from(args: Args) -> Self {
+        let batch_linger = match args.batch_linger_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => args.batch_linger.into(),
+        };
+        PersisterConfig {
+            nats: args.nats,
+            settings: Settings {
+                database_url: args.database_url,
+                metrics_addr: Some(args.metrics_addr),
+                writer: outcome_writer::Settings {
+                    consumer: args.consumer,
+                    batch_size: args.batch_size as usize,
+                    writers: args.writers as usize,
+                    write_strategy: args.write_strategy.into(),
+                    batch_linger,
+                    stop_when_drained: args.stop_when_drained,
+                },
+            },
+        }
+    }
+}
+
+/// How to reach NATS, and the rest.
 #[derive(Debug, Clone)]
 pub struct PersisterConfig {
     pub nats: NatsArgs,
-    pub database_url: String,
-    /// Durable pull consumer on the results stream; `persister` for the service, another one for
-    /// `syncctl replay --results`.
-    pub consumer: String,
-    pub batch_size: usize,
-    /// Concurrent writers, each with its own PostgreSQL connection.
-    pub writers: usize,
-    pub write_strategy: WriteStrategy,
-    pub batch_linger: Duration,
-    /// None: no metrics endpoint (in-process callers such as `syncctl`).
-    pub metrics_addr: Option<SocketAddr>,
-    /// Return once the consumer has nothing pending or unacknowledged.
-    pub stop_when_drained: bool,
+    pub settings: Settings,
 }
 
 impl PersisterConfig {
-    /// Defaults for the `persister` consumer, without a metrics endpoint.
+    /// The default settings writing to `database_url`, without a metrics endpoint: for tests and
+    /// other in-process runs.
     pub fn new(nats: NatsArgs, database_url: impl Into<String>) -> Self {
         PersisterConfig {
             nats,
-            database_url: database_url.into(),
-            consumer: Names::default().persister_consumer().to_owned(),
-            batch_size: DEFAULT_BATCH_SIZE,
-            writers: DEFAULT_WRITERS,
-            write_strategy: WriteStrategy::default(),
-            batch_linger: DEFAULT_BATCH_LINGER,
-            metrics_addr: None,
-            stop_when_drained: false,
+            settings: Settings {
+                database_url: database_url.into(),
+                metrics_addr: None,
+                ..Settings::default()
+            },
         }
     }
-}
-
-/// What a run wrote, for `syncctl replay --results` and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RunReport {
-    /// Committed transactions (a split batch counts each part).
-    pub batches: u64,
-    pub messages_acked: u64,
-    pub written: BatchReport,
-    /// Writes retried because PostgreSQL was unavailable.
-    pub retries: u64,
 }
 
 /// Runs until `shutdown` (or, with `stop_when_drained`, until the consumer is drained).
@@ -167,246 +176,44 @@ pub async fn run(
     config: PersisterConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunReport> {
-    let names = Names::new(&config.nats.namespace)?;
-    if config.batch_size == 0 {
-        bail!("batch size must be at least 1");
+    let PersisterConfig { nats, settings } = config;
+    let names = Names::new(&nats.namespace)?;
+    if settings.writer.batch_size == 0 {
+        return Err(outcome_writer::WriteError::BatchSize.into());
     }
     let health = Health::default();
-    if let Some(addr) = config.metrics_addr {
+    if let Some(addr) = settings.metrics_addr {
         let bound = service_kit::serve_metrics(addr, health.clone(), shutdown.clone()).await?;
         tracing::info!(%bound, "serving metrics and health");
     }
 
     // One connection more than the writers: the readiness check must not queue behind them.
-    let pool = sync_store::connect_pool(&config.database_url, config.writers.max(1) + 1)?;
-    let wait = config.nats.startup_wait;
-    if !migrate_when_available(&pool, &config.database_url, wait, &shutdown).await? {
+    let database_url = settings.database_url;
+    let pool = sync_store::connect_pool(&database_url, settings.writer.writers.max(1) + 1)?;
+    if !migrate_when_available(&pool, &database_url, nats.startup_wait, &shutdown).await? {
         return Ok(RunReport::default());
     }
-
-    let Some(client) = service_kit::connect_nats(&config.nats, "persister", &shutdown).await?
-    else {
+    let Some(client) = service_kit::connect_nats(&nats, "persister", &shutdown).await? else {
         tracing::info!("stopped while waiting for NATS at start-up: nothing was consumed");
         return Ok(RunReport::default());
     };
-    let js = jetstream::new(client.clone());
-    let stream = names.results_stream();
-    let mut consumer: PullConsumer = js
-        .get_consumer_from_stream(&config.consumer, &stream)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot bind to consumer {} on stream {stream} at {}: does it exist? \
-                 (`syncctl setup --namespace {}` creates the layout)",
-                config.consumer,
-                config.nats.redacted_url(),
-                names.namespace()
-            )
-        })?;
-    let ack_wait = consumer.cached_info().config.ack_wait;
-    // Two batches in flight per writer keep the writers busy while the next batch arrives.
-    let max_ack_pending = usize::try_from(consumer.cached_info().config.max_ack_pending)
-        .unwrap_or(usize::MAX)
-        .max(1);
-    let prefetch = (config.batch_size * 2).min(max_ack_pending).max(1);
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(prefetch)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .with_context(|| format!("cannot pull from consumer {}/{}", stream, config.consumer))?;
-    let batches = messages.chunks_timeout(config.batch_size, config.batch_linger);
-    tokio::pin!(batches);
-    service_kit::watch_nats(
-        client.clone(),
-        &config.nats.nats_url,
-        health.clone(),
-        shutdown.clone(),
-    );
+    let endpoints = Endpoints {
+        client: client.clone(),
+        names,
+        nats_shown: nats.redacted_url(),
+        pool: pool.clone(),
+        database_url: database_url.clone(),
+    };
+    let writer = OutcomeWriter::bind(endpoints, settings.writer).await?;
+    service_kit::watch_nats(client, &nats.nats_url, health.clone(), shutdown.clone());
     tokio::spawn(watch(
-        pool.clone(),
-        config.database_url.clone(),
-        consumer.clone(),
+        pool,
+        database_url,
+        writer.consumer().clone(),
         health.clone(),
         shutdown.clone(),
     ));
-
-    let ingest = js
-        .get_stream_no_info(names.ingest_stream())
-        .await
-        .context("naming the ingest stream")?;
-    let writer = Arc::new(BatchWriter {
-        pool,
-        database_url: config.database_url.clone(),
-        names: names.clone(),
-        stream: stream.clone(),
-        ingest,
-        ack_wait,
-        strategy: config.write_strategy,
-        shutdown: shutdown.clone(),
-        retries: AtomicU64::new(0),
-    });
-    let writers = config.writers.max(1);
-    let tracker = TaskTracker::new();
-    let mut parts_to = Vec::with_capacity(writers);
-    let mut totals = Vec::with_capacity(writers);
-    for _ in 0..writers {
-        let (send, mut receive) = mpsc::channel::<Part>(1);
-        let writer = Arc::clone(&writer);
-        totals.push(tracker.spawn(async move {
-            let mut total = Persisted::default();
-            while let Some(part) = receive.recv().await {
-                let persisted = writer.persist(part).await;
-                let interrupted = persisted.interrupted;
-                total.add(persisted);
-                if interrupted {
-                    break;
-                }
-            }
-            total
-        }));
-        parts_to.push(send);
-    }
-    tracker.close();
-
-    tracing::info!(
-        consumer = %config.consumer,
-        %stream,
-        batch_size = config.batch_size,
-        writers,
-        strategy = ?config.write_strategy,
-        linger = ?config.batch_linger,
-        "persisting outcomes"
-    );
-    health.set_ready(true);
-    // Long enough that a chunk waiting for its linger is never mistaken for an idle stream.
-    let idle = (config.batch_linger * 4).max(Duration::from_millis(250));
-    let mut failure = None;
-    'pulling: loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            next = tokio::time::timeout(idle, batches.next()) => next,
-        };
-        let items = match next {
-            Err(_idle) => {
-                if config.stop_when_drained {
-                    match drained(&client, &mut consumer).await {
-                        Ok(true) => {
-                            tracing::info!("consumer drained; stopping");
-                            break;
-                        }
-                        Ok(false) => {}
-                        Err(err) => {
-                            tracing::warn!(%err, "checking whether the consumer is drained")
-                        }
-                    }
-                }
-                continue;
-            }
-            Ok(None) => {
-                failure = Some(anyhow::anyhow!(
-                    "the pull subscription on consumer {}/{} ended (consumer deleted?)",
-                    stream,
-                    config.consumer
-                ));
-                break;
-            }
-            Ok(Some(items)) => items,
-        };
-        metrics::histogram!("persister_batch_size").record(items.len() as f64);
-        let mut parts: Vec<Part> = (0..writers).map(|_| Part::default()).collect();
-        for item in items {
-            match item {
-                Ok(message) => {
-                    let Some(outcome) = writer.decode(&message).await else {
-                        continue;
-                    };
-                    let index = partition(&outcome, writers);
-                    parts[index].messages.push(message);
-                    parts[index].outcomes.push(outcome);
-                }
-                Err(err) => tracing::warn!(%err, "pulling outcomes"),
-            }
-        }
-        for (part, to) in parts.into_iter().zip(&parts_to) {
-            if part.messages.is_empty() {
-                continue;
-            }
-            if to.send(part).await.is_err() {
-                // A writer stopped: it was interrupted by shutdown while PostgreSQL was away.
-                break 'pulling;
-            }
-        }
-    }
-    health.set_ready(false);
-    drop(parts_to);
-    let mut report = RunReport::default();
-    for total in totals {
-        match total.await {
-            Ok(total) => {
-                report.written.add(&total.report);
-                report.messages_acked += total.acked;
-                report.batches += total.commits;
-            }
-            Err(err) => tracing::error!(%err, "a batch writer panicked"),
-        }
-    }
-    tracker.wait().await;
-    // Pulled but never handed to a writer: give them back now rather than after the ack wait.
-    for message in batches.as_mut().into_remainder().into_iter().flatten() {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-    }
-    if let Err(err) = client.flush().await {
-        tracing::warn!(%err, "flushing acks at shutdown");
-    }
-    report.retries = writer.retries.load(Ordering::Relaxed);
-    let written = &report.written;
-    tracing::info!(
-        batches = report.batches,
-        messages_acked = report.messages_acked,
-        retries = report.retries,
-        outcomes = written.outcomes,
-        customers_written = written.customers_written,
-        rejected_rows_written = written.rejected_rows_written,
-        dead_letters_written = written.dead_letters_written,
-        dead_letters_cleared = written.dead_letters_cleared,
-        poison_written = written.poison_written,
-        superseded = written.superseded,
-        "persister stopped"
-    );
-    match failure {
-        Some(err) => Err(err),
-        None => Ok(report),
-    }
-}
-
-/// Which writer takes an outcome: all outcomes of one customer go to the same writer, so its
-/// customer row and dead letters are only ever changed by one transaction at a time, in stream
-/// order, and concurrent writers never race on them.
-fn partition(outcome: &Outcome, writers: usize) -> usize {
-    let mut hasher = DefaultHasher::new();
-    match outcome {
-        Outcome::Synced(s) => s.customer.id.hash(&mut hasher),
-        Outcome::Superseded(s) => s.customer_id.hash(&mut hasher),
-        Outcome::Dead(d) => d.customer_id.hash(&mut hasher),
-        Outcome::Rejected(r) => (&r.source_file, r.line).hash(&mut hasher),
-        Outcome::Poison(p) => p.stream_seq.hash(&mut hasher),
-    }
-    (hasher.finish() % writers as u64) as usize
-}
-
-/// True when the consumer has nothing left to deliver and nothing delivered awaits an ack.
-async fn drained(client: &async_nats::Client, consumer: &mut PullConsumer) -> anyhow::Result<bool> {
-    // Acks are fire-and-forget publishes: make sure ours reached the server before asking it.
-    client.flush().await.context("flushing acks")?;
-    let info = consumer
-        .info()
-        .await
-        .context("reading the consumer's state")?;
-    Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+    Ok(writer.run(&health, shutdown).await?)
 }
 
 /// Applies the embedded migrations, waiting up to `wait` (`--startup-wait`) while PostgreSQL is
@@ -499,48 +306,52 @@ async fn watch(
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
     use super::*;
-    use sync_topology::messages::DeadLetter;
+
+    fn parse(flags: &[&str]) -> Result<PersisterConfig, clap::Error> {
+        let argv = std::iter::once("persister").chain(flags.iter().copied());
+        Args::try_parse_from(argv).map(PersisterConfig::from)
+    }
 
     #[test]
-    fn every_outcome_of_a_customer_goes_to_the_same_writer() {
-        let customer = customer_record::CustomerRecord::normalised(
-            "c-42",
-            "Ada",
-            "Lovelace",
-            "ada@example.com",
-            None,
-            Default::default(),
+    fn the_command_line_defaults_are_the_settings_defaults() {
+        let config = parse(&[]).expect("parses");
+        let defaults = Settings::default();
+        assert_eq!(config.settings.writer, defaults.writer);
+        assert_eq!(config.settings.metrics_addr, defaults.metrics_addr);
+        // Read from the command itself: the environment running the tests may set DATABASE_URL.
+        let command = Args::command();
+        let database_url = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "database_url")
+            .map(|arg| {
+                let values = arg.get_default_values().iter();
+                values.map(|v| v.to_string_lossy().into_owned()).collect()
+            });
+        assert_eq!(
+            database_url,
+            Some(vec![defaults.database_url]),
+            "--database-url defaults to the store's URL"
         );
-        let dead = Outcome::Dead(DeadLetter {
-            customer_id: customer.id.clone(),
-            content_hash: customer.content_hash(),
-            version: None,
-            ingest_seq: 1,
-            reason: "refused".to_owned(),
-            crm_status: Some(422),
-            crm_body: None,
-            attempts: 1,
-            customer: Some(customer.clone()),
-            source_file: None,
-            source_line: None,
-            dead_at: chrono::Utc::now(),
-            malformed_body_base64: None,
-        });
-        let synced = Outcome::Synced(sync_topology::messages::SyncedOutcome {
-            content_hash: customer.content_hash(),
-            customer,
-            version: None,
-            ingest_seq: 2,
-            crm_id: None,
-            action: sync_topology::messages::SyncAction::Created,
-            source_file: None,
-            source_line: None,
-            synced_at: chrono::Utc::now(),
-        });
-        for writers in 1..=8 {
-            assert_eq!(partition(&dead, writers), partition(&synced, writers));
-            assert!(partition(&synced, writers) < writers);
-        }
+    }
+
+    #[test]
+    fn the_batch_linger_is_a_duration_or_the_older_milliseconds() {
+        let linger = |flags: &[&str]| parse(flags).map(|c| c.settings.writer.batch_linger);
+        assert_eq!(
+            linger(&["--batch-linger", "1s"]).ok(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            linger(&["--batch-linger-ms", "20"]).ok(),
+            Some(Duration::from_millis(20))
+        );
+        assert!(linger(&["--batch-linger", "1s", "--batch-linger-ms", "20"]).is_err());
+        assert!(
+            linger(&["--batch-linger", "20"]).is_err(),
+            "a unit is needed"
+        );
     }
 }

@@ -9,8 +9,9 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use chrono::Utc;
 use customer_record::CustomerRecord;
 use e2e::{PrivatePostgres, TestDatabase, wait_for};
-use persister::{Outcome, PersisterConfig, RunReport};
+use persister::{PersisterConfig, RunReport};
 use service_kit::NatsArgs;
+use sync_store::Outcome;
 use sync_topology::messages::{DeadLetter, RejectedRow, SyncAction, SyncedOutcome};
 use sync_topology::{IngestMessage, Names, Version, ids};
 use tokio::task::JoinHandle;
@@ -45,8 +46,8 @@ impl Pipeline {
             NatsArgs::new(&self.nats_url, self.names.namespace()),
             database_url,
         );
-        config.batch_size = 100;
-        config.batch_linger = Duration::from_millis(20);
+        config.settings.writer.batch_size = 100;
+        config.settings.writer.batch_linger = Duration::from_millis(20);
         config
     }
 
@@ -281,7 +282,7 @@ async fn a_redelivered_batch_changes_nothing() -> anyhow::Result<()> {
     let first = pipeline.publish(messages.clone()).await?;
 
     let mut config = pipeline.config(&db.url);
-    config.stop_when_drained = true;
+    config.settings.writer.stop_when_drained = true;
     let first_run = persister::run(config.clone(), CancellationToken::new()).await?;
     assert_eq!(first_run.written.customers_written, 120);
     let client = db.client().await?;
@@ -306,8 +307,8 @@ async fn a_redelivered_batch_changes_nothing() -> anyhow::Result<()> {
     let batch: Vec<Outcome> = (1..=5)
         .map(|i| Outcome::Synced(synced(&format!("x{i}"), 1000 + i, "Bo")))
         .collect();
-    let once = persister::write_batch(&mut direct, &batch).await?;
-    let twice = persister::write_batch(&mut direct, &batch).await?;
+    let once = sync_store::write_batch(&mut direct, &batch).await?;
+    let twice = sync_store::write_batch(&mut direct, &batch).await?;
     assert_eq!(once.customers_written, 5);
     assert_eq!(twice.customers_written, 0);
     Ok(())
@@ -422,7 +423,7 @@ async fn a_poisonous_message_is_isolated_while_the_rest_of_its_batch_commits() -
     let last = pipeline.publish(messages).await?;
 
     let mut config = pipeline.config(&db.url);
-    config.stop_when_drained = true;
+    config.settings.writer.stop_when_drained = true;
     let report = persister::run(config, CancellationToken::new()).await?;
     pipeline.wait_acked(last).await?;
 
@@ -464,7 +465,7 @@ async fn migrations_are_applied_at_start_and_idempotent() -> anyhow::Result<()> 
         .await?;
 
     let mut config = pipeline.config(&db.url);
-    config.stop_when_drained = true;
+    config.settings.writer.stop_when_drained = true;
     persister::run(config.clone(), CancellationToken::new()).await?;
     assert_eq!(
         sync_store::schema_version(&client).await?,
@@ -515,7 +516,7 @@ async fn a_dead_letter_leaves_when_a_later_version_of_its_customer_syncs() -> an
 
     // A dead letter of an older version arriving after the newer one synced is moot.
     let mut direct = db.client().await?;
-    let late = persister::write_batch(&mut direct, &[Outcome::Dead(dead("c1", 7))]).await?;
+    let late = sync_store::write_batch(&mut direct, &[Outcome::Dead(dead("c1", 7))]).await?;
     assert_eq!(late.dead_letters_written, 0);
     assert_eq!(
         count(&client, "SELECT count(*) FROM dead_letters").await?,
@@ -545,14 +546,14 @@ async fn both_write_strategies_build_the_same_tables() -> anyhow::Result<()> {
     ];
     let mut snapshots = Vec::new();
     for strategy in [
-        persister::WriteStrategy::Unnest,
-        persister::WriteStrategy::CopyMerge,
+        sync_store::WriteStrategy::Unnest,
+        sync_store::WriteStrategy::CopyMerge,
     ] {
         let db = TestDatabase::create().await?;
         let mut client = db.client().await?;
         sync_store::migrate(&mut client, None).await?;
         for batch in batches.iter().chain(batches.iter()) {
-            persister::write_batch_with(&mut client, batch, strategy).await?;
+            sync_store::write_batch_with(&mut client, batch, strategy).await?;
         }
         let dead: Vec<String> = client
             .query("SELECT customer_id FROM dead_letters ORDER BY 1", &[])

@@ -10,12 +10,12 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
 use customer_record::CustomerRecord;
 use serde::Serialize;
 use service_kit::NatsArgs;
+use sync_store::dead_letters::StoredDeadLetter;
+use sync_topology::IngestMessage;
 use sync_topology::ids::{self, CopyKind};
-use sync_topology::{IngestMessage, Version};
 
 use crate::{CtlError, Pipeline, nats_error};
 
@@ -27,48 +27,13 @@ pub struct ListConfig {
     pub startup_wait: std::time::Duration,
 }
 
-/// One row of `dead_letters`, newest first in a listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeadLetterRow {
-    pub customer_id: String,
-    pub content_hash: String,
-    pub ingest_seq: i64,
-    pub reason: String,
-    pub crm_status: Option<i32>,
-    pub crm_body: Option<String>,
-    pub attempts: i64,
-    pub dead_at: DateTime<Utc>,
-    /// Whether the record itself is stored, which redrive needs.
-    pub redrivable: bool,
-}
+pub use sync_store::dead_letters::DeadLetterRow;
 
 /// The newest `limit` dead letters.
 pub async fn list(config: &ListConfig) -> Result<Vec<DeadLetterRow>, CtlError> {
     let client = crate::connect_database(&config.database_url, config.startup_wait).await?;
     crate::require_schema(&client, &config.database_url).await?;
-    let rows = client
-        .query(
-            "SELECT customer_id, content_hash, ingest_seq, reason, crm_status, crm_body, attempts, \
-                    dead_at, record IS NOT NULL \
-             FROM dead_letters ORDER BY dead_at DESC, customer_id LIMIT $1",
-            &[&config.limit.max(0)],
-        )
-        .await
-        .map_err(sync_store::StoreError::query("listing dead letters"))?;
-    Ok(rows
-        .iter()
-        .map(|row| DeadLetterRow {
-            customer_id: row.get(0),
-            content_hash: row.get(1),
-            ingest_seq: row.get(2),
-            reason: row.get(3),
-            crm_status: row.get(4),
-            crm_body: row.get(5),
-            attempts: row.get(6),
-            dead_at: row.get(7),
-            redrivable: row.get(8),
-        })
-        .collect())
+    Ok(sync_store::dead_letters::list(&client, config.limit).await?)
 }
 
 /// Renders a listing as an aligned table.
@@ -141,72 +106,70 @@ pub async fn redrive(config: &RedriveConfig) -> Result<RedriveOutcome, CtlError>
     // Fail with "run setup" before publishing into a subject nothing stores.
     pipeline.stream(&pipeline.names.ingest_stream()).await?;
     let ledger = crate::replay::open_ledger(&pipeline).await?;
-    let query = "SELECT customer_id, content_hash, record, source_file, source_line, ingest_seq, \
-                        version_stamp, version_load, version_line \
-                 FROM dead_letters WHERE $1::text IS NULL OR customer_id = $1 \
-                 ORDER BY version_stamp, version_load, version_line";
     let customer = match &config.selection {
         RedriveSelection::Customer(id) => Some(id.as_str()),
         RedriveSelection::All => None,
     };
-    let rows = client
-        .query(query, &[&customer])
-        .await
-        .map_err(sync_store::StoreError::query(
-            "reading dead letters to redrive",
-        ))?;
-    if let (Some(id), true) = (customer, rows.is_empty()) {
+    let letters = sync_store::dead_letters::for_redrive(&client, customer).await?;
+    if let (Some(id), true) = (customer, letters.is_empty()) {
         return Err(CtlError::Usage(format!(
             "no dead letter for customer id {id:?}"
         )));
     }
 
     let nonce = crate::nonce();
-    let subject = pipeline.names.ingest_subject();
     let mut outcome = RedriveOutcome::default();
-    for row in &rows {
-        let customer_id: String = row.get(0);
-        let stored_hash: String = row.get(1);
-        let record: Option<serde_json::Value> = row.get(2);
-        let source_file: Option<String> = row.get(3);
-        let source_line: Option<i64> = row.get(4);
-        let ingest_seq: i64 = row.get(5);
-        let version = Version::from_i64s(row.get(6), row.get(7), row.get(8));
-        let Some(record) = record else {
-            outcome.without_record.push(customer_id);
+    for letter in letters {
+        let Some(record) = letter.record()? else {
+            outcome.without_record.push(letter.customer_id);
             continue;
         };
-        let record: CustomerRecord =
-            serde_json::from_value(record).map_err(|source| CtlError::Json {
-                what: format!("stored record of dead letter {customer_id}/{stored_hash}"),
-                source,
-            })?;
-        let message = IngestMessage {
-            record,
-            version,
-            source_file,
-            source_line: source_line.and_then(|l| u64::try_from(l).ok()),
-            copy_of: u64::try_from(ingest_seq).ok(),
-            force_resend: false,
-        };
-        let action = || format!("redriving dead letter {customer_id}/{stored_hash}");
-        let (headers, body) = message
-            .encode(&ids::ingest_copy(CopyKind::Redrive, &version, &nonce))
-            .map_err(|e| nats_error(action(), e))?;
-        let decoded =
-            IngestMessage::decode(Some(&headers), &body, 0).map_err(|e| nats_error(action(), e))?;
-        if crate::replay::superseded(&ledger, &decoded).await? {
-            outcome.superseded.push(customer_id);
-            continue;
+        if republish(&pipeline, &ledger, &letter, record, &nonce).await? {
+            outcome.republished += 1;
+        } else {
+            outcome.superseded.push(letter.customer_id);
         }
-        pipeline
-            .js
-            .publish_with_headers(subject.clone(), headers, body)
-            .await
-            .map_err(|e| nats_error(action(), e))?
-            .await
-            .map_err(|e| nats_error(action(), e))?;
-        outcome.republished += 1;
     }
     Ok(outcome)
+}
+
+/// Publishes `record` of `letter` as a copy of the version that died; false, publishing nothing,
+/// when the ledger knows the customer at a newer version.
+async fn republish(
+    pipeline: &Pipeline,
+    ledger: &async_nats::jetstream::kv::Store,
+    letter: &StoredDeadLetter,
+    record: CustomerRecord,
+    nonce: &str,
+) -> Result<bool, CtlError> {
+    let message = IngestMessage {
+        record,
+        version: letter.version,
+        source_file: letter.source_file.clone(),
+        source_line: letter.source_line.and_then(|l| u64::try_from(l).ok()),
+        copy_of: u64::try_from(letter.ingest_seq).ok(),
+        force_resend: false,
+    };
+    let action = || {
+        format!(
+            "redriving dead letter {}/{}",
+            letter.customer_id, letter.content_hash
+        )
+    };
+    let (headers, body) = message
+        .encode(&ids::ingest_copy(CopyKind::Redrive, &letter.version, nonce))
+        .map_err(|e| nats_error(action(), e))?;
+    let decoded =
+        IngestMessage::decode(Some(&headers), &body, 0).map_err(|e| nats_error(action(), e))?;
+    if crate::replay::superseded(ledger, &decoded).await? {
+        return Ok(false);
+    }
+    pipeline
+        .js
+        .publish_with_headers(pipeline.names.ingest_subject(), headers, body)
+        .await
+        .map_err(|e| nats_error(action(), e))?
+        .await
+        .map_err(|e| nats_error(action(), e))?;
+    Ok(true)
 }

@@ -11,6 +11,7 @@ pub mod replay;
 pub mod setup;
 pub mod show;
 pub mod status;
+pub mod teardown;
 pub mod verify;
 pub mod wait;
 
@@ -18,8 +19,8 @@ use async_nats::jetstream;
 use service_kit::NatsArgs;
 use sync_topology::Names;
 
-/// Default `DATABASE_URL`: a local PostgreSQL with the stock superuser.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Default `DATABASE_URL`, the store's.
+pub use sync_store::DEFAULT_DATABASE_URL;
 
 /// Everything that can make a subcommand fail, each naming what failed and with which input.
 #[derive(Debug, thiserror::Error)]
@@ -203,11 +204,24 @@ pub(crate) async fn read_stream(
     })
 }
 
+/// A time as the NATS client reports it, in the chrono type the rest of syncctl uses; None when
+/// it does not fit (outside the years 1677..2262).
+pub(crate) fn utc(time: async_nats::datetime::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    i64::try_from(time.unix_timestamp_nanos())
+        .ok()
+        .map(chrono::DateTime::from_timestamp_nanos)
+}
+
+/// RFC 3339 with as many fraction digits as the time has, `Z` for UTC.
+pub(crate) fn rfc3339(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 /// One message of the ingest stream, read from start to end: where it is, when it was stored,
 /// and what it decodes to.
 pub(crate) struct StoredIngest {
     pub seq: u64,
-    pub stored_at: time::OffsetDateTime,
+    pub stored_at: Option<chrono::DateTime<chrono::Utc>>,
     pub decoded: Result<sync_topology::Decoded, sync_topology::Malformed>,
 }
 
@@ -235,7 +249,7 @@ pub(crate) async fn ingest_messages(
                 |e: &dyn std::fmt::Display| nats_error(format!("reading {stream_name}"), e);
             let message = message.map_err(|e| failed(&e))?;
             let info = message.info().map_err(|e| failed(&e))?;
-            let (seq, stored_at) = (info.stream_sequence, info.published);
+            let (seq, stored_at) = (info.stream_sequence, utc(info.published));
             Ok(StoredIngest {
                 seq,
                 stored_at,

@@ -59,6 +59,9 @@ enum Command {
     /// Remove settled messages older than the retention from both streams (streams never expire
     /// messages by age: a message without its outcome is never removed).
     Prune(PruneArgs),
+    /// Delete every stream and bucket of the namespace with their messages (the database is left
+    /// alone). Asks for --yes.
+    Teardown(TeardownArgs),
     /// One customer's story: every version in the ingest stream with its outcome, the ledger
     /// entry, the customers row, dead letters, rejected rows naming it, and (--crm) the CRM's copy.
     Show(ShowArgs),
@@ -102,7 +105,8 @@ shown with its difference; `difference` is the sum of their absolute values, 0 w
 Outcome counts are per subject of the results stream. Each integrator replica is shown from the \
 heartbeat it writes every few seconds (breaker, pause, concurrency limit, requests in flight, \
 messages in hand, totals); one silent for three heartbeats is `stale`. --json prints the same as \
-one JSON object with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not.
+one JSON object with top-level `difference` and `reconciled`. Exit 0 whether reconciled or not; \
+with --check, exit 1 unless reconciled.
 
 --watch refreshes every --interval (2s): the screen is redrawn on a terminal, otherwise one report \
 follows another (one JSON object per line with --json), each with the rates since the one before \
@@ -143,23 +147,23 @@ struct SetupArgs {
     #[arg(long)]
     skip_db: bool,
     /// Stream, consumer and bucket replicas: 1 on a single server, 3 on a cluster.
-    #[arg(long, default_value_t = 1,
+    #[arg(long, default_value_t = TopologySettings::default().replicas,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
     replicas: usize,
     /// Window in which the ingest stream drops a repeated Nats-Msg-Id.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    dedup_window: Duration,
+    #[arg(long, default_value_t = TopologySettings::default().dedup_window.into())]
+    dedup_window: humantime::Duration,
     /// How long streams keep settled messages (so they can be replayed) before `syncctl prune`
     /// removes them. Messages without their outcome are kept however old.
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
-    retention: Duration,
+    #[arg(long, default_value_t = TopologySettings::default().retention.into())]
+    retention: humantime::Duration,
     /// Size limit of each stream in bytes (-1: only the server's JetStream store limit). A full
     /// stream refuses new messages; it never drops old ones.
-    #[arg(long, default_value_t = sync_topology::DEFAULT_MAX_STREAM_BYTES, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = TopologySettings::default().max_stream_bytes, allow_hyphen_values = true)]
     max_stream_bytes: i64,
     /// How long an integrator may hold a message unacknowledged before redelivery.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    ack_wait: Duration,
+    #[arg(long, default_value_t = TopologySettings::default().integrator_ack_wait.into())]
+    ack_wait: humantime::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +178,9 @@ struct StatusArgs {
     /// One JSON object on stdout, for scripts (with --watch, one per line per refresh).
     #[arg(long)]
     json: bool,
+    /// Exit 1 unless reconciled (difference 0): for scripts and health checks.
+    #[arg(long, conflicts_with = "watch")]
+    check: bool,
     /// Refresh every --interval until Ctrl-C, with rates and an ETA for the backlog.
     #[arg(long, env = "SYNCCTL_STATUS_WATCH")]
     watch: bool,
@@ -275,6 +282,15 @@ struct PruneArgs {
     /// Remove settled messages older than this (default: the retention `setup` stored).
     #[arg(long, value_parser = humantime::parse_duration)]
     older_than: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct TeardownArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Yes, delete them: nothing in those streams can be replayed afterwards.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -405,155 +421,196 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), CtlError> {
 
 async fn dispatch(command: Command) -> Result<ExitCode, CtlError> {
     match command {
-        Command::Setup(args) => {
-            let settings = TopologySettings {
-                replicas: args.replicas,
-                dedup_window: args.dedup_window,
-                retention: args.retention,
-                max_stream_bytes: args.max_stream_bytes,
-                integrator_ack_wait: args.ack_wait,
-                ..TopologySettings::default()
-            };
-            let config = syncctl::setup::SetupConfig {
-                nats: args.nats,
-                database_url: (!args.skip_db).then_some(args.database.database_url),
-                settings,
-            };
-            let outcome = syncctl::setup::run(&config).await?;
-            print!("{outcome}");
-        }
-        Command::Status(args) => {
-            let config = syncctl::status::StatusConfig {
-                nats: args.nats,
-                database_url: (!args.skip_db).then_some(args.database.database_url),
-            };
-            if args.watch {
-                return watch_status(config, args.interval, args.json).await;
-            }
-            let status = syncctl::status::collect(&config).await?;
-            if args.json {
-                print_json(&status)?;
-            } else {
-                print!("{status}");
-            }
-        }
-        Command::Wait(args) => {
-            let drained =
-                syncctl::wait::run(&syncctl::wait::WaitConfig::new(args.nats, args.timeout))
-                    .await?;
-            println!(
-                "drained: nothing pending or in flight (waited {:.1}s)",
-                drained.waited.as_secs_f64()
-            );
-        }
-        Command::Verify(args) => return verify(args).await,
-        Command::Show(args) => {
-            let story = syncctl::show::run(&syncctl::show::ShowConfig {
-                nats: args.nats,
-                database_url: args.database.database_url,
-                customer_id: args.customer_id,
-                crm: args.crm.check(None, 1),
-            })
-            .await?;
-            if args.json {
-                print_json(&story)?;
-            } else {
-                print!("{story}");
-            }
-        }
-        Command::Prune(args) => {
-            let report = syncctl::prune::run(&syncctl::prune::PruneConfig {
-                nats: args.nats,
-                older_than: args.older_than,
-            })
-            .await?;
-            print!("{}", syncctl::prune::Printed(&report));
-        }
-        Command::Replay(args) => return replay(args).await,
-        Command::Dlq(DlqCommand::List(args)) => {
-            let rows = syncctl::dlq::list(&syncctl::dlq::ListConfig {
-                database_url: args.database.database_url,
-                limit: args.limit,
-                startup_wait: args.startup_wait,
-            })
-            .await?;
-            if args.json {
-                print_json(&rows)?;
-            } else {
-                print!("{}", syncctl::dlq::Listing(&rows));
-            }
-        }
-        Command::Dlq(DlqCommand::Redrive(args)) => {
-            let selection = match args.id {
-                Some(id) => syncctl::dlq::RedriveSelection::Customer(id),
-                None => syncctl::dlq::RedriveSelection::All,
-            };
-            let outcome = syncctl::dlq::redrive(&syncctl::dlq::RedriveConfig {
-                nats: args.nats,
-                database_url: args.database.database_url,
-                selection,
-            })
-            .await?;
-            println!(
-                "redrove {} dead letter(s) onto the ingest subject",
-                outcome.republished
-            );
-            if !outcome.superseded.is_empty() {
-                eprintln!(
-                    "left alone: {} dead letter(s) whose customer the CRM already holds at a later \
-                     version: {}",
-                    outcome.superseded.len(),
-                    outcome.superseded.join(", ")
-                );
-            }
-            if !outcome.without_record.is_empty() {
-                eprintln!(
-                    "warning: {} dead letter(s) have no stored record and stay: {}",
-                    outcome.without_record.len(),
-                    outcome.without_record.join(", ")
-                );
-            }
-        }
-        Command::NatsAccounts(args) => {
-            let names = sync_topology::Names::new(&args.namespace)?;
-            print!(
-                "{}",
-                sync_topology::auth::accounts_config(
-                    &names,
-                    sync_topology::auth::Passwords::FromEnvironment
-                )
-            );
-        }
-        Command::GenCsv(args) => {
-            let config = syncctl::gen_csv::GenCsvConfig {
-                options: syncctl::gen_csv::GenOptions {
-                    rows: args.rows,
-                    bad_rate: args.bad_rate,
-                    dup_rate: args.dup_rate,
-                    change_rate: args.change_rate,
-                    seed: args.seed,
-                    extra_columns: !args.no_extra_columns,
-                },
-                output: if args.output.as_os_str() == "-" {
-                    syncctl::gen_csv::Output::Stdout
-                } else {
-                    syncctl::gen_csv::Output::File(args.output)
-                },
-                stats_json: args.stats_json,
-            };
-            let stats = tokio::task::spawn_blocking(move || syncctl::gen_csv::run(&config))
-                .await
-                .map_err(|err| CtlError::Io {
-                    action: "generating the CSV".to_owned(),
-                    source: std::io::Error::other(err),
-                })??;
-            let json = serde_json::to_string(&stats).map_err(|source| CtlError::Json {
-                what: "generator statistics".to_owned(),
-                source,
-            })?;
-            eprintln!("{json}");
-        }
+        Command::Setup(args) => setup(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Wait(args) => wait(args).await,
+        Command::Verify(args) => verify(args).await,
+        Command::Show(args) => show(args).await,
+        Command::Prune(args) => prune(args).await,
+        Command::Teardown(args) => teardown(args).await,
+        Command::Replay(args) => replay(args).await,
+        Command::Dlq(DlqCommand::List(args)) => dlq_list(args).await,
+        Command::Dlq(DlqCommand::Redrive(args)) => dlq_redrive(args).await,
+        Command::NatsAccounts(args) => nats_accounts(&args),
+        Command::GenCsv(args) => gen_csv(args).await,
     }
+}
+
+async fn setup(args: SetupArgs) -> Result<ExitCode, CtlError> {
+    let settings = TopologySettings {
+        replicas: args.replicas,
+        dedup_window: args.dedup_window.into(),
+        retention: args.retention.into(),
+        max_stream_bytes: args.max_stream_bytes,
+        integrator_ack_wait: args.ack_wait.into(),
+        ..TopologySettings::default()
+    };
+    let config = syncctl::setup::SetupConfig {
+        nats: args.nats,
+        database_url: (!args.skip_db).then_some(args.database.database_url),
+        settings,
+    };
+    let outcome = syncctl::setup::run(&config).await?;
+    print!("{outcome}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: StatusArgs) -> Result<ExitCode, CtlError> {
+    let config = syncctl::status::StatusConfig {
+        nats: args.nats,
+        database_url: (!args.skip_db).then_some(args.database.database_url),
+    };
+    if args.watch {
+        return watch_status(config, args.interval, args.json).await;
+    }
+    let status = syncctl::status::collect(&config).await?;
+    if args.json {
+        print_json(&status)?;
+    } else {
+        print!("{status}");
+    }
+    Ok(if args.check && !status.reconciled {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait(args: WaitArgs) -> Result<ExitCode, CtlError> {
+    let drained =
+        syncctl::wait::run(&syncctl::wait::WaitConfig::new(args.nats, args.timeout)).await?;
+    println!(
+        "drained: nothing pending or in flight (waited {:.1}s)",
+        drained.waited.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(args: ShowArgs) -> Result<ExitCode, CtlError> {
+    let story = syncctl::show::run(&syncctl::show::ShowConfig {
+        nats: args.nats,
+        database_url: args.database.database_url,
+        customer_id: args.customer_id,
+        crm: args.crm.check(None, 1),
+    })
+    .await?;
+    if args.json {
+        print_json(&story)?;
+    } else {
+        print!("{story}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn prune(args: PruneArgs) -> Result<ExitCode, CtlError> {
+    let report = syncctl::prune::run(&syncctl::prune::PruneConfig {
+        nats: args.nats,
+        older_than: args.older_than,
+    })
+    .await?;
+    print!("{}", syncctl::prune::Printed(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn teardown(args: TeardownArgs) -> Result<ExitCode, CtlError> {
+    if !args.yes {
+        return Err(CtlError::Usage(format!(
+            "teardown deletes every stream and bucket of namespace {:?} with their messages; \
+             add --yes to do it",
+            args.nats.namespace
+        )));
+    }
+    let report = syncctl::teardown::run(&args.nats).await?;
+    print!("{}", syncctl::teardown::Printed(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_list(args: DlqListArgs) -> Result<ExitCode, CtlError> {
+    let rows = syncctl::dlq::list(&syncctl::dlq::ListConfig {
+        database_url: args.database.database_url,
+        limit: args.limit,
+        startup_wait: args.startup_wait,
+    })
+    .await?;
+    if args.json {
+        print_json(&rows)?;
+    } else {
+        print!("{}", syncctl::dlq::Listing(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_redrive(args: DlqRedriveArgs) -> Result<ExitCode, CtlError> {
+    let selection = match args.id {
+        Some(id) => syncctl::dlq::RedriveSelection::Customer(id),
+        None => syncctl::dlq::RedriveSelection::All,
+    };
+    let outcome = syncctl::dlq::redrive(&syncctl::dlq::RedriveConfig {
+        nats: args.nats,
+        database_url: args.database.database_url,
+        selection,
+    })
+    .await?;
+    println!(
+        "redrove {} dead letter(s) onto the ingest subject",
+        outcome.republished
+    );
+    if !outcome.superseded.is_empty() {
+        eprintln!(
+            "left alone: {} dead letter(s) whose customer the CRM already holds at a later \
+             version: {}",
+            outcome.superseded.len(),
+            outcome.superseded.join(", ")
+        );
+    }
+    if !outcome.without_record.is_empty() {
+        eprintln!(
+            "warning: {} dead letter(s) have no stored record and stay: {}",
+            outcome.without_record.len(),
+            outcome.without_record.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nats_accounts(args: &NatsAccountsArgs) -> Result<ExitCode, CtlError> {
+    let names = sync_topology::Names::new(&args.namespace)?;
+    let passwords = sync_topology::auth::Passwords::FromEnvironment;
+    print!(
+        "{}",
+        sync_topology::auth::accounts_config(&names, passwords)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn gen_csv(args: GenCsvArgs) -> Result<ExitCode, CtlError> {
+    let config = syncctl::gen_csv::GenCsvConfig {
+        options: syncctl::gen_csv::GenOptions {
+            rows: args.rows,
+            bad_rate: args.bad_rate,
+            dup_rate: args.dup_rate,
+            change_rate: args.change_rate,
+            seed: args.seed,
+            extra_columns: !args.no_extra_columns,
+        },
+        output: if args.output.as_os_str() == "-" {
+            syncctl::gen_csv::Output::Stdout
+        } else {
+            syncctl::gen_csv::Output::File(args.output)
+        },
+        stats_json: args.stats_json,
+    };
+    let stats = tokio::task::spawn_blocking(move || syncctl::gen_csv::run(&config))
+        .await
+        .map_err(|err| CtlError::Io {
+            action: "generating the CSV".to_owned(),
+            source: std::io::Error::other(err),
+        })??;
+    let json = serde_json::to_string(&stats).map_err(|source| CtlError::Json {
+        what: "generator statistics".to_owned(),
+        source,
+    })?;
+    eprintln!("{json}");
     Ok(ExitCode::SUCCESS)
 }
 

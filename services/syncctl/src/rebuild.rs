@@ -1,10 +1,10 @@
 //! `syncctl replay --results`: rebuilds the PostgreSQL tables from the results stream into an empty
-//! database, with the persister's own code, so the rebuilt tables are exactly what the persister
-//! would have written.
+//! database, with the persister's own writer ([`outcome_writer`]), so the rebuilt tables are exactly
+//! what the persister would have written.
 //!
 //! A fresh durable consumer (`rebuild_{nonce}`, DeliverAll, explicit ack) reads every outcome the
-//! stream still holds; the persister's loop writes them in batches and stops once that consumer is
-//! drained; the consumer is then deleted. The service's own `persister` consumer is not touched.
+//! stream still holds; the writer writes them in batches and stops once that consumer is drained;
+//! the consumer is then deleted. The service's own `persister` consumer is not touched.
 
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ pub struct RebuildConfig {
 pub struct RebuildOutcome {
     pub consumer: String,
     pub schema_version: i32,
-    pub report: persister::RunReport,
+    pub report: outcome_writer::RunReport,
     pub tables: TableCounts,
 }
 
@@ -70,18 +70,11 @@ pub async fn run(
         .await
         .map_err(|e| nats_error(format!("creating consumer {stream_name}/{name}"), e))?;
 
-    let persister_config = persister::PersisterConfig {
-        consumer: name.clone(),
-        stop_when_drained: true,
-        ..persister::PersisterConfig::new(config.nats.clone(), config.database_url.clone())
-    };
-    let written = persister::run(persister_config, shutdown).await;
+    let written = write_outcomes(config, &pipeline, &name, shutdown).await;
     if let Err(err) = stream.delete_consumer(&name).await {
         tracing::warn!(%err, consumer = %name, "could not delete the rebuild consumer; it expires in an hour");
     }
-    let report = written.map_err(|err| CtlError::Rebuild {
-        message: format!("{err:#}"),
-    })?;
+    let report = written?;
     let tables = sync_store::table_counts(&client).await?;
     Ok(RebuildOutcome {
         consumer: name,
@@ -89,4 +82,39 @@ pub async fn run(
         report,
         tables,
     })
+}
+
+/// Writes every outcome of consumer `name` into the database, as the persister would, until the
+/// consumer is drained.
+async fn write_outcomes(
+    config: &RebuildConfig,
+    pipeline: &Pipeline,
+    name: &str,
+    shutdown: CancellationToken,
+) -> Result<outcome_writer::RunReport, CtlError> {
+    let failed = |err: &(dyn std::error::Error + 'static)| CtlError::Rebuild {
+        message: service_kit::one_line(err),
+    };
+    let settings = outcome_writer::Settings {
+        consumer: name.to_owned(),
+        stop_when_drained: true,
+        ..outcome_writer::Settings::default()
+    };
+    let pool = sync_store::connect_pool(&config.database_url, settings.writers.max(1))
+        .map_err(|err| failed(&err))?;
+    let endpoints = outcome_writer::Endpoints {
+        client: pipeline.client.clone(),
+        names: pipeline.names.clone(),
+        nats_shown: config.nats.redacted_url(),
+        pool,
+        database_url: config.database_url.clone(),
+    };
+    let writer = outcome_writer::OutcomeWriter::bind(endpoints, settings)
+        .await
+        .map_err(|err| failed(&err))?;
+    // Nobody asks this run whether it is ready.
+    writer
+        .run(&service_kit::Health::default(), shutdown)
+        .await
+        .map_err(|err| failed(&err))
 }

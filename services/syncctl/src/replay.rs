@@ -18,6 +18,7 @@
 //! here already, with or without `--force`, and counted.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -25,7 +26,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use service_kit::NatsArgs;
 use sync_topology::ids::{self, CopyKind};
 use sync_topology::ledger::{Decision, LedgerEntry, decide};
@@ -112,55 +113,18 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
     let names = &pipeline.names;
     let stream_name = names.ingest_stream();
     let mut stream = pipeline.stream(&stream_name).await?;
-    let state = stream
-        .info()
-        .await
-        .map_err(|e| nats_error(format!("reading stream {stream_name}"), e))?
-        .state
-        .clone();
     let mut outcome = ReplayOutcome {
         forced: config.force,
         ..ReplayOutcome::default()
     };
-    if state.messages == 0 {
+    let Some(range) = Range::of(&config.selection, &mut stream, &stream_name).await? else {
         return Ok(outcome);
-    }
-    // Never read past what was there when we started: our own copies land after it.
-    let end_seq = state.last_sequence;
-    let (deliver_policy, upper_seq, until) = match &config.selection {
-        Selection::Sequences { from, to } => {
-            if *from > end_seq {
-                return Ok(outcome);
-            }
-            let start_sequence = (*from).max(state.first_sequence).max(1);
-            (
-                DeliverPolicy::ByStartSequence { start_sequence },
-                (*to).min(end_seq),
-                None,
-            )
-        }
-        Selection::Times { since, until } => {
-            if state.last_timestamp < nats_time(*since)? {
-                return Ok(outcome);
-            }
-            (
-                DeliverPolicy::ByStartTime {
-                    start_time: nats_time(*since)?,
-                },
-                end_seq,
-                Some(nats_time(*until)?),
-            )
-        }
     };
-    if upper_seq < state.first_sequence {
-        return Ok(outcome);
-    }
-
     let messages = crate::read_stream(
         &pipeline,
         &stream_name,
         names.ingest_subject(),
-        deliver_policy,
+        range.deliver_policy,
         "replay",
     )
     .await?
@@ -173,72 +137,161 @@ pub async fn run(config: &ReplayConfig) -> Result<ReplayOutcome, CtlError> {
         );
     }
     let ledger = open_ledger(&pipeline).await?;
-    let nonce = crate::nonce();
-    let subject = names.ingest_subject();
-    let mut acks = VecDeque::new();
     // Ledger look-ups are round trips: run a window of them ahead, in order, so the replay is not
     // one round trip per message. Look-ups past the end of the range are wasted, never published.
     let checked = messages
-        .map(|next| {
-            let ledger = ledger.clone();
-            let stream_name = stream_name.clone();
-            async move {
-                let message = next.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
-                let (seq, published) = {
-                    let info = message.info().map_err(|e| {
-                        nats_error(format!("reading metadata of a {stream_name} message"), e)
-                    })?;
-                    (info.stream_sequence, info.published)
-                };
-                let decoded =
-                    IngestMessage::decode(message.headers.as_ref(), &message.payload, seq).ok();
-                let superseded = match &decoded {
-                    Some(decoded) => superseded(&ledger, decoded).await?,
-                    None => false,
-                };
-                Ok::<_, CtlError>((message, seq, published, decoded, superseded))
-            }
-        })
+        .map(|next| check(next, ledger.clone(), stream_name.clone()))
         .buffered(LEDGER_LOOKAHEAD);
     tokio::pin!(checked);
+    republish(config, &pipeline, &range, checked, &mut outcome).await?;
+    Ok(outcome)
+}
+
+/// The part of the ingest stream a replay reads.
+#[derive(Debug)]
+struct Range {
+    /// Where its consumer starts.
+    deliver_policy: DeliverPolicy,
+    /// The last sequence it may republish.
+    upper_seq: u64,
+    /// For a time selection: the latest store time it may republish.
+    until: Option<async_nats::datetime::DateTime>,
+}
+
+impl Range {
+    /// The range `selection` names in the stream as it is now; None when the stream holds none of
+    /// it.
+    async fn of(
+        selection: &Selection,
+        stream: &mut jetstream::stream::Stream,
+        stream_name: &str,
+    ) -> Result<Option<Range>, CtlError> {
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| nats_error(format!("reading stream {stream_name}"), e))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        // Never read past what was there when we started: our own copies land after it.
+        let end_seq = state.last_sequence;
+        let range = match selection {
+            Selection::Sequences { from, .. } if *from > end_seq => return Ok(None),
+            Selection::Sequences { from, to } => Range {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: (*from).max(state.first_sequence).max(1),
+                },
+                upper_seq: (*to).min(end_seq),
+                until: None,
+            },
+            Selection::Times { since, until } => {
+                if state.last_timestamp < nats_time(*since)? {
+                    return Ok(None);
+                }
+                Range {
+                    deliver_policy: DeliverPolicy::ByStartTime {
+                        start_time: nats_time(*since)?,
+                    },
+                    upper_seq: end_seq,
+                    until: Some(nats_time(*until)?),
+                }
+            }
+        };
+        Ok((range.upper_seq >= state.first_sequence).then_some(range))
+    }
+}
+
+/// One message read for a replay, decoded, and whether the ledger knows a newer version.
+struct Checked {
+    message: jetstream::Message,
+    seq: u64,
+    published: async_nats::datetime::DateTime,
+    decoded: Option<Decoded>,
+    superseded: bool,
+}
+
+async fn check<E: std::fmt::Display>(
+    next: Result<jetstream::Message, E>,
+    ledger: kv::Store,
+    stream_name: String,
+) -> Result<Checked, CtlError> {
+    let message = next.map_err(|e| nats_error(format!("reading {stream_name}"), e))?;
+    let (seq, published) = {
+        let info = message
+            .info()
+            .map_err(|e| nats_error(format!("reading metadata of a {stream_name} message"), e))?;
+        (info.stream_sequence, info.published)
+    };
+    let decoded = IngestMessage::decode(message.headers.as_ref(), &message.payload, seq).ok();
+    let superseded = match &decoded {
+        Some(decoded) => superseded(&ledger, decoded).await?,
+        None => false,
+    };
+    Ok(Checked {
+        message,
+        seq,
+        published,
+        decoded,
+        superseded,
+    })
+}
+
+/// Republishes the checked messages up to the end of `range` (or until the server stays silent
+/// for the idle timeout), leaving out the superseded; counts into `outcome`.
+async fn republish(
+    config: &ReplayConfig,
+    pipeline: &Pipeline,
+    range: &Range,
+    mut checked: Pin<&mut impl Stream<Item = Result<Checked, CtlError>>>,
+    outcome: &mut ReplayOutcome,
+) -> Result<(), CtlError> {
+    let stream_name = pipeline.names.ingest_stream();
+    let subject = pipeline.names.ingest_subject();
+    let nonce = crate::nonce();
+    let mut acks = VecDeque::new();
     loop {
         let next = match tokio::time::timeout(config.idle_timeout, checked.next()).await {
             Ok(Some(next)) => next,
             // Silence: the rest of the range was deleted; nothing more to read.
             Ok(None) | Err(_) => break,
         };
-        let (message, seq, published, decoded, superseded) = next?;
-        if seq > upper_seq || until.is_some_and(|until| published > until) {
+        let Checked {
+            message,
+            seq,
+            published,
+            decoded,
+            superseded,
+        } = next?;
+        if seq > range.upper_seq || range.until.is_some_and(|until| published > until) {
             break;
         }
         if superseded {
             outcome.skipped_superseded += 1;
-            if seq >= upper_seq {
-                break;
+        } else {
+            let (headers, body) = copy_of(&message, seq, decoded.as_ref(), config.force, &nonce)?;
+            let ack = pipeline
+                .js
+                .publish_with_headers(subject.clone(), headers, body)
+                .await
+                .map_err(|e| nats_error(format!("republishing {stream_name} message {seq}"), e))?;
+            acks.push_back((seq, ack));
+            if acks.len() >= ACK_WINDOW {
+                await_ack(&mut acks, &stream_name).await?;
             }
-            continue;
+            outcome.first_seq.get_or_insert(seq);
+            outcome.last_seq = Some(seq);
+            outcome.republished += 1;
         }
-        let (headers, body) = copy_of(&message, seq, decoded.as_ref(), config.force, &nonce)?;
-        let ack = pipeline
-            .js
-            .publish_with_headers(subject.clone(), headers, body)
-            .await
-            .map_err(|e| nats_error(format!("republishing {stream_name} message {seq}"), e))?;
-        acks.push_back((seq, ack));
-        if acks.len() >= ACK_WINDOW {
-            await_ack(&mut acks, &stream_name).await?;
-        }
-        outcome.first_seq.get_or_insert(seq);
-        outcome.last_seq = Some(seq);
-        outcome.republished += 1;
-        if seq >= upper_seq {
+        if seq >= range.upper_seq {
             break;
         }
     }
     while !acks.is_empty() {
         await_ack(&mut acks, &stream_name).await?;
     }
-    Ok(outcome)
+    Ok(())
 }
 
 /// The copy of one stored ingest message: the same version, marked as a copy. A message that is

@@ -127,10 +127,7 @@ async fn ingest_versions(pipeline: &Pipeline, id: &str) -> Result<Vec<SeenVersio
         }
         versions.push(SeenVersion {
             ingest_seq: stored.seq,
-            stored_at: stored
-                .stored_at
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok(),
+            stored_at: stored.stored_at.map(crate::rfc3339),
             version: decoded.message.version,
             content_hash: decoded.hash.to_string(),
             source_file: decoded.message.source_file,
@@ -328,6 +325,14 @@ impl fmt::Display for Story {
             "customer {} (ledger key {})",
             self.customer_id, self.ledger_key
         )?;
+        self.write_versions(f)?;
+        self.write_ledger(f)?;
+        self.write_tables_and_crm(f)
+    }
+}
+
+impl Story {
+    fn write_versions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "\ningest stream: {} version(s)", self.versions.len())?;
         if !self.versions.is_empty() {
             let rows = self
@@ -362,6 +367,10 @@ impl fmt::Display for Story {
                 )
             )?;
         }
+        Ok(())
+    }
+
+    fn write_ledger(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.ledger {
             Some(entry) => {
                 writeln!(f, "\nledger:")?;
@@ -394,6 +403,10 @@ impl fmt::Display for Story {
             }
             None => writeln!(f, "\nledger: no entry")?,
         }
+        Ok(())
+    }
+
+    fn write_tables_and_crm(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.customers_row {
             Some(row) => writeln!(
                 f,

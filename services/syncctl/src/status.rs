@@ -601,13 +601,10 @@ async fn stream_status(pipeline: &Pipeline, name: &str) -> Result<StreamStatus, 
         .await
         .map_err(|e| nats_error(format!("reading stream {name}"), e))?;
     let empty = info.state.messages == 0;
-    let rfc3339 = |time: time::OffsetDateTime| {
-        // An empty stream reports the zero time: show nothing instead.
+    // An empty stream reports the zero time: show nothing instead.
+    let rfc3339 = |time| {
         (!empty)
-            .then(|| {
-                time.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
+            .then(|| crate::utc(time).map(crate::rfc3339))
             .flatten()
     };
     Ok(StreamStatus {
@@ -694,59 +691,60 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "namespace {}", self.namespace)?;
         writeln!(f)?;
-        let streams = self
-            .streams
-            .iter()
-            .map(|s| {
-                vec![
-                    s.name.clone(),
-                    s.messages.to_string(),
-                    s.bytes.to_string(),
-                    s.first_seq.to_string(),
-                    s.last_seq.to_string(),
-                ]
-            })
-            .collect();
-        writeln!(
-            f,
-            "{}",
-            crate::table(
-                &["STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"],
-                &[1, 2, 3, 4],
-                streams
-            )
-        )?;
-        writeln!(f)?;
-        let consumers = self
-            .consumers
-            .iter()
-            .map(|c| {
-                vec![
-                    format!("{}/{}", c.stream, c.name),
-                    c.num_pending.to_string(),
-                    c.num_ack_pending.to_string(),
-                    c.num_redelivered.to_string(),
-                    c.ack_floor_stream_seq.to_string(),
-                ]
-            })
-            .collect();
-        writeln!(
-            f,
-            "{}",
-            crate::table(
-                &[
-                    "CONSUMER",
-                    "PENDING",
-                    "IN FLIGHT",
-                    "REDELIVERED",
-                    "ACK FLOOR"
-                ],
-                &[1, 2, 3, 4],
-                consumers
-            )
-        )?;
-        writeln!(f)?;
+        write_streams(f, &self.streams)?;
+        write_consumers(f, &self.consumers)?;
         write_replicas(f, &self.replicas)?;
+        self.write_counts(f)?;
+        writeln!(f)?;
+        self.write_reconciliation(f)
+    }
+}
+
+fn write_streams(f: &mut fmt::Formatter<'_>, streams: &[StreamStatus]) -> fmt::Result {
+    let rows = streams
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.messages.to_string(),
+                s.bytes.to_string(),
+                s.first_seq.to_string(),
+                s.last_seq.to_string(),
+            ]
+        })
+        .collect();
+    let headers = ["STREAM", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ"];
+    writeln!(f, "{}", crate::table(&headers, &[1, 2, 3, 4], rows))?;
+    writeln!(f)
+}
+
+fn write_consumers(f: &mut fmt::Formatter<'_>, consumers: &[ConsumerStatus]) -> fmt::Result {
+    let rows = consumers
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{}/{}", c.stream, c.name),
+                c.num_pending.to_string(),
+                c.num_ack_pending.to_string(),
+                c.num_redelivered.to_string(),
+                c.ack_floor_stream_seq.to_string(),
+            ]
+        })
+        .collect();
+    let headers = [
+        "CONSUMER",
+        "PENDING",
+        "IN FLIGHT",
+        "REDELIVERED",
+        "ACK FLOOR",
+    ];
+    writeln!(f, "{}", crate::table(&headers, &[1, 2, 3, 4], rows))?;
+    writeln!(f)
+}
+
+impl Status {
+    /// Outcomes, the CRM pause, the reader's checkpoints and the tables, one line each.
+    fn write_counts(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.outcomes;
         writeln!(
             f,
@@ -775,10 +773,12 @@ impl fmt::Display for Status {
                 f,
                 "database: customers {}  rejected_rows {}  dead_letters {}  (schema version {version})",
                 t.customers, t.rejected_rows, t.dead_letters
-            )?,
-            _ => writeln!(f, "database: skipped")?,
+            ),
+            _ => writeln!(f, "database: skipped"),
         }
-        writeln!(f)?;
+    }
+
+    fn write_reconciliation(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "reconciliation:")?;
         let checks = self
             .equations
@@ -792,11 +792,8 @@ impl fmt::Display for Status {
                 vec![e.name.to_owned(), verdict, e.statement.clone()]
             })
             .collect();
-        writeln!(
-            f,
-            "{}",
-            crate::table(&["CHECK", "VERDICT", "STATEMENT"], &[], checks)
-        )?;
+        let headers = ["CHECK", "VERDICT", "STATEMENT"];
+        writeln!(f, "{}", crate::table(&headers, &[], checks))?;
         for warning in &self.warnings {
             writeln!(f, "WARNING: {warning}")?;
         }

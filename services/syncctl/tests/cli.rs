@@ -169,3 +169,55 @@ async fn gen_csv_statistics_match_the_file() -> anyhow::Result<()> {
     assert_eq!(bad_rate.status.code(), Some(2));
     Ok(())
 }
+
+#[tokio::test]
+async fn status_check_fails_unless_reconciled_and_teardown_removes_the_namespace()
+-> anyhow::Result<()> {
+    let nats_url = e2e::nats_url()?;
+    let namespace = e2e::unique_namespace();
+    let env = [("NATS_URL", nats_url.as_str())];
+    let run = |args: Vec<&'static str>| {
+        let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        args.extend(["--namespace".to_owned(), namespace.clone()]);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            syncctl(&args, &env).await
+        }
+    };
+    let setup = run(vec!["setup", "--skip-db"]).await?;
+    assert!(setup.status.success(), "{}", text(&setup.stderr));
+    let check = run(vec!["status", "--skip-db", "--check"]).await?;
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stdout));
+
+    // An outcome no ingest message accounts for: the ingest equation is off by one.
+    let names = sync_topology::Names::new(&namespace)?;
+    let client = e2e::connect_nats(&nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    js.publish(names.synced_subject(), "{}".into())
+        .await?
+        .await?;
+    let off = run(vec!["status", "--skip-db", "--check"]).await?;
+    assert_eq!(off.status.code(), Some(1), "{}", text(&off.stdout));
+    assert!(
+        text(&off.stdout).contains("NOT RECONCILED"),
+        "{}",
+        text(&off.stdout)
+    );
+    let informative = run(vec!["status", "--skip-db"]).await?;
+    assert_eq!(informative.status.code(), Some(0));
+
+    let refused = run(vec!["teardown"]).await?;
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    let teardown = run(vec!["teardown", "--yes"]).await?;
+    assert!(teardown.status.success(), "{}", text(&teardown.stderr));
+    let printed = text(&teardown.stdout);
+    assert_eq!(printed.matches("deleted ").count(), 5, "{printed}");
+    for stream in sync_topology::namespace_streams(&names) {
+        assert!(printed.contains(&stream), "{stream} missing from {printed}");
+    }
+    let again = run(vec!["teardown", "--yes"]).await?;
+    assert_eq!(text(&again.stdout).matches("absent ").count(), 5);
+    let gone = run(vec!["status", "--skip-db"]).await?;
+    assert_eq!(gone.status.code(), Some(1), "{}", text(&gone.stderr));
+    Ok(())
+}

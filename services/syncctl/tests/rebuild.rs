@@ -59,6 +59,30 @@ async fn dump(db: &TestDatabase) -> anyhow::Result<Vec<String>> {
     Ok(rows)
 }
 
+/// What the persister does with the outcomes published so far: its writer, on its consumer, until
+/// that consumer is drained.
+async fn persist(pipeline: &Pipeline, nats: &NatsArgs, database_url: &str) -> anyhow::Result<()> {
+    let settings = outcome_writer::Settings {
+        stop_when_drained: true,
+        ..outcome_writer::Settings::default()
+    };
+    let endpoints = outcome_writer::Endpoints {
+        client: pipeline.client.clone(),
+        names: pipeline.names.clone(),
+        nats_shown: nats.redacted_url(),
+        pool: sync_store::connect_pool(database_url, settings.writers)?,
+        database_url: database_url.to_owned(),
+    };
+    outcome_writer::OutcomeWriter::bind(endpoints, settings)
+        .await?
+        .run(
+            &service_kit::Health::default(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow::Result<()> {
     let live = TestDatabase::create().await?;
@@ -137,14 +161,7 @@ async fn results_replay_into_an_empty_database_reproduces_the_tables() -> anyhow
     )
     .await?;
 
-    persister::run(
-        persister::PersisterConfig {
-            stop_when_drained: true,
-            ..persister::PersisterConfig::new(nats.clone(), live.url.clone())
-        },
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await?;
+    persist(&pipeline, &nats, &live.url).await?;
     let expected = dump(&live).await?;
     assert_eq!(expected.len(), 4, "{expected:#?}");
     assert!(expected[1].contains("new@x.io"), "{expected:#?}");

@@ -1,10 +1,9 @@
-//! `publish-bench`: the tools behind deploy/local/bench.d/csv-reader.sh. `gen` writes a customer
-//! CSV with csv-gen, `setup`/`teardown` create and delete a namespace's topology, and `raw`
-//! measures the plain JetStream publish rate for messages shaped like the reader's, so the reader's
-//! rate can be set beside what the same server allows.
+//! `publish-bench raw`: the reference run of deploy/local/bench.d/csv-reader.sh. It measures the
+//! plain JetStream publish rate for messages shaped like the reader's, so the reader's rate can be
+//! set beside what the same server allows. (The script makes its CSV and its namespaces with
+//! `syncctl gen-csv`, `setup` and `teardown`.)
 
 use std::future::IntoFuture as _;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -14,7 +13,7 @@ use csv_reader::message::{MessageContext, customer_message};
 use customer_record::ColumnLayout;
 use futures::{StreamExt, stream::FuturesOrdered};
 use serde::Serialize;
-use sync_topology::{Names, TopologySettings, ensure_topology};
+use sync_topology::{Names, TopologySettings};
 
 #[derive(Debug, Parser)]
 #[command(name = "publish-bench")]
@@ -32,31 +31,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write a generated customer CSV and print its statistics as JSON.
-    Gen {
-        #[arg(long)]
-        rows: u64,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 0.01)]
-        bad_rate: f64,
-        #[arg(long, default_value_t = 0.01)]
-        dup_rate: f64,
-        #[arg(long, default_value_t = 0.01)]
-        change_rate: f64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
-    /// Create the namespace's streams and buckets (as `syncctl setup` does).
-    Setup {
-        #[arg(long)]
-        namespace: String,
-    },
-    /// Delete the namespace's streams and buckets.
-    Teardown {
-        #[arg(long)]
-        namespace: String,
-    },
     /// Publish `count` reader-shaped messages with distinct dedup ids to a fresh stream, pipelined
     /// `window` deep, and print the rate as JSON. The stream is deleted afterwards.
     Raw {
@@ -84,38 +58,6 @@ struct RawResult {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Gen {
-            rows,
-            out,
-            bad_rate,
-            dup_rate,
-            change_rate,
-            seed,
-        } => {
-            let file = std::fs::File::create(&out)
-                .with_context(|| format!("creating {}", out.display()))?;
-            let options = csv_gen::GenOptions {
-                rows,
-                bad_rate,
-                dup_rate,
-                change_rate,
-                seed,
-                extra_columns: true,
-            };
-            let stats = csv_gen::generate(&options, file)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("{}", serde_json::to_string(&stats)?);
-        }
-        Command::Setup { namespace } => {
-            let js = context(&cli.nats_url).await?;
-            let names = Names::new(&namespace)?;
-            ensure_topology(&js, &names, &TopologySettings::default()).await?;
-        }
-        Command::Teardown { namespace } => {
-            let js = context(&cli.nats_url).await?;
-            let names = Names::new(&namespace)?;
-            sync_topology::teardown(&js, &names).await?;
-        }
         Command::Raw {
             count,
             window,
@@ -126,11 +68,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn context(nats_url: &str) -> anyhow::Result<jetstream::Context> {
-    let client = sync_topology::connect(nats_url, None, "publish-bench").await?;
-    Ok(jetstream::new(client))
 }
 
 /// Publishes real reader messages (built from generated rows by the reader's own code) but skips

@@ -25,7 +25,10 @@ impl Mock {
             ..config
         };
         let shutdown = CancellationToken::new();
-        let token = config.token.clone();
+        let token = config
+            .token
+            .as_ref()
+            .map(|token| secrecy::ExposeSecret::expose_secret(token).to_owned());
         let running = crm_mock::start(config, shutdown.clone()).await?;
         let http = client(Duration::from_secs(10))?;
         Ok(Mock {

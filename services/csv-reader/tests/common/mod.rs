@@ -46,10 +46,13 @@ impl Pipeline {
     }
 
     pub fn config(&self, input: &Path) -> ReaderConfig {
-        ReaderConfig::new(
+        let mut config = ReaderConfig::new(
             input,
             NatsArgs::new(self.nats_url.clone(), self.names.namespace()),
-        )
+        );
+        // Tests look at summaries, not at progress lines.
+        config.settings.progress = csv_reader::progress::ProgressMode::Off;
+        config
     }
 
     /// The csv-reader binary on `input`, pointed at this namespace.
