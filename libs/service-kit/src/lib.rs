@@ -30,9 +30,6 @@ pub use startup::{connect_nats, host_port, parse_duration, retry_until_up};
 /// Default of `--startup-wait`: long enough for a stack whose servers start in any order.
 pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(300);
 
-/// Default of `--nats-url`: a server on this machine.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-
 /// Flags every NATS-connected binary shares. Secret-bearing values are never shown by `--help`
 /// (clap would print the environment's values) nor by `Debug`.
 #[derive(Clone, clap::Args)]
@@ -41,7 +38,7 @@ pub struct NatsArgs {
     #[arg(
         long,
         env = "NATS_URL",
-        default_value = DEFAULT_NATS_URL,
+        default_value = "nats://127.0.0.1:4222",
         hide_env_values = true
     )]
     pub nats_url: String,
@@ -67,7 +64,7 @@ pub struct NatsArgs {
     #[arg(long, env = "NATS_TLS_KEY")]
     pub nats_tls_key: Option<PathBuf>,
     /// Prefix of every subject, stream, consumer and bucket name.
-    #[arg(long, env = "SYNC_NAMESPACE", default_value = sync_topology::Names::DEFAULT_NAMESPACE)]
+    #[arg(long, env = "SYNC_NAMESPACE", default_value = "customers")]
     pub namespace: String,
     /// How long to keep trying NATS (and PostgreSQL, where used) at start-up before giving up, so
     /// services started before their servers wait for them: `5m`, `90s`, or seconds; 0 tries once.
@@ -116,13 +113,6 @@ impl NatsArgs {
     /// The server list with credentials hidden, for log lines and messages.
     pub fn redacted_url(&self) -> String {
         sync_topology::redact(&self.nats_url)
-    }
-}
-
-/// What the flags default to, without reading the environment: for a service's typed settings.
-impl Default for NatsArgs {
-    fn default() -> Self {
-        NatsArgs::new(DEFAULT_NATS_URL, sync_topology::Names::DEFAULT_NAMESPACE)
     }
 }
 

@@ -1,5 +1,6 @@
-//! The `crm-integrator` command line (flags and environment), turned into [`Settings`]. Every
-//! default shown here is read from `Settings::default()`, never written twice.
+//! The `crm-integrator` command line (flags and environment), turned into an
+//! [`IntegratorConfig`]. Every default shown here is read from `Settings::default()`, never
+//! written twice.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -10,7 +11,7 @@ use secrecy::SecretString;
 use service_kit::NatsArgs;
 
 use crate::policy::BreakerSettings;
-use crate::settings::{CrmUrl, Settings};
+use crate::settings::{CrmUrl, IntegratorConfig, Settings};
 
 /// The defaults the flags show and fall back to.
 fn defaults() -> Settings {
@@ -128,11 +129,10 @@ fn either(flag: humantime::Duration, millis: Option<u64>) -> Duration {
     millis.map_or_else(|| flag.into(), Duration::from_millis)
 }
 
-impl From<Args> for Settings {
+impl From<Args> for IntegratorConfig {
     fn from(args: Args) -> Self {
         let ms = args.millis;
-        Settings {
-            nats: args.nats,
+        let settings = Settings {
             crm_url: CrmUrl(args.crm_url),
             crm_token: args.crm_token,
             allow_insecure_crm: args.allow_insecure_crm,
@@ -153,6 +153,10 @@ impl From<Args> for Settings {
                 cooldown: either(args.breaker_cooldown, ms.breaker_cooldown_ms),
             },
             max_pause: either(args.max_pause, ms.max_pause_ms),
+        };
+        IntegratorConfig {
+            nats: args.nats,
+            settings,
         }
     }
 }
@@ -165,7 +169,7 @@ mod tests {
 
     fn parse(flags: &[&str]) -> Result<Settings, clap::Error> {
         let line = std::iter::once("crm-integrator").chain(flags.iter().copied());
-        Args::try_parse_from(line).map(Settings::from)
+        Args::try_parse_from(line).map(|args| IntegratorConfig::from(args).settings)
     }
 
     #[test]
@@ -177,12 +181,7 @@ mod tests {
         assert_eq!(settings.max_deliver, 10);
         assert_eq!(settings.concurrency, None);
         assert_eq!(settings.validate(), Ok(()));
-        // What --help shows is what the flags fall back to: Settings::default(), whole (but for
-        // NATS, whose variables the test environment sets).
-        let settings = Settings {
-            nats: NatsArgs::default(),
-            ..settings
-        };
+        // What --help shows is what the flags fall back to: Settings::default(), whole.
         assert_eq!(
             format!("{settings:?}"),
             format!("{:?}", Settings::default())

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::FleetPause;
 use crate::flow::{Gate, Limiter, Slots, message_capacity};
 use crate::ledger::LedgerStore;
-use crate::settings::Settings;
+use crate::settings::{IntegratorConfig, Settings};
 use crate::telemetry;
 use crm_client::CrmClient;
 
@@ -87,16 +87,17 @@ pub struct StoppedWhileWaiting;
 /// Connects to NATS (waiting up to `--startup-wait`) and builds one replica's state from its
 /// settings.
 pub(crate) async fn connect(
-    settings: &Settings,
+    config: &IntegratorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Connected> {
+    let settings = &config.settings;
     settings
         .validate()
         .context("invalid crm-integrator configuration")?;
-    let names = Names::new(&settings.nats.namespace)?;
+    let names = Names::new(&config.nats.namespace)?;
     // Before NATS: a CRM URL the client refuses (a token in clear text) is a configuration error.
     let crm = crm_client(settings)?;
-    let client = service_kit::connect_nats(&settings.nats, "crm-integrator", &shutdown)
+    let client = service_kit::connect_nats(&config.nats, "crm-integrator", &shutdown)
         .await?
         .ok_or(StoppedWhileWaiting)?;
     let js = jetstream::new(client.clone());

@@ -41,7 +41,7 @@ pub use flow::{Gate, Limiter};
 pub use integrator::{Integrator, StoppedWhileWaiting};
 pub use policy::{BreakerSettings, PauseRequest, Signal};
 pub use process::{ProcessError, Settled, process_message};
-pub use settings::{CrmUrl, Settings, SettingsError};
+pub use settings::{CrmUrl, IntegratorConfig, Settings, SettingsError};
 
 /// Wall-clock time in Unix milliseconds, as the ledger and pause notices write it.
 pub(crate) fn now_ms() -> i64 {
@@ -51,10 +51,10 @@ pub(crate) fn now_ms() -> i64 {
 /// Connects to NATS and the CRM and builds the shared state of one replica, without consuming.
 /// Tests use it to call [`process_message`] directly.
 pub async fn connect(
-    settings: &Settings,
+    config: &IntegratorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Integrator>> {
-    let connected = integrator::connect(settings, shutdown).await?;
+    let connected = integrator::connect(config, shutdown).await?;
     Ok(connected.integrator)
 }
 
@@ -76,29 +76,33 @@ impl RunningIntegrator {
 /// Connects (waiting up to `--startup-wait` for NATS), serves metrics and health, and consumes in
 /// the background until `shutdown`.
 pub async fn start(
-    settings: Settings,
+    config: IntegratorConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningIntegrator> {
     let health = Health::default();
     // Serving first: while the replica waits for NATS, `/readyz` says what it waits for.
-    let metrics_addr =
-        service_kit::serve_metrics(settings.metrics_addr, health.clone(), shutdown.clone()).await?;
+    let metrics_addr = service_kit::serve_metrics(
+        config.settings.metrics_addr,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let Connected {
         integrator,
         consumer,
         client,
         control,
-    } = integrator::connect(&settings, shutdown.clone()).await?;
+    } = integrator::connect(&config, shutdown.clone()).await?;
     tracing::info!(
         replica = %integrator.replica(),
         %metrics_addr,
         limiter = if integrator.limiter().is_adaptive() { "adaptive" } else { "fixed" },
-        settings = ?settings,
+        config = ?config,
         "crm-integrator consuming"
     );
     service_kit::watch_nats(
         client,
-        &settings.nats.nats_url,
+        &config.nats.nats_url,
         health.clone(),
         shutdown.clone(),
     );
@@ -115,7 +119,7 @@ pub async fn start(
     let consuming = tokio::spawn(consume::consume(
         integrator.clone(),
         consumer,
-        settings.fetch_batch,
+        config.settings.fetch_batch,
         health,
         shutdown,
     ));
@@ -133,8 +137,8 @@ pub async fn start(
 }
 
 /// What `main` runs: [`start`], then wait for the drain after `shutdown`, and log the totals.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let running = match start(settings, shutdown).await {
+pub async fn run(config: IntegratorConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let running = match start(config, shutdown).await {
         Ok(running) => running,
         Err(err) if err.is::<StoppedWhileWaiting>() => {
             tracing::info!("{err}");

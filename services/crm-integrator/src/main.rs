@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crm_integrator::{Args, Settings, SettingsError};
+use crm_integrator::{Args, IntegratorConfig, SettingsError};
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]
@@ -15,12 +15,12 @@ const PROGRAM: &str = "crm-integrator";
 #[tokio::main]
 async fn main() -> ExitCode {
     service_kit::init_telemetry();
-    let settings = Settings::from(service_kit::parse_args::<Args>(PROGRAM));
-    if let Err(err) = settings.validate() {
+    let config = IntegratorConfig::from(service_kit::parse_args::<Args>(PROGRAM));
+    if let Err(err) = config.settings.validate() {
         return service_kit::report_failure(PROGRAM, &err, service_kit::EXIT_USAGE);
     }
     let shutdown = service_kit::shutdown_on_signals();
-    match crm_integrator::run(settings, shutdown).await {
+    match crm_integrator::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let usage = err.chain().any(|cause| {

@@ -1,5 +1,6 @@
-//! The integrator's settings as one typed value. Its `Default` is the one place every default is
-//! written: the flags (`args.rs`) show and fall back to it, and tests start from it.
+//! What a replica is told: the typed [`Settings`], whose `Default` is the one place every default
+//! is written (the flags in `args.rs` show and fall back to it, and tests start from it), and
+//! [`IntegratorConfig`], the settings with how to reach NATS.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,10 +15,32 @@ use sync_topology::messages::DEFAULT_MAX_PAUSE_MS;
 
 use crate::policy::BreakerSettings;
 
-/// Everything one replica is told: where NATS and the CRM are, and how hard to push the CRM.
+/// How to reach NATS, and the rest.
+#[derive(Debug, Clone)]
+pub struct IntegratorConfig {
+    pub nats: NatsArgs,
+    pub settings: Settings,
+}
+
+impl IntegratorConfig {
+    /// The default settings with the CRM at `crm_url` and an ephemeral metrics port: for tests
+    /// and other in-process runs.
+    pub fn new(nats: NatsArgs, crm_url: Url) -> Self {
+        IntegratorConfig {
+            nats,
+            settings: Settings {
+                crm_url: CrmUrl(crm_url),
+                metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Settings::default()
+            },
+        }
+    }
+}
+
+/// Everything a replica is told besides how to reach NATS: where the CRM is, and how hard to
+/// push it.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub nats: NatsArgs,
     /// Base URL of the CRM API.
     pub crm_url: CrmUrl,
     /// Bearer token for the CRM API.
@@ -53,7 +76,6 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            nats: NatsArgs::default(),
             crm_url: CrmUrl::from_literal("http://127.0.0.1:8080"),
             crm_token: None,
             allow_insecure_crm: false,
@@ -79,17 +101,6 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// Settings for tests and in-process callers: the defaults, but for where to find NATS and
-    /// the CRM, and an ephemeral metrics port.
-    pub fn new(nats_url: &str, namespace: &str, crm_url: Url) -> Self {
-        Settings {
-            nats: NatsArgs::new(nats_url, namespace),
-            crm_url: CrmUrl(crm_url),
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..Settings::default()
-        }
-    }
-
     /// The longest request deadline in force: a zero one would give up every request at once.
     pub(crate) fn longest_deadline(&self) -> Duration {
         self.request_timeout.max(Duration::from_millis(1))

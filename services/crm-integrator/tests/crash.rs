@@ -59,10 +59,10 @@ async fn a_replica_killed_mid_send_loses_nothing_and_duplicates_nothing() -> any
     doomed.kill().await?;
     let in_flight_at_kill = mock.stats().concurrency_current;
 
-    let mut settings = pipeline.settings(&mock.url)?;
-    settings.request_timeout = Duration::from_secs(4);
-    settings.concurrency = Some(16);
-    let survivor = crm_integrator::start(settings, shutdown.clone()).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    config.settings.request_timeout = Duration::from_secs(4);
+    config.settings.concurrency = Some(16);
+    let survivor = crm_integrator::start(config, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(records.len(), Duration::from_secs(90))
         .await?;

@@ -29,7 +29,7 @@ async fn every_customer_reaches_a_faulty_crm_exactly_once() -> anyhow::Result<()
     let records = customers("f", 150);
     pipeline.publish_all(&records).await?;
 
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(records.len(), Duration::from_secs(120))
         .await?;
@@ -77,13 +77,13 @@ async fn a_thousand_records_drain_through_random_5xx_429s_and_hangs() -> anyhow:
     let records = customers("m", 1_000);
     pipeline.publish_all(&records).await?;
 
-    let mut settings = pipeline.settings(&mock.url)?;
+    let mut config = pipeline.config(&mock.url)?;
     // The production deadlines: a hang is cut by what the CRM's answer times teach, not by a
     // short test setting.
-    settings.request_timeout = Duration::from_secs(10);
-    settings.min_request_timeout = Duration::from_secs(1);
+    config.settings.request_timeout = Duration::from_secs(10);
+    config.settings.min_request_timeout = Duration::from_secs(1);
     let started = std::time::Instant::now();
-    let running = crm_integrator::start(settings, shutdown.clone()).await?;
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(records.len(), Duration::from_secs(120))
         .await?;
@@ -124,7 +124,7 @@ async fn a_changed_customer_becomes_one_update() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
 
     let first = customer("c1", "Ada");
     pipeline.publish(&first, 2).await?;
@@ -156,7 +156,7 @@ async fn a_refused_record_is_dead_lettered_with_the_crm_answer() -> anyhow::Resu
     let shutdown = CancellationToken::new();
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
 
     // The reader would reject this row; the CRM is the last line and answers 422.
     let mut refused = customer("bad1", "Bob");
@@ -201,7 +201,7 @@ async fn lookups_before_resending_keep_a_crm_without_idempotency_duplicate_free(
     let pipeline = Pipeline::new().await?;
     let records = customers("n", 80);
     pipeline.publish_all(&records).await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(records.len(), Duration::from_secs(90))
         .await?;

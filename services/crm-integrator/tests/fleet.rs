@@ -29,11 +29,11 @@ async fn three_replicas_share_the_work() -> anyhow::Result<()> {
     pipeline.publish_all(&records).await?;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        let mut settings = pipeline.settings(&mock.url)?;
+        let mut config = pipeline.config(&mock.url)?;
         // Small fixed windows so no replica can take the whole stream in one pull.
-        settings.concurrency = Some(4);
-        settings.fetch_batch = 4;
-        replicas.push(crm_integrator::start(settings, shutdown.clone()).await?);
+        config.settings.concurrency = Some(4);
+        config.settings.fetch_batch = 4;
+        replicas.push(crm_integrator::start(config, shutdown.clone()).await?);
     }
     let outcomes = pipeline
         .wait_for_outcomes(records.len(), Duration::from_secs(60))
@@ -76,7 +76,7 @@ async fn versions_processed_out_of_order_leave_the_newest_in_the_crm() -> anyhow
 
     // Take the three deliveries by hand and settle them newest first, as racing replicas might.
     let integrator =
-        crm_integrator::connect(&pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+        crm_integrator::connect(&pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let mut messages = common::take(&pipeline, 3).await?;
     let newest = messages.pop().expect("three messages");
     assert_eq!(
@@ -97,9 +97,9 @@ async fn versions_processed_out_of_order_leave_the_newest_in_the_crm() -> anyhow
     // And with replicas racing on many versions of a few customers, the newest still wins.
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        let mut settings = pipeline.settings(&mock.url)?;
-        settings.concurrency = Some(8);
-        replicas.push(crm_integrator::start(settings, shutdown.clone()).await?);
+        let mut config = pipeline.config(&mock.url)?;
+        config.settings.concurrency = Some(8);
+        replicas.push(crm_integrator::start(config, shutdown.clone()).await?);
     }
     let mut newest = Vec::new();
     for round in 0..8 {
@@ -139,7 +139,7 @@ async fn a_replayed_copy_of_an_old_version_never_passes_for_the_newest() -> anyh
     let old = customer("p1", "Old");
     let new = customer("p1", "New");
     let seqs = pipeline.publish_all(&[old.clone(), new.clone()]).await?;
-    let replica = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let replica = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     pipeline
         .wait_for_outcomes(2, Duration::from_secs(30))
         .await?;
@@ -192,7 +192,7 @@ async fn a_pause_asked_of_one_replica_holds_the_others() -> anyhow::Result<()> {
     let control = pipeline.control().await?;
 
     let a_stop = CancellationToken::new();
-    let a = crm_integrator::start(pipeline.settings(&limiting.url)?, a_stop.clone()).await?;
+    let a = crm_integrator::start(pipeline.config(&limiting.url)?, a_stop.clone()).await?;
     let first = customers("first", 30);
     pipeline.publish_all(&first).await?;
     let notice: PauseNotice =
@@ -208,7 +208,7 @@ async fn a_pause_asked_of_one_replica_holds_the_others() -> anyhow::Result<()> {
     a_stop.cancel();
     a.wait().await?;
 
-    let b = crm_integrator::start(pipeline.settings(&healthy.url)?, shutdown.clone()).await?;
+    let b = crm_integrator::start(pipeline.config(&healthy.url)?, shutdown.clone()).await?;
     for i in 1..=5 {
         pipeline
             .publish(&customer(&format!("p{i}"), "Next"), i + 40)

@@ -26,7 +26,7 @@ async fn a_forced_resend_writes_only_what_the_crm_lost() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let record = customer("forced", "Ada");
     pipeline.publish(&record, 2).await?;
     pipeline.wait_for_outcomes(1, PATIENCE).await?;
@@ -68,7 +68,7 @@ async fn an_ingest_version_from_the_future_is_never_sent() -> anyhow::Result<()>
     let shutdown = CancellationToken::new();
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let hour_ahead = u64::try_from(now_ms())? + 3_600_000;
     let forged = IngestMessage::from_row(
         customer("pinned", "Forged"),
@@ -111,9 +111,9 @@ async fn a_pause_notice_of_any_length_holds_no_longer_than_the_cap() -> anyhow::
         .await?
         .put(PAUSE_KEY, serde_json::to_vec(&notice)?.into())
         .await?;
-    let mut settings = pipeline.settings(&mock.url)?;
-    settings.max_pause = Duration::from_millis(1_500);
-    let running = crm_integrator::start(settings, shutdown.clone()).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    config.settings.max_pause = Duration::from_millis(1_500);
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
     let held = running.integrator.gate().paused_for();
     assert!(
         held.is_some_and(|h| h <= Duration::from_millis(1_500)),

@@ -24,12 +24,12 @@ async fn an_unreachable_crm_makes_a_replica_not_ready_until_it_answers() -> anyh
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::new().await?;
     let port = e2e::free_port()?;
-    let mut settings = pipeline.settings(&format!("http://127.0.0.1:{port}"))?;
-    settings.breaker.min_requests = 5;
+    let mut config = pipeline.config(&format!("http://127.0.0.1:{port}"))?;
+    config.settings.breaker.min_requests = 5;
     let records = customers("r", 20);
     pipeline.publish_all(&records).await?;
 
-    let running = crm_integrator::start(settings, shutdown.clone()).await?;
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
     let url = format!("http://{}/readyz", running.metrics_addr);
     let http = reqwest::Client::new();
     let (_, reason) = e2e::wait_for(

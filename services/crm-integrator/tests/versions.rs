@@ -37,7 +37,7 @@ async fn a_later_line_stored_first_still_wins() -> anyhow::Result<()> {
     // Line 3 reaches the stream before line 2.
     pipeline.publish(&v2, 3).await?;
     pipeline.publish(&v1, 2).await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(2, Duration::from_secs(30))
         .await?;
@@ -74,7 +74,7 @@ async fn a_value_changed_back_reaches_the_crm() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let (a, b) = (customer("aba", "Alice"), customer("aba", "Bob"));
     for (n, record) in [&a, &b, &a].into_iter().enumerate() {
         pipeline.publish(record, n as u64 + 2).await?;
@@ -107,7 +107,7 @@ async fn a_superseded_version_is_never_synced_even_when_the_newer_one_dies() -> 
     pipeline.publish(&older, 2).await?;
     pipeline.publish(&refused, 3).await?;
     let integrator =
-        crm_integrator::connect(&pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+        crm_integrator::connect(&pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let mut messages = take(&pipeline, 2).await?;
     let newer_message = messages.pop().expect("two messages");
     let older_message = messages.pop().expect("two messages");
@@ -179,9 +179,9 @@ async fn waiting_is_not_failing() -> anyhow::Result<()> {
         .put(ledger_key("w1")?, serde_json::to_vec(&stale)?.into())
         .await?;
     pipeline.publish(&record, 3).await?;
-    let mut settings = pipeline.settings(&mock.url)?;
-    settings.max_deliver = 3;
-    let running = crm_integrator::start(settings, shutdown.clone()).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    config.settings.max_deliver = 3;
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
     // Once the claim expired, line 3 is sent: the first delivery that fails counts 1 of 3.
     e2e::wait_for("a first failed send", Duration::from_secs(30), || async {
         let entry = ledger.get(ledger_key("w1").ok()?).await.ok()??;
@@ -249,7 +249,7 @@ async fn messages_that_are_not_customers_are_dead_lettered_with_their_body() -> 
         publish.await?;
     }
     pipeline.publish(&customer("fine", "Fine"), 2).await?;
-    let running = crm_integrator::start(pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+    let running = crm_integrator::start(pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(5, Duration::from_secs(30))
         .await?;
@@ -297,10 +297,10 @@ async fn a_refused_token_dead_letters_nothing() -> anyhow::Result<()> {
             .await?;
     }
     let wrong_stop = CancellationToken::new();
-    let mut settings = pipeline.settings(&mock.url)?;
-    settings.crm_token = Some("wrong".into());
-    settings.max_deliver = 2;
-    let wrong = crm_integrator::start(settings.clone(), wrong_stop.clone()).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    config.settings.crm_token = Some("wrong".into());
+    config.settings.max_deliver = 2;
+    let wrong = crm_integrator::start(config.clone(), wrong_stop.clone()).await?;
     e2e::wait_for(
         "the records to be refused through more deliveries than --max-deliver",
         Duration::from_secs(60),
@@ -314,8 +314,8 @@ async fn a_refused_token_dead_letters_nothing() -> anyhow::Result<()> {
     wrong_stop.cancel();
     wrong.wait().await?;
 
-    settings.crm_token = Some("right".into());
-    let right = crm_integrator::start(settings, shutdown.clone()).await?;
+    config.settings.crm_token = Some("right".into());
+    let right = crm_integrator::start(config, shutdown.clone()).await?;
     let outcomes = pipeline
         .wait_for_outcomes(5, Duration::from_secs(60))
         .await?;
@@ -404,7 +404,7 @@ async fn a_message_whose_ack_was_lost_keeps_one_outcome() -> anyhow::Result<()> 
     let mock = start_mock(CrmMockConfig::default(), &shutdown).await?;
     let pipeline = Pipeline::new().await?;
     let integrator =
-        crm_integrator::connect(&pipeline.settings(&mock.url)?, shutdown.clone()).await?;
+        crm_integrator::connect(&pipeline.config(&mock.url)?, shutdown.clone()).await?;
     let (v1, v2) = (customer("lost", "First"), customer("lost", "Second"));
     let first_seq = pipeline.publish(&v1, 2).await?;
     for message in take(&pipeline, 1).await? {
@@ -466,10 +466,10 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
     let (v1, v2) = (customer("late", "First"), customer("late", "Second"));
     pipeline.publish(&v1, 2).await?;
     pipeline.publish(&v2, 3).await?;
-    let mut settings = pipeline.settings(&mock.url)?;
+    let mut config = pipeline.config(&mock.url)?;
     // Every failure hands the record back at once: the path where another version may go next.
-    settings.max_inline_wait = Duration::ZERO;
-    let integrator = crm_integrator::connect(&settings, shutdown.clone()).await?;
+    config.settings.max_inline_wait = Duration::ZERO;
+    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
     let mut messages = take(&pipeline, 2).await?;
     let newer = messages.pop().expect("two messages");
     let older = messages.pop().expect("two messages");
@@ -492,7 +492,7 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
     )
     .await?;
     // After the grace, line 3 finds line 2 in the CRM and updates it.
-    let running = crm_integrator::start(settings, shutdown.clone()).await?;
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
     pipeline
         .wait_for_outcomes(2, Duration::from_secs(60))
         .await?;

@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, kv};
-use crm_integrator::Settings;
+use crm_integrator::IntegratorConfig;
 use crm_mock::{CrmMockConfig, RunningMock};
 use customer_record::CustomerRecord;
 use futures::StreamExt as _;
+use service_kit::NatsArgs;
 use sync_topology::messages::{DeadLetter, SupersededOutcome, SyncedOutcome};
 use sync_topology::{IngestMessage, Names, TopologySettings, Version, ids};
 use tokio_util::sync::CancellationToken;
@@ -49,16 +50,13 @@ impl Pipeline {
         })
     }
 
-    /// Integrator settings for this namespace and mock, with test-sized timeouts.
-    pub fn settings(&self, crm_url: &str) -> anyhow::Result<Settings> {
-        let mut settings = Settings::new(
-            &self.nats_url,
-            self.names.namespace(),
-            crm_url.parse().context("mock URL")?,
-        );
-        settings.request_timeout = Duration::from_millis(300);
-        settings.breaker.cooldown = Duration::from_millis(200);
-        Ok(settings)
+    /// An integrator config for this namespace and mock, with test-sized timeouts.
+    pub fn config(&self, crm_url: &str) -> anyhow::Result<IntegratorConfig> {
+        let nats = NatsArgs::new(&self.nats_url, self.names.namespace());
+        let mut config = IntegratorConfig::new(nats, crm_url.parse().context("mock URL")?);
+        config.settings.request_timeout = Duration::from_millis(300);
+        config.settings.breaker.cooldown = Duration::from_millis(200);
+        Ok(config)
     }
 
     /// Publishes one ingest message as csv-reader does, as line `line` of this test's load;
