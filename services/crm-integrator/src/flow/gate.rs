@@ -141,7 +141,7 @@ impl Gate {
     }
 
     /// When a record that failed with `failure` tries again (see
-    /// [`schedules::crm_retry_delay`]).
+    /// `schedules::crm_retry_delay`).
     pub fn retry_delay(&self, failure: &Transient, delivered: u64, attempt: u32) -> Duration {
         schedules::crm_retry_delay(failure, delivered, attempt, self.max_pause)
     }
