@@ -20,7 +20,6 @@ use service_kit::NatsArgs;
 use sync_topology::Names;
 
 /// Default `DATABASE_URL`, the store's.
-pub use sync_store::DEFAULT_DATABASE_URL;
 
 /// Everything that can make a subcommand fail, each naming what failed and with which input.
 #[derive(Debug, thiserror::Error)]

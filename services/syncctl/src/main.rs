@@ -10,8 +10,9 @@ use std::io::{IsTerminal as _, Write as _};
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use service_kit::NatsArgs;
+use sync_store::DEFAULT_DATABASE_URL;
 use sync_topology::TopologySettings;
-use syncctl::{CtlError, DEFAULT_DATABASE_URL};
+use syncctl::CtlError;
 
 // A multi-threaded allocator: glibc malloc serialises many tokio tasks on its arena locks.
 #[global_allocator]

@@ -58,15 +58,8 @@ pub struct CustomerRow {
     pub source_line: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetterRow {
-    pub version: Version,
-    pub content_hash: String,
-    pub reason: String,
-    pub crm_status: Option<i32>,
-    pub attempts: i64,
-    pub dead_at: DateTime<Utc>,
-}
+/// A dead letter of this customer, as `dead_letters` holds it.
+pub use sync_store::dead_letters::CustomerDeadLetter as DeadLetterRow;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RejectedRowRef {
@@ -107,7 +100,7 @@ pub async fn run(config: &ShowConfig) -> Result<Story, CtlError> {
         versions,
         ledger,
         customers_row: customers_row(&client, &config.customer_id).await?,
-        dead_letters: dead_letters(&client, &config.customer_id).await?,
+        dead_letters: sync_store::dead_letters::of_customer(&client, &config.customer_id).await?,
         rejected_rows: rejected_rows(&client, &config.customer_id).await?,
         crm,
     })
@@ -238,33 +231,6 @@ async fn customers_row(
         source_file: row.get(11),
         source_line: row.get(12),
     }))
-}
-
-async fn dead_letters(
-    client: &tokio_postgres::Client,
-    id: &str,
-) -> Result<Vec<DeadLetterRow>, CtlError> {
-    let rows = client
-        .query(
-            "SELECT version_stamp, version_load, version_line, content_hash, reason, crm_status, \
-                    attempts, dead_at \
-             FROM dead_letters WHERE customer_id = $1 \
-             ORDER BY version_stamp, version_load, version_line",
-            &[&id],
-        )
-        .await
-        .map_err(sync_store::StoreError::query("reading dead letters"))?;
-    Ok(rows
-        .iter()
-        .map(|row| DeadLetterRow {
-            version: Version::from_i64s(row.get(0), row.get(1), row.get(2)),
-            content_hash: row.get(3),
-            reason: row.get(4),
-            crm_status: row.get(5),
-            attempts: row.get(6),
-            dead_at: row.get(7),
-        })
-        .collect())
 }
 
 /// Rejected rows with a field equal to the id (a bad row has no trustworthy id column, so any
