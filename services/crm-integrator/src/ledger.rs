@@ -53,9 +53,12 @@ pub(crate) struct OurClaim<'a> {
     store: &'a LedgerStore,
     subject: Subject<'a>,
     held: Held,
-    /// An earlier send may have landed unseen: the next request is a lookup, and whoever sends
-    /// after us must look up too.
+    /// An earlier send may have landed unseen: the next request is a lookup.
     pub in_doubt: bool,
+    /// A send of this claim (or of the doubtful claim it took over) failed without an answer and
+    /// may still land: a lookup that finds nothing does not end that, so the claim is given up in
+    /// doubt (with its grace) until this version is confirmed, and whoever sends next looks up.
+    may_land: bool,
 }
 
 impl LedgerStore {
@@ -158,6 +161,7 @@ impl LedgerStore {
             subject,
             held: Held { entry, revision },
             in_doubt,
+            may_land: in_doubt,
         }))
     }
 
@@ -184,6 +188,17 @@ impl LedgerStore {
 }
 
 impl OurClaim<'_> {
+    /// A send failed without an answer: it may have landed, now or later.
+    pub fn suspect(&mut self) {
+        self.in_doubt = true;
+        self.may_land = true;
+    }
+
+    /// What the ledger's claim says to whoever sends next: look up first.
+    fn doubtful(&self) -> bool {
+        self.in_doubt || self.may_land
+    }
+
     /// Failed deliveries counted against this version so far.
     pub fn failures(&self) -> u64 {
         self.held.entry.failures_of(self.subject.version)
@@ -195,10 +210,10 @@ impl OurClaim<'_> {
             return Ok(false);
         };
         let margin = needed.as_millis() as i64 + 1_000;
-        if claim.lease_until_ms - now_ms() > margin && claim.in_doubt == self.in_doubt {
+        if claim.lease_until_ms - now_ms() > margin && claim.in_doubt == self.doubtful() {
             return Ok(true);
         }
-        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        let (store, subject, in_doubt) = (self.store, self.subject, self.doubtful());
         let lease = store.claim_lease.max(needed + Duration::from_secs(1));
         let mut still_ours = true;
         let written = self
@@ -217,7 +232,7 @@ impl OurClaim<'_> {
     /// Gives the claim up, keeping the doubt for whoever sends next. `failed`: this delivery's
     /// sends failed, and it counts toward `--max-deliver`.
     pub async fn release(&mut self, failed: bool) -> Result<(), ProcessError> {
-        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        let (store, subject, in_doubt) = (self.store, self.subject, self.doubtful());
         self.update(|entry| {
             let ours = store.is_ours(entry.claim.as_ref(), subject.version);
             if ours {
@@ -242,7 +257,7 @@ impl OurClaim<'_> {
     /// the version as the newest known (older versions stay superseded by it), with the count
     /// reset so a redrive starts over.
     pub async fn mark_dead(&mut self, seq: u64) -> Result<(), ProcessError> {
-        let (store, subject, in_doubt) = (self.store, self.subject, self.in_doubt);
+        let (store, subject, in_doubt) = (self.store, self.subject, self.doubtful());
         self.update(|entry| {
             if store.is_ours(entry.claim.as_ref(), subject.version) {
                 release_claim(entry, in_doubt, store.doubt_grace);

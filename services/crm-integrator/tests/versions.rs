@@ -502,3 +502,85 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
     shutdown.cancel();
     running.wait().await
 }
+
+/// The seed under which the mock's first four requests meet: a late apply (the create lands after
+/// the client gave up), nothing (the lookup), a server error (the second create), nothing.
+fn seed_for_late_then_lookup_then_error(config: &CrmMockConfig) -> anyhow::Result<u64> {
+    use crm_mock::{FaultPlan, InjectedFault};
+    let wanted = |fault: Option<InjectedFault>, n: usize| match n {
+        0 => fault == Some(InjectedFault::LateApply),
+        2 => matches!(fault, Some(InjectedFault::ServerError(_))),
+        _ => fault.is_none(),
+    };
+    (0..100_000)
+        .find(|seed| {
+            let config = CrmMockConfig {
+                seed: *seed,
+                ..config.clone()
+            };
+            (0..4).all(|n| wanted(FaultPlan::for_request(&config, n as u64).fault, n))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no seed gives late, none, error, none"))
+}
+
+/// A lookup that finds nothing does not end the doubt about an earlier create: that request may
+/// still land. When the create sent after the lookup then fails for certain, the claim must still
+/// be given up in doubt, or the next version is created beside the late copy (a duplicate, and
+/// the older content last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_finds_nothing_keeps_the_doubt_of_an_earlier_create() -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let faults = CrmMockConfig {
+        late_apply_rate: 0.3,
+        failure_rate: 0.3,
+        hang_ms: 1_200,
+        ..CrmMockConfig::default()
+    };
+    let seed = seed_for_late_then_lookup_then_error(&faults)?;
+    let mock = start_mock(CrmMockConfig { seed, ..faults }, &shutdown).await?;
+    let pipeline = Pipeline::new().await?;
+    let (v1, v2) = (customer("doubt", "First"), customer("doubt", "Second"));
+    pipeline.publish(&v1, 2).await?;
+    pipeline.publish(&v2, 3).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    // Every failure hands the record back at once, so each request is one call here.
+    config.settings.max_inline_wait = Duration::ZERO;
+    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
+    let mut messages = take(&pipeline, 2).await?;
+    let newer = messages.pop().expect("two messages");
+    let older = messages.pop().expect("two messages");
+    let older_seq = older
+        .info()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .stream_sequence;
+    // Request 0: line 2's create times out; the CRM applies it when its hang ends.
+    let first = crm_integrator::process_message(&integrator, older).await?;
+    assert!(matches!(first, Settled::Deferred { .. }), "{first:?}");
+    // Requests 1 and 2: the lookup finds nothing yet, the second create fails for certain.
+    let again = deliver_again(&pipeline, older_seq, 2).await?;
+    let second = crm_integrator::process_message(&integrator, again).await?;
+    assert!(matches!(second, Settled::Deferred { .. }), "{second:?}");
+    assert_eq!(mock.stats().requests, 3, "a create, a lookup, a create");
+    mock.reconfigure(CrmMockConfig::default())?;
+    // Line 3 must wait while line 2's first create may still land.
+    let settled = crm_integrator::process_message(&integrator, newer).await?;
+    assert!(
+        matches!(&settled, Settled::Deferred { reason, .. } if reason.contains("waiting")),
+        "{settled:?}"
+    );
+    e2e::wait_for(
+        "the late apply to land",
+        Duration::from_secs(10),
+        || async { (mock.stats().injected.late_landed >= 1).then_some(()) },
+    )
+    .await?;
+    let running = crm_integrator::start(config, shutdown.clone()).await?;
+    pipeline
+        .wait_for_outcomes(2, Duration::from_secs(60))
+        .await?;
+    let stats = mock.stats();
+    assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
+    assert_eq!(common::crm_holds(&mock, "doubt").await?, Some(v2));
+    shutdown.cancel();
+    running.wait().await
+}

@@ -239,7 +239,9 @@ impl<'t> Sending<'t> {
     /// back, counting the failed delivery; dead-letter once `--max-deliver` deliveries failed.
     async fn on_failure(&mut self, failure: Transient) -> Result<Next<'t>, ProcessError> {
         let (task, integrator) = (self.task, self.task.integrator);
-        self.claim.in_doubt |= failure.maybe_applied;
+        if failure.maybe_applied {
+            self.claim.suspect();
+        }
         telemetry::plain("crm_integrator_retries_total").increment(1);
         integrator.totals.retries.fetch_add(1, Ordering::Relaxed);
         // This record's own wait (its Retry-After, or backoff): the fleet goes on.
