@@ -3,8 +3,10 @@
 //! replica's own totals, for its heartbeat and the log line at stop.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
+
+use parking_lot::RwLock;
 
 use metrics::{Counter, Histogram};
 
@@ -27,34 +29,20 @@ fn cache() -> &'static Cache {
 
 fn counter(key: Labels, build: impl FnOnce() -> Counter) -> Counter {
     let counters = &cache().counters;
-    if let Some(counter) = counters
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-    {
+    if let Some(counter) = counters.read().get(&key) {
         return counter.clone();
     }
-    counters
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(key)
-        .or_insert_with(build)
-        .clone()
+    counters.write().entry(key).or_insert_with(build).clone()
 }
 
 /// `crm_integrator_phase_seconds{phase}`: where a record's time goes.
 pub fn phase(phase: &'static str) -> Histogram {
     let histograms = &cache().histograms;
-    if let Some(histogram) = histograms
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(phase)
-    {
+    if let Some(histogram) = histograms.read().get(phase) {
         return histogram.clone();
     }
     histograms
         .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .entry(phase)
         .or_insert_with(|| metrics::histogram!("crm_integrator_phase_seconds", "phase" => phase))
         .clone()

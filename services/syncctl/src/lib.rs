@@ -19,8 +19,6 @@ use async_nats::jetstream;
 use service_kit::NatsArgs;
 use sync_topology::Names;
 
-/// Default `DATABASE_URL`, the store's.
-
 /// Everything that can make a subcommand fail, each naming what failed and with which input.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {

@@ -1,10 +1,10 @@
 //! The semaphore under the request slots and the places in hand.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use super::lock;
 
 /// A semaphore whose size changes while permits are out: a waiter is woken only when a permit is
 /// there for it (one waiter per freed permit, in order), never all of them to race for it.
@@ -33,7 +33,7 @@ impl Capacity {
     }
 
     pub(super) fn resize(&self, size: usize) {
-        let mut sizes = lock(&self.sizes);
+        let mut sizes = self.sizes.lock();
         if size > sizes.target {
             let grow = size - sizes.target;
             let settled = grow.min(sizes.owed);
@@ -56,7 +56,7 @@ impl Capacity {
     }
 
     pub(super) fn release(&self, permit: OwnedSemaphorePermit) {
-        let mut sizes = lock(&self.sizes);
+        let mut sizes = self.sizes.lock();
         if sizes.owed > 0 {
             sizes.owed -= 1;
             permit.forget();
@@ -74,7 +74,7 @@ impl Capacity {
     pub(super) fn take_back(&self) {
         match self.semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit.forget(),
-            Err(_) => lock(&self.sizes).owed += 1,
+            Err(_) => self.sizes.lock().owed += 1,
         }
     }
 }

@@ -1,11 +1,10 @@
 //! The gate every request passes: the CRM-requested pause (this replica's copy of the fleet's),
 //! the overload rule that calls for one, and the circuit breaker.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::lock;
 use crate::policy::{BreakerSettings, Overload, PauseRequest, Recent, Signal};
 use crate::{now_ms, schedules};
 use crm_client::Transient;
@@ -91,11 +90,11 @@ impl Gate {
 
     /// Remembers what a failed request said, for the breaker's log lines and readiness reason.
     pub fn note_failure(&self, detail: String) {
-        *lock(&self.last_failure) = detail;
+        *self.last_failure.lock() = detail;
     }
 
     fn last_failure(&self) -> String {
-        let last = lock(&self.last_failure);
+        let last = self.last_failure.lock();
         if last.is_empty() {
             "no detail".to_owned()
         } else {
@@ -105,7 +104,7 @@ impl Gate {
 
     /// `closed`, `open` or `half-open` (a probe is out).
     pub fn breaker_state(&self) -> &'static str {
-        match lock(&self.breaker).state {
+        match self.breaker.lock().state {
             BreakerState::Closed => "closed",
             BreakerState::Open { .. } => "open",
             BreakerState::HalfOpen { .. } => "half-open",
@@ -114,7 +113,7 @@ impl Gate {
 
     /// Why this replica is not ready because of the CRM: None while the breaker is closed.
     pub fn breaker_problem(&self) -> Option<String> {
-        let breaker = lock(&self.breaker);
+        let breaker = self.breaker.lock();
         if breaker.state == BreakerState::Closed {
             return None;
         }
@@ -173,7 +172,7 @@ impl Gate {
         if let Some(wait) = self.paused_for() {
             return Some(wait);
         }
-        match lock(&self.breaker).state {
+        match self.breaker.lock().state {
             BreakerState::Open { until } => {
                 let now = Instant::now();
                 (until > now).then(|| until - now)
@@ -183,7 +182,7 @@ impl Gate {
     }
 
     pub fn breaker_open(&self) -> bool {
-        !matches!(lock(&self.breaker).state, BreakerState::Closed)
+        !matches!(self.breaker.lock().state, BreakerState::Closed)
     }
 
     pub fn admit(&self) -> Admission {
@@ -191,7 +190,7 @@ impl Gate {
             return Admission::Wait(wait);
         }
         let now = Instant::now();
-        let mut breaker = lock(&self.breaker);
+        let mut breaker = self.breaker.lock();
         match breaker.state {
             BreakerState::Closed => Admission::Go { probe: false },
             BreakerState::Open { until } if now < until => Admission::Wait(until - now),
@@ -217,7 +216,7 @@ impl Gate {
     ) -> Option<PauseRequest> {
         let now = Instant::now();
         self.feed_breaker(signal, probe, now);
-        lock(&self.overload).observe(now, signal, retry_after)
+        self.overload.lock().observe(now, signal, retry_after)
     }
 
     fn feed_breaker(&self, signal: Signal, probe: bool, now: Instant) {
@@ -227,7 +226,7 @@ impl Gate {
             Signal::RateLimited => None,
             Signal::Failed | Signal::TimedOut => Some(false),
         };
-        let mut breaker = lock(&self.breaker);
+        let mut breaker = self.breaker.lock();
         match breaker.state {
             BreakerState::Closed => {
                 if let Some(healthy) = healthy {

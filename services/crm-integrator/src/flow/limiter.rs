@@ -1,14 +1,13 @@
 //! The request concurrency limit (fixed, or adaptive AIMD lowered in proportion to the share of
 //! troubled answers) and each request's deadline, learned from the CRM's answer times.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::capacity::Capacity;
-use super::lock;
 use crate::policy::Signal;
 use crm_client::{CrmReply, Transient};
 
@@ -203,7 +202,7 @@ impl Limiter {
     }
 
     fn record_at(&self, signal: Signal, latency: Duration, now: Instant) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         self.probe_above_ceiling(&mut state, now);
         let bursts = state.observe_shares(signal);
         if signal == Signal::Answered {
@@ -440,7 +439,7 @@ mod tests {
         let last = permits.next_back().expect("eight permits");
         last.finish(Signal::RateLimited);
         assert_eq!(limiter.limit(), 7);
-        assert_eq!(lock(&limiter.state).ceiling, None);
+        assert_eq!(limiter.state.lock().ceiling, None);
         drop(permits);
         assert_eq!(limiter.in_flight(), 0);
     }
@@ -513,7 +512,7 @@ mod tests {
             limiter.in_flight.fetch_sub(1, Ordering::SeqCst);
             limiter.record(Signal::RateLimited, MS);
         }
-        let ceiling = lock(&limiter.state).ceiling.map(|(c, _)| c);
+        let ceiling = limiter.state.lock().ceiling.map(|(c, _)| c);
         assert_eq!(ceiling, Some(194), "97% of the 200 still in flight");
     }
 
@@ -563,7 +562,7 @@ mod tests {
             );
             assert!(limit < 500.0, "{trouble:?} lowers the limit a little");
             assert_eq!(
-                lock(&limiter.state).ceiling,
+                limiter.state.lock().ceiling,
                 None,
                 "{trouble:?}: no ceiling"
             );
@@ -628,6 +627,6 @@ mod tests {
         }
         limiter.record(Signal::RateLimited, Duration::from_micros(200));
         // Were the 429's 0.2 ms the base, every 80 ms answer would read as a latency rise.
-        assert_eq!(lock(&limiter.state).base_latency, Some(80 * MS));
+        assert_eq!(limiter.state.lock().base_latency, Some(80 * MS));
     }
 }

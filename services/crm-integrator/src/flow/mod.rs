@@ -8,15 +8,6 @@ mod gate;
 mod limiter;
 mod slots;
 
-use std::sync::Mutex;
-
 pub use gate::{Admission, Gate};
 pub use limiter::{Limiter, Permit};
 pub use slots::{Parked, Slot, Slots, message_capacity};
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these locks leaves plain numbers behind, still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
