@@ -55,7 +55,7 @@ pids+=($!)
 "$BIN/persister" --metrics-addr 127.0.0.1:0 >"$WORK/persister.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 "$REPLICAS"); do
-  "$BIN/crm-integrator" --metrics-addr 127.0.0.1:0 --request-timeout-ms 1000 \
+  "$BIN/crm-integrator" --metrics-addr 127.0.0.1:0 --request-timeout 1s \
     >"$WORK/crm-integrator-$i.log" 2>&1 &
   pids+=($!)
 done

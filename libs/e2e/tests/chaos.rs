@@ -40,7 +40,7 @@ async fn nothing_lost_nothing_twice_whatever_fails() -> anyhow::Result<()> {
         extra: Vec::new(),
     };
     let mut pipeline =
-        Pipeline::start(env.clone(), faults, 3, &["--request-timeout-ms", "500"]).await?;
+        Pipeline::start(env.clone(), faults, 3, &["--request-timeout", "500ms"]).await?;
 
     // The reader, killed once mid-file, then resumed.
     let file_arg = file.display().to_string();

@@ -62,8 +62,7 @@ async fn run(disruption: Disruption) -> anyhow::Result<()> {
         latency_ms: 2,
         extra: Vec::new(),
     };
-    let pipeline =
-        Pipeline::start(env.clone(), faults, 2, &["--request-timeout-ms", "500"]).await?;
+    let pipeline = Pipeline::start(env.clone(), faults, 2, &["--request-timeout", "500ms"]).await?;
     let reader = env
         .command("csv-reader")?
         .arg(&file)

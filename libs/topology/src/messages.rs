@@ -156,7 +156,7 @@ impl DeadLetter {
 /// Key of the fleet-wide CRM pause in the control bucket.
 pub const PAUSE_KEY: &str = "crm_pause";
 
-/// The longest pause an integrator takes by default (its `--max-pause-ms`), whatever a notice or a
+/// The longest pause an integrator takes by default (its `--max-pause`), whatever a notice or a
 /// `Retry-After` asks; `syncctl status` flags notices asking for more.
 pub const DEFAULT_MAX_PAUSE_MS: u64 = 60_000;
 

@@ -573,7 +573,7 @@ fn pause_warning(notice: Option<&PauseNotice>, now_ms: i64) -> Option<String> {
     (asked_ms > DEFAULT_MAX_PAUSE_MS as i64).then(|| {
         format!(
             "the CRM pause notice (set by {:?}) asks for {:.0} s more, longer than integrators \
-             hold by default ({} s, --max-pause-ms): each holds at most its cap; if no replica \
+             hold by default ({} s, --max-pause): each holds at most its cap; if no replica \
              runs with a larger one, check who can write the control bucket",
             notice.set_by,
             asked_ms as f64 / 1000.0,
@@ -755,7 +755,7 @@ impl Status {
             let left = p.until_ms - chrono::Utc::now().timestamp_millis();
             writeln!(
                 f,
-                "CRM pause: every integrator holds for {:.1} s more, at most its --max-pause-ms \
+                "CRM pause: every integrator holds for {:.1} s more, at most its --max-pause \
                  (set by {}): {}",
                 left.max(0) as f64 / 1000.0,
                 p.set_by,

@@ -33,7 +33,7 @@ async fn status_shows_a_pause_notice_and_flags_one_longer_than_integrators_hold(
         assert_eq!(status.crm_pause.as_ref(), Some(&notice));
         let shown = status.to_string();
         assert!(shown.contains("CRM pause"), "{shown}");
-        assert!(shown.contains("at most its --max-pause-ms"), "{shown}");
+        assert!(shown.contains("at most its --max-pause"), "{shown}");
         let warned = status.warnings.iter().any(|w| w.contains("pause notice"));
         assert_eq!(warned, flagged, "{:?}", status.warnings);
     }
