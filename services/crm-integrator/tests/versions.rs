@@ -5,12 +5,13 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use common::{Pipeline, customer, start_mock, take};
 use crm_integrator::Settled;
-use crm_mock::CrmMockConfig;
+use crm_mock::{CrmMockConfig, RunningMock};
 use futures::StreamExt as _;
 use sync_topology::ledger::{Claim, LedgerEntry, ledger_key};
 use sync_topology::messages::SyncAction;
@@ -479,28 +480,61 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
         Settled::Deferred { .. }
     ));
     mock.reconfigure(CrmMockConfig::default())?;
-    // Line 3 must not be created while that request may still land.
-    let settled = crm_integrator::process_message(&integrator, newer).await?;
-    assert!(
-        matches!(&settled, Settled::Deferred { reason, .. } if reason.contains("waiting")),
-        "{settled:?}"
-    );
-    e2e::wait_for(
-        "the late apply to land",
-        Duration::from_secs(10),
-        || async { (mock.stats().injected.late_landed >= 1).then_some(()) },
-    )
-    .await?;
-    // After the grace, line 3 finds line 2 in the CRM and updates it.
-    let running = crm_integrator::start(config, shutdown.clone()).await?;
-    pipeline
-        .wait_for_outcomes(2, Duration::from_secs(60))
-        .await?;
-    let stats = mock.stats();
-    assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
-    assert_eq!(common::crm_holds(&mock, "late").await?, Some(v2));
-    shutdown.cancel();
-    running.wait().await
+    let late = LateCopy {
+        mock: &mock,
+        pipeline: &pipeline,
+        id: "late",
+    };
+    late.holds_back(&integrator, newer).await?;
+    late.then_newer_wins(config, &shutdown, v2).await
+}
+
+/// A request of an older version that the CRM applies after the client gave up on it.
+struct LateCopy<'a> {
+    mock: &'a RunningMock,
+    pipeline: &'a Pipeline,
+    id: &'a str,
+}
+
+impl LateCopy<'_> {
+    /// The newer version must not be created while the late copy may still land: it waits.
+    async fn holds_back(
+        &self,
+        integrator: &Arc<crm_integrator::Integrator>,
+        newer: async_nats::jetstream::Message,
+    ) -> anyhow::Result<()> {
+        let settled = crm_integrator::process_message(integrator, newer).await?;
+        assert!(
+            matches!(&settled, Settled::Deferred { reason, .. } if reason.contains("waiting")),
+            "{settled:?}"
+        );
+        let mock = self.mock;
+        e2e::wait_for(
+            "the late apply to land",
+            Duration::from_secs(10),
+            || async { (mock.stats().injected.late_landed >= 1).then_some(()) },
+        )
+        .await
+    }
+
+    /// After the grace, the newer version finds the late copy in the CRM and updates it: both
+    /// versions settle, nothing is applied twice, and the CRM holds `newest`.
+    async fn then_newer_wins(
+        &self,
+        config: crm_integrator::IntegratorConfig,
+        shutdown: &CancellationToken,
+        newest: customer_record::CustomerRecord,
+    ) -> anyhow::Result<()> {
+        let running = crm_integrator::start(config, shutdown.clone()).await?;
+        self.pipeline
+            .wait_for_outcomes(2, Duration::from_secs(60))
+            .await?;
+        let stats = self.mock.stats();
+        assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
+        assert_eq!(common::crm_holds(self.mock, self.id).await?, Some(newest));
+        shutdown.cancel();
+        running.wait().await
+    }
 }
 
 /// The seed under which the mock's first four requests meet: a late apply (the create lands after
@@ -563,24 +597,11 @@ async fn a_lookup_that_finds_nothing_keeps_the_doubt_of_an_earlier_create() -> a
     assert_eq!(mock.stats().requests, 3, "a create, a lookup, a create");
     mock.reconfigure(CrmMockConfig::default())?;
     // Line 3 must wait while line 2's first create may still land.
-    let settled = crm_integrator::process_message(&integrator, newer).await?;
-    assert!(
-        matches!(&settled, Settled::Deferred { reason, .. } if reason.contains("waiting")),
-        "{settled:?}"
-    );
-    e2e::wait_for(
-        "the late apply to land",
-        Duration::from_secs(10),
-        || async { (mock.stats().injected.late_landed >= 1).then_some(()) },
-    )
-    .await?;
-    let running = crm_integrator::start(config, shutdown.clone()).await?;
-    pipeline
-        .wait_for_outcomes(2, Duration::from_secs(60))
-        .await?;
-    let stats = mock.stats();
-    assert_eq!(stats.duplicate_effects, 0, "{stats:?}");
-    assert_eq!(common::crm_holds(&mock, "doubt").await?, Some(v2));
-    shutdown.cancel();
-    running.wait().await
+    let late = LateCopy {
+        mock: &mock,
+        pipeline: &pipeline,
+        id: "doubt",
+    };
+    late.holds_back(&integrator, newer).await?;
+    late.then_newer_wins(config, &shutdown, v2).await
 }
