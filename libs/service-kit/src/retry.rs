@@ -41,6 +41,17 @@ pub fn publish_ack(
         .with_jitter()
 }
 
+/// A read the operator is waiting for (`syncctl verify --crm` asking the CRM for a customer) that
+/// met a transient failure: a few more tries, quickly at first, so a flaky CRM leaves no customer
+/// unverified; the caller waits at least the CRM's own `Retry-After` when it sends one.
+pub fn crm_lookup() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(8)
+        .with_jitter()
+}
+
 #[cfg(test)]
 mod tests {
     use backon::BackoffBuilder as _;

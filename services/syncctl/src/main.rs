@@ -122,8 +122,12 @@ customer whose newest version is dead-lettered is counted as such (its `customer
 match the ledger). With --crm, also asks the CRM (GET /customers/{id}) for every customer, or for a \
 random --sample of them, and compares its content with what the ledger confirmed.
 
-Exit 0 when every customer agrees and nothing is pending; 1 otherwise (each differing customer is \
-named). Run it after `syncctl wait`: while work is pending, unsettled customers count as pending.";
+With --crm, a lookup that fails for a transient reason (5xx, 429, timeout) is tried again, up to 8 \
+times and never sooner than the CRM's Retry-After; a customer the CRM still did not answer for is \
+NOT VERIFIED.
+
+Exit 0 when every customer agrees and nothing is pending; 1 otherwise (each differing or unverified \
+customer is named). Run it after `syncctl wait`: while work is pending, unsettled customers count as pending.";
 
 const REPLAY_HELP: &str = "\
 Reprocess part of the ingest stream (by --from-seq/--to-seq or --since/--until) through the \

@@ -13,7 +13,8 @@ use std::fmt;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
-use crm_client::{CrmClient, CrmReply};
+use backon::Retryable as _;
+use crm_client::{CrmClient, CrmReply, Transient};
 use customer_record::{ContentHash, CustomerRecord};
 use futures::{StreamExt as _, TryStreamExt as _, pin_mut};
 use secrecy::{ExposeSecret as _, SecretString};
@@ -133,11 +134,14 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     /// Every customer holds its newest version (or is dead-lettered), nothing pending, and the CRM
-    /// agrees where it was asked.
+    /// agrees where it was asked. A customer the CRM never answered for is not verified.
     pub fn clean(&self) -> bool {
         self.differences.is_empty()
             && self.pending == 0
-            && self.crm.as_ref().is_none_or(|c| c.differences.is_empty())
+            && self
+                .crm
+                .as_ref()
+                .is_none_or(|c| c.differences.is_empty() && c.unanswered.is_empty())
     }
 }
 
@@ -151,11 +155,18 @@ impl fmt::Display for VerifyReport {
                 writeln!(f, "CRM DIFFERS {difference}")?;
             }
             if !crm.unanswered.is_empty() {
+                const SHOWN: usize = 20;
+                let more = crm.unanswered.len().saturating_sub(SHOWN);
                 writeln!(
                     f,
-                    "the CRM did not answer for {} customer(s): {}",
+                    "NOT VERIFIED: the CRM did not answer for {} customer(s) after retries: {}{}",
                     crm.unanswered.len(),
-                    crm.unanswered.join(", ")
+                    crm.unanswered[..crm.unanswered.len().min(SHOWN)].join(", "),
+                    if more > 0 {
+                        format!(" and {more} more (--json lists all)")
+                    } else {
+                        String::new()
+                    }
                 )?;
             }
         }
@@ -570,6 +581,29 @@ impl<T> Sampler<T> {
     }
 }
 
+/// Asks the CRM for `id`, trying again after a transient failure as
+/// [`service_kit::retry::crm_lookup`] says, and never sooner than the CRM's own `Retry-After`: a
+/// flaky CRM must not leave customers unverified.
+async fn look_up_patiently(client: &CrmClient, id: &str) -> CrmReply {
+    let attempt = || async {
+        match client.look_up(id, LOOKUP_DEADLINE).await {
+            CrmReply::Transient(failure) => Err(failure),
+            answered => Ok(answered),
+        }
+    };
+    attempt
+        .retry(service_kit::retry::crm_lookup())
+        // `None` means the schedule is spent: stop then, whatever the CRM asked.
+        .adjust(|failure: &Transient, delay| {
+            delay.map(|delay| failure.retry_after.map_or(delay, |asked| asked.max(delay)))
+        })
+        .await
+        .unwrap_or_else(CrmReply::Transient)
+}
+
+/// How long one lookup may take before it counts as a transient failure.
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(10);
+
 async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmReport, CtlError> {
     let client = check.client(check.concurrency)?;
     let mut report = CrmReport::default();
@@ -577,7 +611,7 @@ async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmRepor
         .map(|(id, hash)| {
             let client = client.clone();
             async move {
-                let reply = client.look_up(&id, Duration::from_secs(10)).await;
+                let reply = look_up_patiently(&client, &id).await;
                 (id, hash, reply)
             }
         })
@@ -622,6 +656,89 @@ async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmRepor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CRM holding `count` customers, then failing as `faults` says; the expected hashes.
+    async fn flaky_crm(
+        count: usize,
+        faults: crm_mock::CrmMockConfig,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<(CrmCheck, ExpectedInCrm)> {
+        let mock = crm_mock::start(
+            crm_mock::CrmMockConfig {
+                listen: "127.0.0.1:0".parse()?,
+                ..Default::default()
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        let check = CrmCheck {
+            url: mock.url.parse()?,
+            token: None,
+            sample: None,
+            concurrency: 8,
+            allow_insecure: false,
+        };
+        let client = check.client(8)?;
+        let mut expected = Vec::new();
+        for n in 0..count {
+            let record = CustomerRecord::normalised(
+                &format!("c{n}"),
+                "Ada",
+                "Lovelace",
+                &format!("c{n}@example.com"),
+                None,
+                Default::default(),
+            );
+            let key = format!("key{n}");
+            let reply = client
+                .write(crm_client::Write::Create, &record, &key, LOOKUP_DEADLINE)
+                .await;
+            anyhow::ensure!(matches!(reply, CrmReply::Stored(_)), "{reply:?}");
+            expected.push((record.id.clone(), Some(record.content_hash().to_string())));
+        }
+        mock.reconfigure(crm_mock::CrmMockConfig {
+            listen: mock.addr,
+            ..faults
+        })?;
+        Ok((check, expected))
+    }
+
+    #[tokio::test]
+    async fn a_flaky_crm_leaves_no_customer_unverified() -> anyhow::Result<()> {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let faults = crm_mock::CrmMockConfig {
+            failure_rate: 0.5,
+            seed: 7,
+            ..Default::default()
+        };
+        let (check, expected) = flaky_crm(40, faults, &shutdown).await?;
+        let report = check_crm(&check, expected).await?;
+        assert_eq!(report.checked, 40);
+        assert!(report.unanswered.is_empty(), "{:?}", report.unanswered);
+        assert!(report.differences.is_empty());
+        shutdown.cancel();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn customers_the_crm_never_answered_for_are_not_verified() -> anyhow::Result<()> {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let faults = crm_mock::CrmMockConfig {
+            failure_rate: 1.0,
+            ..Default::default()
+        };
+        let (check, expected) = flaky_crm(2, faults, &shutdown).await?;
+        let crm = check_crm(&check, expected).await?;
+        assert_eq!(crm.unanswered.len(), 2);
+        let report = VerifyReport {
+            crm: Some(crm),
+            ..VerifyReport::default()
+        };
+        assert!(!report.clean(), "unanswered customers are not verified");
+        assert!(report.to_string().contains("NOT VERIFIED"), "{report}");
+        shutdown.cancel();
+        Ok(())
+    }
 
     fn held(line: u64, hash: &str) -> Option<Held> {
         Some(Held {
