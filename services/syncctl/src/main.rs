@@ -122,7 +122,7 @@ customer whose newest version is dead-lettered is counted as such (its `customer
 match the ledger). With --crm, also asks the CRM (GET /customers/{id}) for every customer, or for a \
 random --sample of them, and compares its content with what the ledger confirmed.
 
-With --crm, a lookup that fails for a transient reason (5xx, 429, timeout) is tried again, up to 8 \
+With --crm, a lookup that fails for a transient reason (5xx, 429, timeout) is tried again, up to 20 \
 times and never sooner than the CRM's Retry-After; a customer the CRM still did not answer for is \
 NOT VERIFIED.
 
@@ -241,6 +241,7 @@ impl CrmArgs {
             sample,
             concurrency,
             allow_insecure: self.allow_insecure_crm,
+            lookup_retries: service_kit::retry::CRM_LOOKUP_RETRIES,
         })
     }
 }

@@ -37,6 +37,9 @@ pub struct CrmCheck {
     pub concurrency: usize,
     /// Send the token over plain http:// to another host.
     pub allow_insecure: bool,
+    /// Further tries of a lookup that failed for a transient reason
+    /// ([`service_kit::retry::CRM_LOOKUP_RETRIES`] from the command line).
+    pub lookup_retries: usize,
 }
 
 impl CrmCheck {
@@ -584,7 +587,7 @@ impl<T> Sampler<T> {
 /// Asks the CRM for `id`, trying again after a transient failure as
 /// [`service_kit::retry::crm_lookup`] says, and never sooner than the CRM's own `Retry-After`: a
 /// flaky CRM must not leave customers unverified.
-async fn look_up_patiently(client: &CrmClient, id: &str) -> CrmReply {
+async fn look_up_patiently(client: &CrmClient, id: &str, retries: usize) -> CrmReply {
     let attempt = || async {
         match client.look_up(id, LOOKUP_DEADLINE).await {
             CrmReply::Transient(failure) => Err(failure),
@@ -592,7 +595,7 @@ async fn look_up_patiently(client: &CrmClient, id: &str) -> CrmReply {
         }
     };
     attempt
-        .retry(service_kit::retry::crm_lookup())
+        .retry(service_kit::retry::crm_lookup(retries))
         // `None` means the schedule is spent: stop then, whatever the CRM asked.
         .adjust(|failure: &Transient, delay| {
             delay.map(|delay| failure.retry_after.map_or(delay, |asked| asked.max(delay)))
@@ -611,7 +614,7 @@ async fn check_crm(check: &CrmCheck, expected: ExpectedInCrm) -> Result<CrmRepor
         .map(|(id, hash)| {
             let client = client.clone();
             async move {
-                let reply = look_up_patiently(&client, &id).await;
+                let reply = look_up_patiently(&client, &id, check.lookup_retries).await;
                 (id, hash, reply)
             }
         })
@@ -677,6 +680,7 @@ mod tests {
             sample: None,
             concurrency: 8,
             allow_insecure: false,
+            lookup_retries: 3,
         };
         let client = check.client(8)?;
         let mut expected = Vec::new();
@@ -711,7 +715,8 @@ mod tests {
             seed: 7,
             ..Default::default()
         };
-        let (check, expected) = flaky_crm(40, faults, &shutdown).await?;
+        let (mut check, expected) = flaky_crm(40, faults, &shutdown).await?;
+        check.lookup_retries = service_kit::retry::CRM_LOOKUP_RETRIES;
         let report = check_crm(&check, expected).await?;
         assert_eq!(report.checked, 40);
         assert!(report.unanswered.is_empty(), "{:?}", report.unanswered);
