@@ -463,17 +463,14 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
         &shutdown,
     )
     .await?;
-    let pipeline = Pipeline::new().await?;
-    let (v1, v2) = (customer("late", "First"), customer("late", "Second"));
-    pipeline.publish(&v1, 2).await?;
-    pipeline.publish(&v2, 3).await?;
-    let mut config = pipeline.config(&mock.url)?;
-    // Every failure hands the record back at once: the path where another version may go next.
-    config.settings.max_inline_wait = Duration::ZERO;
-    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
-    let mut messages = take(&pipeline, 2).await?;
-    let newer = messages.pop().expect("two messages");
-    let older = messages.pop().expect("two messages");
+    let TwoVersions {
+        pipeline,
+        config,
+        integrator,
+        older,
+        newer,
+        newest: v2,
+    } = two_versions("late", &mock, &shutdown).await?;
     // Line 2's create times out, and the CRM will still apply it after its hang.
     assert!(matches!(
         crm_integrator::process_message(&integrator, older).await?,
@@ -487,6 +484,44 @@ async fn a_request_applied_after_its_deadline_never_races_a_newer_version() -> a
     };
     late.holds_back(&integrator, newer).await?;
     late.then_newer_wins(config, &shutdown, v2).await
+}
+
+/// Lines 2 and 3 of one customer, published and taken off the integrators' consumer, and an
+/// integrator whose every failure hands the record back at once: each request is one call of
+/// `process_message`, the path where another version may go next.
+struct TwoVersions {
+    pipeline: Pipeline,
+    config: crm_integrator::IntegratorConfig,
+    integrator: Arc<crm_integrator::Integrator>,
+    older: async_nats::jetstream::Message,
+    newer: async_nats::jetstream::Message,
+    newest: customer_record::CustomerRecord,
+}
+
+async fn two_versions(
+    id: &str,
+    mock: &RunningMock,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<TwoVersions> {
+    let pipeline = Pipeline::new().await?;
+    let (v1, v2) = (customer(id, "First"), customer(id, "Second"));
+    pipeline.publish(&v1, 2).await?;
+    pipeline.publish(&v2, 3).await?;
+    let mut config = pipeline.config(&mock.url)?;
+    config.settings.max_inline_wait = Duration::ZERO;
+    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
+    let mut messages = take(&pipeline, 2).await?;
+    let (Some(newer), Some(older)) = (messages.pop(), messages.pop()) else {
+        anyhow::bail!("two messages were published, fewer were taken");
+    };
+    Ok(TwoVersions {
+        pipeline,
+        config,
+        integrator,
+        older,
+        newer,
+        newest: v2,
+    })
 }
 
 /// A request of an older version that the CRM applies after the client gave up on it.
@@ -572,17 +607,14 @@ async fn a_lookup_that_finds_nothing_keeps_the_doubt_of_an_earlier_create() -> a
     };
     let seed = seed_for_late_then_lookup_then_error(&faults)?;
     let mock = start_mock(CrmMockConfig { seed, ..faults }, &shutdown).await?;
-    let pipeline = Pipeline::new().await?;
-    let (v1, v2) = (customer("doubt", "First"), customer("doubt", "Second"));
-    pipeline.publish(&v1, 2).await?;
-    pipeline.publish(&v2, 3).await?;
-    let mut config = pipeline.config(&mock.url)?;
-    // Every failure hands the record back at once, so each request is one call here.
-    config.settings.max_inline_wait = Duration::ZERO;
-    let integrator = crm_integrator::connect(&config, shutdown.clone()).await?;
-    let mut messages = take(&pipeline, 2).await?;
-    let newer = messages.pop().expect("two messages");
-    let older = messages.pop().expect("two messages");
+    let TwoVersions {
+        pipeline,
+        config,
+        integrator,
+        older,
+        newer,
+        newest: v2,
+    } = two_versions("doubt", &mock, &shutdown).await?;
     let older_seq = older
         .info()
         .map_err(|e| anyhow::anyhow!("{e}"))?

@@ -312,7 +312,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng as _, SeedableRng as _};
+    use rand::SeedableRng as _;
 
     fn gate() -> Gate {
         Gate::new(
@@ -343,13 +343,7 @@ mod tests {
         let gate = gate();
         let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
         for _ in 0..20_000 {
-            let roll: f64 = rng.random();
-            let signal = match roll {
-                r if r < 0.20 => Signal::Failed,
-                r if r < 0.25 => Signal::RateLimited,
-                r if r < 0.27 => Signal::TimedOut,
-                _ => Signal::Answered,
-            };
+            let signal = crate::flow::fault_mix(&mut rng);
             gate.record(signal, None, false);
             assert!(!gate.breaker_open(), "opened on noise");
         }

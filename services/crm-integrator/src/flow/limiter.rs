@@ -577,13 +577,7 @@ mod tests {
             limiter
                 .in_flight
                 .store(limiter.limit().saturating_sub(1), Ordering::SeqCst);
-            let roll: f64 = rng.random();
-            let signal = match roll {
-                r if r < 0.20 => Signal::Failed,
-                r if r < 0.25 => Signal::RateLimited,
-                r if r < 0.27 => Signal::TimedOut,
-                _ => Signal::Answered,
-            };
+            let signal = crate::flow::fault_mix(&mut rng);
             limiter.record(signal, 5 * MS);
         }
         let limit = limiter.limit();
